@@ -1,0 +1,121 @@
+"""The LoRA.rar hypernetwork: per input column, two merge coefficients from a subject/style update pair.
+
+Architecture of the published checkpoints (parameter names kept so they load unchanged):
+``input_<k>``: Linear(2 * width_k -> hidden), one per attention width the network serves
+(input_1: width 640, input_2: width 1280 for SDXL / KOALA-700M), then ``output`` = ReLU,
+Linear(hidden -> 2). No output activation: coefficients are unbounded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .errors import LoraRarError
+
+_INPUT_KEY = re.compile(r"^(input_\d+)\.weight$")
+
+
+class LoraRarHypernet(nn.Module):
+    """Hypernetwork H with one input layer per attention width.
+
+    ``widths`` maps attention width (d_out of the LoRA update) to the input layer serving it, so a
+    network trained for another base model (other widths, more input layers) loads through this class.
+    """
+
+    def __init__(self, input_features: dict[str, int], hidden: int = 128):
+        super().__init__()
+        for name, in_features in sorted(input_features.items()):
+            if in_features % 2:
+                raise LoraRarError(f"hypernet input layer {name}: {in_features} input features is not 2 x width")
+            self.add_module(name, nn.Linear(in_features, hidden))
+        self.output = nn.Sequential(nn.ReLU(), nn.Linear(hidden, 2))
+        self.widths: dict[int, str] = {}
+        for name, in_features in input_features.items():
+            width = in_features // 2
+            if width in self.widths:
+                raise LoraRarError(f"hypernet input layers {self.widths[width]} and {name} both serve width {width}")
+            self.widths[width] = name
+        self.sha256: str | None = None
+        self.source: str | None = None
+
+    @property
+    def hidden(self) -> int:
+        return self.output[1].in_features
+
+    def input_layer(self, width: int) -> nn.Linear | None:
+        """The input layer for attention width ``width``, or None when the network has none."""
+        name = self.widths.get(width)
+        return None if name is None else getattr(self, name)
+
+    def forward(self, columns: torch.Tensor, width: int) -> torch.Tensor:
+        """Dense reference path. columns: (n, 2 * width) = [subject column ; style column] -> (n, 2)."""
+        layer = self.input_layer(width)
+        if layer is None:
+            raise LoraRarError(f"hypernet has no input layer for attention width {width} (has {sorted(self.widths)})")
+        return self.output(layer(columns))
+
+    @classmethod
+    def from_state_dict(cls, state_dict: dict[str, torch.Tensor], source: str = "<state dict>") -> "LoraRarHypernet":
+        """Build from a state dict with keys input_<k>.weight/bias and output.1.weight/bias; checks every shape."""
+        inputs = {}
+        for key, tensor in state_dict.items():
+            match = _INPUT_KEY.match(key)
+            if match:
+                if tensor.ndim != 2:
+                    raise LoraRarError(f"{source}: {key} has shape {tuple(tensor.shape)}, expected (hidden, 2 x width)")
+                inputs[match.group(1)] = tensor.shape[1]
+        out_weight = state_dict.get("output.1.weight")
+        if not inputs or out_weight is None:
+            raise LoraRarError(
+                f"{source}: not a LoRA.rar hypernet (expected input_<k>.weight and output.1.weight, "
+                f"found {sorted(state_dict)[:6]})"
+            )
+        if out_weight.ndim != 2 or out_weight.shape[0] != 2:
+            raise LoraRarError(f"{source}: output.1.weight has shape {tuple(out_weight.shape)}, expected (2, hidden)")
+        net = cls(inputs, hidden=out_weight.shape[1])
+        expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
+        found = {k: tuple(v.shape) for k, v in state_dict.items()}
+        if expected != found:
+            diff = sorted(k for k in set(expected) | set(found) if expected.get(k) != found.get(k))
+            detail = ", ".join(f"{k}: expected {expected.get(k)}, found {found.get(k)}" for k in diff[:3])
+            raise LoraRarError(f"{source}: hypernet tensors do not fit together ({detail})")
+        for key, tensor in state_dict.items():
+            if not torch.isfinite(tensor).all():
+                raise LoraRarError(f"{source}: hypernet tensor {key} holds NaN or Inf values")
+        net.load_state_dict({k: v.float() for k, v in state_dict.items()})
+        net.source = source
+        return net.eval().requires_grad_(False)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "LoraRarHypernet":
+        """Load a checkpoint (.pth/.pt through ``weights_only=True``, or .safetensors) and record its sha256."""
+        path = Path(path)
+        if not path.is_file():
+            raise LoraRarError(f"{path}: hypernet file not found")
+        data = path.read_bytes()
+        try:
+            if path.suffix == ".safetensors":
+                from safetensors.torch import load as load_safetensors
+
+                state_dict = load_safetensors(data)
+            else:
+                import io
+
+                state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+        except Exception as exc:  # the loaders raise many types; the user needs one line
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
+                reason = "it is a pickle that holds more than plain tensors, refused (weights_only=True)"
+            raise LoraRarError(f"{path}: cannot read hypernet checkpoint: {reason}") from None
+        if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
+            state_dict = state_dict["state_dict"]
+        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
+            raise LoraRarError(f"{path}: not a LoRA.rar hypernet (expected a dict of tensors)")
+        net = cls.from_state_dict(state_dict, source=str(path))
+        net.sha256 = hashlib.sha256(data).hexdigest()
+        return net

@@ -1,0 +1,128 @@
+"""The factored merge against a plain dense implementation of the published LoRA.rar rule."""
+
+import pytest
+import torch
+
+from hypernet.base_models import KOALA_700M, SDXL
+from hypernet.keys import attention_role, sgm_to_canonical
+from hypernet.lora_io import read_lora
+from hypernet.merge import Strengths, lorarar_coefficients, merge_loras
+from hypernet.model import LoraRarHypernet
+from tests.support.loras import random_lora, write_lora
+
+CHECKPOINTS = {"sdxl": ("lorarar_sdxl_hypernet.pth", SDXL), "koala-700m": ("lorarar_koala_700m_hypernet.pth", KOALA_700M)}
+
+
+def dense_update(state_dict, stem):
+    """dW = up @ down * alpha / rank, written the plain way."""
+    up = state_dict[f"{stem}.lora_up.weight"].double().flatten(1)
+    down = state_dict[f"{stem}.lora_down.weight"].double().flatten(1)
+    alpha = state_dict.get(f"{stem}.alpha")
+    scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
+    return up @ down * scale
+
+
+def dense_rule(hypernet_state, dw_subject, dw_style, role):
+    """Published rule on dense updates: H per column for to_q/to_out, plain sum for to_k/to_v."""
+    if role in ("to_k", "to_v"):
+        return dw_subject + dw_style
+    width = dw_subject.shape[0]
+    name = {640: "input_1", 1280: "input_2"}[width]
+    columns = torch.cat([dw_subject, dw_style], dim=0).T  # (d_in, 2 * d_out): [subject column ; style column]
+    hidden = torch.relu(columns @ hypernet_state[f"{name}.weight"].double().T + hypernet_state[f"{name}.bias"].double())
+    coefficients = hidden @ hypernet_state["output.1.weight"].double().T + hypernet_state["output.1.bias"].double()
+    return dw_subject * coefficients[:, 0] + dw_style * coefficients[:, 1]
+
+
+def relative_error(actual, expected):
+    return float((actual - expected).norm() / expected.norm())
+
+
+@pytest.mark.parametrize("checkpoint", sorted(CHECKPOINTS))
+def test_every_layer_matches_dense_rule(checkpoint, shared_weights, tmp_path):
+    file_name, layout = CHECKPOINTS[checkpoint]
+    hypernet_path = shared_weights / file_name
+    hypernet = LoraRarHypernet.load(hypernet_path)
+    state = torch.load(hypernet_path, weights_only=True, map_location="cpu")
+    # different ranks, a stored alpha on one side only
+    subject_sd = random_lora(layout, rank=8, seed=1, alpha=4.0)
+    style_sd = random_lora(layout, rank=5, seed=2)
+    subject = read_lora(write_lora(tmp_path / "subject.safetensors", subject_sd), layout)
+    style = read_lora(write_lora(tmp_path / "style.safetensors", style_sd), layout)
+
+    merged = merge_loras(subject, style, hypernet, base=layout)
+
+    linears = layout.attention_linears()
+    assert len(merged.layers) == len(linears)
+    assert merged.report.hypernet_layers == len(linears) // 2
+    worst = 0.0
+    for module, d_out, d_in in linears:
+        stem = sgm_to_canonical(module)
+        expected = dense_rule(state, dense_update(subject_sd, stem), dense_update(style_sd, stem), attention_role(stem))
+        layer = merged.layers[stem]
+        assert layer.rank == 13 and layer.up.shape == (d_out, 13) and layer.down.shape == (13, d_in)
+        actual = (layer.up.double() @ layer.down.double()) * layer.scale
+        worst = max(worst, relative_error(actual, expected))
+    assert worst <= 1e-5, worst
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+def test_low_precision_and_conv_shaped_inputs(dtype, shared_weights, tmp_path):
+    """fp16/bf16 factors and 1x1-conv-shaped tensors: same rule, computed in float32 from the stored values."""
+    state = torch.load(shared_weights / "lorarar_sdxl_hypernet.pth", weights_only=True, map_location="cpu")
+    hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    modules = [m for m, _, _ in SDXL.attention_linears() if m.startswith("input_blocks.4.") or m.startswith("middle_block.1.transformer_blocks.3.")]
+    subject_sd = random_lora(rank=16, seed=3, dtype=dtype, modules=modules, conv=True, alpha=8.0)
+    style_sd = random_lora(rank=4, seed=4, dtype=dtype, modules=modules)
+    subject = read_lora(write_lora(tmp_path / "s.safetensors", subject_sd))
+    style = read_lora(write_lora(tmp_path / "t.safetensors", style_sd))
+    merged = merge_loras(subject, style, hypernet)
+    assert merged.report.hypernet_layers == len(modules) // 2
+    for module in modules:
+        stem = sgm_to_canonical(module)
+        expected = dense_rule(state, dense_update(subject_sd, stem), dense_update(style_sd, stem), attention_role(stem))
+        layer = merged.layers[stem]
+        assert layer.kernel == (1, 1)
+        assert relative_error(layer.up.double() @ layer.down.double(), expected) <= 1e-5
+
+
+def test_strengths_scale_each_side_after_the_hypernet(shared_weights, tmp_path):
+    hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    modules = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_k"]
+    subject = read_lora(write_lora(tmp_path / "s.safetensors", random_lora(rank=4, seed=5, modules=modules)))
+    style = read_lora(write_lora(tmp_path / "t.safetensors", random_lora(rank=4, seed=6, modules=modules)))
+    q = sgm_to_canonical(modules[0])
+    coefficients = lorarar_coefficients(hypernet, subject.layers[q], style.layers[q])
+    merged = merge_loras(subject, style, hypernet, strengths=Strengths(subject_model=0.5, style_model=2.0))
+    dw_s = subject.layers[q].up @ subject.layers[q].down
+    dw_t = style.layers[q].up @ style.layers[q].down
+    expected = 0.5 * dw_s * coefficients[:, 0] + 2.0 * dw_t * coefficients[:, 1]
+    layer = merged.layers[q]
+    assert relative_error(layer.up @ layer.down, expected) <= 1e-5
+
+
+def test_hidden_layer_never_forms_dense_update(shared_weights, tmp_path, monkeypatch):
+    """Regression guard: no tensor of d_out x d_in elements is created while merging low-rank layers."""
+    hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    subject = read_lora(write_lora(tmp_path / "s.safetensors", random_lora(rank=4, seed=7)))
+    style = read_lora(write_lora(tmp_path / "t.safetensors", random_lora(rank=4, seed=8)))
+    largest = []
+    original_matmul = torch.Tensor.__matmul__
+
+    def watch(a, b):
+        result = original_matmul(a, b)
+        largest.append(result.numel())
+        return result
+
+    monkeypatch.setattr(torch.Tensor, "__matmul__", watch)
+    original_addmm = torch.addmm
+
+    def watch_addmm(*args, **kwargs):
+        result = original_addmm(*args, **kwargs)
+        largest.append(result.numel())
+        return result
+
+    monkeypatch.setattr(torch, "addmm", watch_addmm)
+    merge_loras(subject, style, hypernet)
+    # biggest product allowed: the hidden layer (128 x d_in); a dense update would be 1280 x 1280 or more
+    assert largest and max(largest) <= 128 * 2048
