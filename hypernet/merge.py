@@ -15,6 +15,7 @@ a * m_s * dW_s + b * m_t * dW_t; strengths 1 and 1 give the published rule exact
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from .base_models import UNetLayout
 from .errors import LoraRarError
 from .keys import attention_role
-from .lora_io import LoraFile, LowRankLayer, OtherLayer
+from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
 from .model import LoraRarHypernet
 
 METHODS = ("lorarar", "direct")
@@ -103,6 +104,26 @@ class MergedLora:
     layers: dict[str, LowRankLayer]
     report: MergeReport
     sources: dict[str, str]  # "subject"/"style"/"hypernet" -> sha256
+    strengths: Strengths = Strengths()
+
+    def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+        return to_kohya_state_dict(self.layers, dtype)
+
+    def metadata(self, pack_version: str) -> dict[str, str]:
+        """safetensors metadata: where the merge came from, enough to reproduce it."""
+        return {
+            "lorarar_method": self.report.method,
+            "lorarar_layer_policy": self.report.policy,
+            "lorarar_subject": self.report.subject,
+            "lorarar_subject_sha256": self.sources["subject"],
+            "lorarar_style": self.report.style,
+            "lorarar_style_sha256": self.sources["style"],
+            "lorarar_hypernet_sha256": self.sources.get("hypernet", ""),
+            "lorarar_strengths": json.dumps(vars(self.strengths)),
+            "lorarar_report": json.dumps(self.report.as_dict()),
+            "lorarar_pack_version": pack_version,
+            "ss_network_module": "networks.lora",
+        }
 
 
 def _factors(layer: LowRankLayer, device, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -242,4 +263,4 @@ def merge_loras(
     sources = {"subject": subject.sha256, "style": style.sha256}
     if method == "lorarar" and hypernet.sha256:
         sources["hypernet"] = hypernet.sha256
-    return MergedLora(layers=merged, report=report, sources=sources)
+    return MergedLora(layers=merged, report=report, sources=sources, strengths=strengths)

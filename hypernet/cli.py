@@ -1,0 +1,77 @@
+"""Terminal entry point: ``python -m hypernet merge --subject A --style B --out C``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .base_models import LAYOUTS, SDXL
+from .checkpoints import WEIGHTS_DIR, load_hypernet, load_manifest
+from .errors import LoraRarError
+from .lora_io import read_lora, save_lora
+from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, Strengths, merge_loras
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def _search_dirs() -> list[Path]:
+    """Folders searched for hypernet files: $LORARAR_WEIGHTS_DIR (os.pathsep-separated), then the pack's weights/."""
+    extra = [Path(p) for p in os.environ.get("LORARAR_WEIGHTS_DIR", "").split(os.pathsep) if p]
+    return [*extra, WEIGHTS_DIR]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m hypernet", description="LoRA.rar: merge a subject LoRA and a style LoRA.")
+    parser.add_argument("--version", action="version", version=f"ComfyUI-LoRA.rar {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True)
+    merge = commands.add_parser("merge", help="merge two LoRA files into one kohya-format LoRA")
+    merge.add_argument("--subject", required=True, type=Path, help="subject (content) LoRA file")
+    merge.add_argument("--style", required=True, type=Path, help="style LoRA file")
+    merge.add_argument("--out", required=True, type=Path, help="merged LoRA to write (.safetensors)")
+    merge.add_argument("--hypernet", default="sdxl", help=f"published name ({', '.join(load_manifest())}) or a checkpoint path")
+    merge.add_argument("--method", choices=METHODS, default="lorarar")
+    merge.add_argument("--layer-policy", choices=LAYER_POLICIES, default="sum", help=LAYER_POLICY_HELP)
+    merge.add_argument("--base", choices=sorted(LAYOUTS), help="base model of the LoRAs (default: the hypernet's, else sdxl)")
+    merge.add_argument("--subject-strength", type=float, default=1.0)
+    merge.add_argument("--style-strength", type=float, default=1.0)
+    merge.add_argument("--subject-clip-strength", type=float, default=1.0)
+    merge.add_argument("--style-clip-strength", type=float, default=1.0)
+    merge.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="tensor type of the written file")
+    merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    merge.add_argument("--json", action="store_true", help="print the report as JSON")
+    return parser
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    if args.out.exists() and not args.overwrite:
+        raise LoraRarError(f"{args.out}: file exists; choose another name or pass --overwrite")
+    manifest = load_manifest()
+    info = manifest.get(args.hypernet)
+    layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else SDXL)
+    # the LoRAs first: a bad input file is named before any download is tried
+    subject = read_lora(args.subject, layout)
+    style = read_lora(args.style, layout)
+    hypernet, base = (None, None)
+    if args.method == "lorarar":
+        hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
+    strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
+    merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, base=base)
+    save_lora(args.out, merged.kohya_state_dict(DTYPES[args.dtype]), merged.metadata(__version__), overwrite=args.overwrite)
+    print(json.dumps(merged.report.as_dict(), indent=2) if args.json else merged.report.to_text())
+    print(f"wrote {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return run_merge(args)
+    except LoraRarError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
