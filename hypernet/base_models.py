@@ -21,6 +21,22 @@ class UNetLayout:
     transformer_depth_middle: int  # -1: no middle block transformer
     context_dim: int = 2048
 
+    @classmethod
+    def from_unet_config(cls, name: str, config: dict) -> "UNetLayout":
+        """Layout from a ComfyUI-detected ``unet_config`` dict (ComfyUI lists output depths last block first)."""
+        channels = tuple(config["model_channels"] * m for m in config["channel_mult"])
+        nrb = config["num_res_blocks"]
+        nrb = tuple(nrb) if isinstance(nrb, (list, tuple)) else (nrb,) * len(channels)
+        return cls(
+            name=name,
+            channels=channels,
+            num_res_blocks=nrb,
+            transformer_depth=tuple(config["transformer_depth"]),
+            transformer_depth_output=tuple(reversed(config["transformer_depth_output"])),
+            transformer_depth_middle=config.get("transformer_depth_middle", -1) if config.get("transformer_depth_middle") is not None else -1,
+            context_dim=config.get("context_dim") or 0,
+        )
+
     def attention_blocks(self) -> list[tuple[str, int, int]]:
         """(SGM prefix of each transformer block, width, context width) in model order."""
         blocks = []

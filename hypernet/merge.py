@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -126,13 +127,6 @@ class MergedLora:
         }
 
 
-def _factors(layer: LowRankLayer, device, weight: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(up, down * scale * weight) in float32 on device."""
-    up = layer.up.to(device=device, dtype=torch.float32)
-    down = layer.down.to(device=device, dtype=torch.float32) * (layer.scale * weight)
-    return up, down
-
-
 @torch.no_grad()
 def lorarar_coefficients(hypernet: LoraRarHypernet, subject: LowRankLayer, style: LowRankLayer, device=None) -> torch.Tensor:
     """Column coefficients (d_in, 2) = H([dW_subject ; dW_style]) computed from the factors.
@@ -145,24 +139,30 @@ def lorarar_coefficients(hypernet: LoraRarHypernet, subject: LowRankLayer, style
         raise LoraRarError(f"hypernet has no input layer for attention width {width}")
     device = device or layer.weight.device
     weight = layer.weight.to(device=device, dtype=torch.float32)
-    up_s, down_s = _factors(subject, device, 1.0)
-    up_t, down_t = _factors(style, device, 1.0)
-    hidden = torch.addmm(layer.bias.to(device=device, dtype=torch.float32)[:, None],
-                         weight[:, :width] @ up_s, down_s)
-    hidden.addmm_(weight[:, width:] @ up_t, down_t)
+
+    def f32(tensor):
+        return tensor.to(device=device, dtype=torch.float32)
+
+    # the scale multiplies the small (hidden, rank) product, not the (rank, d_in) factor
+    hidden = torch.addmm(f32(layer.bias)[:, None], (weight[:, :width] @ f32(subject.up)).mul_(subject.scale), f32(subject.down))
+    hidden.addmm_((weight[:, width:] @ f32(style.up)).mul_(style.scale), f32(style.down))
     out = hypernet.output[1]
     return torch.addmm(out.bias.to(device, torch.float32), hidden.relu_().T, out.weight.to(device, torch.float32).T)
 
 
-def _concat(parts: list[tuple[LowRankLayer, torch.Tensor | float]], device) -> LowRankLayer:
-    """Sum of updates weight_i * dW_i (weight a scalar or a per-column vector) as one low-rank layer."""
+def _concat(parts: list[tuple[LowRankLayer, torch.Tensor | float]], device, dtype: torch.dtype) -> LowRankLayer:
+    """Sum of updates weight_i * dW_i (weight a scalar or a per-column vector) as one low-rank layer.
+
+    The weights are applied in float32 and the factors stored in ``dtype`` on the CPU.
+    """
     ups, downs = [], []
     for layer, weight in parts:
-        up, down = _factors(layer, device, 1.0)
-        ups.append(up)
-        downs.append(down * weight if isinstance(weight, torch.Tensor) else down * float(weight))
+        ups.append(layer.up)
+        column_weight = weight * layer.scale if isinstance(weight, torch.Tensor) else float(weight) * layer.scale
+        downs.append((layer.down.to(device=device, dtype=torch.float32) * column_weight).to("cpu", dtype))
     kernel = next((layer.kernel for layer, _ in parts if layer.kernel), ())
-    return LowRankLayer(up=torch.cat(ups, dim=1), down=torch.cat(downs, dim=0), scale=1.0, kernel=kernel)
+    up = torch.cat([u.to(dtype) for u in ups], dim=1)
+    return LowRankLayer(up=up, down=torch.cat(downs, dim=0), scale=1.0, kernel=kernel)
 
 
 def check_compatible(subject: LoraFile, style: LoraFile, base: UNetLayout | None) -> None:
@@ -191,8 +191,14 @@ def merge_loras(
     strengths: Strengths = Strengths(),
     base: UNetLayout | None = None,
     device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> MergedLora:
-    """Merge two LoRAs layer by layer; the result's layers are low-rank (rank r_subject + r_style at most)."""
+    """Merge two LoRAs layer by layer; the result's layers are low-rank (rank r_subject + r_style at most).
+
+    device: where the hypernet runs (the model's device); dtype: of the merged factors (default: the
+    inputs' common type, float32 when they differ); progress(done, total) is called per layer.
+    """
     if method not in METHODS:
         raise LoraRarError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
     if policy not in LAYER_POLICIES:
@@ -206,8 +212,14 @@ def merge_loras(
         hypernet_for_report = f"{hypernet.source} (sha256 {hypernet.sha256})" if hypernet.sha256 else str(hypernet.source)
     report = MergeReport(method, policy, subject.name, style.name, hypernet_for_report)
     merged: dict[str, LowRankLayer] = {}
+    if dtype is None:
+        dtypes = {layer.up.dtype for lora in (subject, style) for layer in lora.layers.values() if isinstance(layer, LowRankLayer)}
+        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
 
-    for name in list(dict.fromkeys([*subject.layers, *style.layers])):
+    names = list(dict.fromkeys([*subject.layers, *style.layers]))
+    for index, name in enumerate(names):
+        if progress is not None:
+            progress(index, len(names))
         s_layer, t_layer = subject.layers.get(name), style.layers.get(name)
         s_weight, t_weight = strengths.for_layer(name)
         present = [(which, layer) for which, layer in (("subject", s_layer), ("style", t_layer)) if layer is not None]
@@ -224,7 +236,7 @@ def merge_loras(
         role = attention_role(name)
         if s_layer is not None and t_layer is not None and method == "lorarar" and role is not None:
             if role in ("to_k", "to_v"):
-                merged[name] = _concat([(s_layer, s_weight), (t_layer, t_weight)], device)
+                merged[name] = _concat([(s_layer, s_weight), (t_layer, t_weight)], device, dtype)
                 report.actions[name] = "summed"
                 report.reasons[name] = "to_k/to_v (the published rule sums them)"
                 continue
@@ -232,7 +244,7 @@ def merge_loras(
                 coefficients = lorarar_coefficients(hypernet, s_layer, t_layer, device)
                 report.coefficient_means.append(tuple(coefficients.mean(0).tolist()))
                 merged[name] = _concat([(s_layer, coefficients[:, 0] * s_weight),
-                                        (t_layer, coefficients[:, 1] * t_weight)], device)
+                                        (t_layer, coefficients[:, 1] * t_weight)], device, dtype)
                 report.actions[name] = "hypernet"
                 continue
             reason = f"width {s_layer.d_out}: the hypernet has no input layer for it"
@@ -247,17 +259,19 @@ def merge_loras(
 
         if method == "direct" or policy == "sum":
             parts = [(layer, s_weight if which == "subject" else t_weight) for which, layer in present]
-            merged[name] = _concat(parts, device)
+            merged[name] = _concat(parts, device, dtype)
             report.actions[name] = "summed" if len(parts) == 2 else f"kept ({present[0][0]})"
         elif policy in ("subject", "style") and (policy == "subject" and s_layer or policy == "style" and t_layer):
             layer = s_layer if policy == "subject" else t_layer
-            merged[name] = _concat([(layer, s_weight if policy == "subject" else t_weight)], device)
+            merged[name] = _concat([(layer, s_weight if policy == "subject" else t_weight)], device, dtype)
             report.actions[name] = f"kept ({policy})"
         else:
             report.actions[name] = "skipped"
             reason += f"; layer policy {policy}"
         report.reasons[name] = reason
 
+    if progress is not None:
+        progress(len(names), len(names))
     if not merged:
         raise LoraRarError(f"{subject.name} + {style.name}: no layer could be merged ({report.to_text()})")
     sources = {"subject": subject.sha256, "style": style.sha256}

@@ -9,10 +9,6 @@ SHARED_WEIGHTS = Path(os.environ.get("LORARAR_SHARED_WEIGHTS", REPO.parent / "sh
 sys.path.insert(0, str(REPO))
 
 
-def pytest_configure(config):
-    config.addinivalue_line("markers", "e2e: drives a real ComfyUI server over HTTP (slow; needs scripts/setup_host.sh)")
-    config.addinivalue_line("markers", "host: imports real ComfyUI modules in-process (needs scripts/setup_host.sh)")
-
 
 @pytest.fixture(scope="session")
 def shared_weights() -> Path:

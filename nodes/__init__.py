@@ -1,0 +1,16 @@
+"""ComfyUI nodes of the pack: thin adapters around hypernet/."""
+
+from .loader import LoraRarHypernetLoader
+from .merge import LoraRarMerge
+from .save import LoraRarSaveMergedLora
+
+NODE_CLASS_MAPPINGS = {
+    "LoraRarHypernetLoader": LoraRarHypernetLoader,
+    "LoraRarMerge": LoraRarMerge,
+    "LoraRarSaveMergedLora": LoraRarSaveMergedLora,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "LoraRarHypernetLoader": "LoRA.rar Hypernet Loader",
+    "LoraRarMerge": "LoRA.rar Merge (subject + style)",
+    "LoraRarSaveMergedLora": "LoRA.rar Save Merged LoRA",
+}

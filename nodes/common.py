@@ -1,0 +1,62 @@
+"""Glue shared by the nodes: ComfyUI folders, file fingerprints, the model's layout."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import folder_paths
+
+from ..hypernet.base_models import UNetLayout
+from ..hypernet.checkpoints import WEIGHTS_DIR, load_manifest
+from ..hypernet.lora_io import file_sha256
+
+CATEGORY = "LoRA.rar"
+HYPERNET_TYPE = "LORARAR_HYPERNET"
+MERGED_TYPE = "LORARAR_MERGED_LORA"
+FOLDER = "lorarar"
+HYPERNET_EXTENSIONS = {".pth", ".pt", ".safetensors"}
+
+
+def register_folder() -> None:
+    """models/lorarar as a model folder (extra_model_paths.yaml entries named ``lorarar`` are kept)."""
+    default = os.path.join(folder_paths.models_dir, FOLDER)
+    paths = folder_paths.folder_names_and_paths.get(FOLDER, ([], set()))[0]
+    if default not in paths:
+        paths.append(default)
+    folder_paths.folder_names_and_paths[FOLDER] = (paths, set(HYPERNET_EXTENSIONS))
+
+
+def hypernet_dirs() -> list[Path]:
+    """Where hypernet files are looked for: ComfyUI's lorarar folders, then the pack's weights/."""
+    return [*(Path(p) for p in folder_paths.get_folder_paths(FOLDER)), WEIGHTS_DIR]
+
+
+def download_dir() -> Path:
+    return Path(folder_paths.get_folder_paths(FOLDER)[0])
+
+
+def hypernet_choices() -> list[str]:
+    published = {info.file for info in load_manifest().values()}
+    own = [f for f in folder_paths.get_filename_list(FOLDER) if os.path.basename(f) not in published]
+    return ["auto", *load_manifest(), *own]
+
+
+_fingerprints: dict[tuple, str] = {}
+
+
+def fingerprint(path: str) -> str:
+    """sha256 of a file's content, computed again whenever its size, mtime or inode change."""
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _fingerprints:
+        _fingerprints[key] = file_sha256(path)
+    return _fingerprints[key]
+
+
+def model_class(model) -> str:
+    return type(model.model.model_config).__name__
+
+
+def model_layout(model) -> UNetLayout:
+    return UNetLayout.from_unet_config(model_class(model), model.model.model_config.unet_config)

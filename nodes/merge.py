@@ -1,0 +1,140 @@
+"""Merge node: two LoRA files + the hypernet -> one merged low-rank LoRA patched onto MODEL and CLIP."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import comfy.lora
+import comfy.model_management
+import comfy.sd
+import comfy.utils
+import folder_paths
+
+from ..hypernet.checkpoints import for_model_class, load_hypernet
+from ..hypernet.errors import LoraRarError
+from ..hypernet.lora_io import read_lora
+from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, MergedLora, Strengths, merge_loras
+from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, download_dir, fingerprint, hypernet_dirs, model_class, model_layout
+
+_MERGES: "OrderedDict[tuple, MergedLora]" = OrderedDict()  # identical inputs (by content) reuse the merge
+_HYPERNETS: "OrderedDict[tuple, tuple]" = OrderedDict()
+_CACHE_SIZE = 2
+
+
+def _remember(cache: OrderedDict, key, value):
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _strength(tooltip: str):
+    return ("FLOAT", {"default": 1.0, "min": -10.0, "max": 10.0, "step": 0.01, "tooltip": tooltip})
+
+
+def _hypernet_for(choice: str, model):
+    name = for_model_class(model_class(model)).name if choice == "auto" else choice
+    if name not in _HYPERNETS:
+        path_choice = name
+        if name.endswith(tuple(".pth .pt .safetensors".split())):
+            path_choice = folder_paths.get_full_path_or_raise("lorarar", name)
+        _remember(_HYPERNETS, name, load_hypernet(path_choice, hypernet_dirs(), download_dir()))
+    return _HYPERNETS[name]
+
+
+class LoraRarMerge:
+    CATEGORY = CATEGORY
+    RETURN_TYPES = ("MODEL", "CLIP", MERGED_TYPE, "STRING")
+    RETURN_NAMES = ("model", "clip", "merged_lora", "report")
+    OUTPUT_TOOLTIPS = (
+        "The model with the merged LoRA applied.",
+        "The CLIP with the merged LoRA's text-encoder layers applied (None when no CLIP was connected).",
+        "The merged LoRA, for the save node.",
+        "What happened to every layer: merged by the hypernetwork, summed, kept or skipped, and why.",
+    )
+    FUNCTION = "merge"
+    DESCRIPTION = (
+        "LoRA.rar: merges a subject LoRA and a style LoRA with a pretrained hypernetwork that predicts, per "
+        "column of each attention update, how much of the subject and of the style to keep (arXiv 2412.05148). "
+        "The result is one ordinary low-rank LoRA patched onto the model through ComfyUI's own LoRA patching. "
+        "Method 'direct' adds the two LoRAs (what two stacked LoRA loaders do)."
+    )
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        loras = folder_paths.get_filename_list("loras")
+        return {
+            "required": {
+                "model": ("MODEL", {"tooltip": "The diffusion model (SDXL family or KOALA-700M) to apply the merged LoRA to."}),
+                "hypernet": (HYPERNET_TYPE, {"tooltip": "From the LoRA.rar Hypernet Loader node."}),
+                "subject_lora": (loras, {"tooltip": "The subject (content) LoRA: your dog, your character."}),
+                "style_lora": (loras, {"tooltip": "The style LoRA: watercolour, 3D render, ..."}),
+                "subject_strength": _strength("Scales the subject's share of the merged update in the diffusion model (1 = as the hypernet predicts)."),
+                "style_strength": _strength("Scales the style's share of the merged update in the diffusion model (1 = as the hypernet predicts)."),
+                "subject_clip_strength": _strength("Scales the subject LoRA's text-encoder layers."),
+                "style_clip_strength": _strength("Scales the style LoRA's text-encoder layers."),
+                "method": (list(METHODS), {"default": "lorarar", "tooltip": "lorarar: the hypernetwork merge; direct: plain sum of both LoRAs, for comparison."}),
+                "layer_policy": (list(LAYER_POLICIES), {"default": "sum", "tooltip": LAYER_POLICY_HELP}),
+            },
+            "optional": {
+                "clip": ("CLIP", {"tooltip": "The text encoders, for LoRAs that also train them. Leave empty to patch the model only."}),
+            },
+        }
+
+    @classmethod
+    def IS_CHANGED(cls, subject_lora=None, style_lora=None, **_):
+        # the merge depends on the files' content, not only their names
+        hashes = []
+        for name in (subject_lora, style_lora):
+            path = folder_paths.get_full_path("loras", name) if name else None
+            hashes.append(fingerprint(path) if path else str(name))
+        return "|".join(hashes)
+
+    def merge(self, model, hypernet, subject_lora, style_lora, subject_strength, style_strength,
+              subject_clip_strength, style_clip_strength, method, layer_policy, clip=None):
+        subject_path = folder_paths.get_full_path_or_raise("loras", subject_lora)
+        style_path = folder_paths.get_full_path_or_raise("loras", style_lora)
+        layout = model_layout(model)
+        net, base = (None, None)
+        if method == "lorarar":
+            net, base = _hypernet_for(hypernet.choice, model)
+        strengths = Strengths(subject_strength, style_strength, subject_clip_strength, style_clip_strength)
+        key = (fingerprint(subject_path), fingerprint(style_path), net.sha256 if net else None,
+               method, layer_policy, strengths, layout)
+        merged = _MERGES.get(key)
+        if merged is None:
+            subject = read_lora(subject_path, layout)
+            style = read_lora(style_path, layout)
+            bar = comfy.utils.ProgressBar(1)
+            merged = merge_loras(subject, style, net, method, layer_policy, strengths, base=base,
+                                 device=comfy.model_management.get_torch_device(),
+                                 progress=lambda done, total: bar.update_absolute(done, total))
+            merged.report.subject, merged.report.style = subject_lora, style_lora
+        _remember(_MERGES, key, merged)
+        model_out, clip_out, applied_text = apply_merged(model, clip, merged)
+        return (model_out, clip_out, merged, merged.report.to_text() + "\n" + applied_text)
+
+
+def apply_merged(model, clip, merged: MergedLora):
+    """Patch MODEL/CLIP with the merged LoRA through ComfyUI's key map and patcher; says what did not apply."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    if clip is not None:
+        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
+    unknown = [name for name in merged.layers if name not in key_map]
+    state_dict = merged.kohya_state_dict(dtype=next(iter(merged.layers.values())).up.dtype)
+    for name in unknown:
+        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha"):
+            state_dict.pop(name + suffix)
+    if not state_dict:
+        raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: none of the merged layers exists in this "
+                           f"{model_class(model)} model; are the LoRAs for another base model?")
+    model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
+    applied = len(merged.layers) - len(unknown)
+    text = f"applied to the model: {applied} layers"
+    if unknown:
+        text_layers = sum(1 for n in unknown if n.startswith("lora_te"))
+        text += (f"; not applied: {len(unknown)} layers not in this model"
+                 + (f" ({text_layers} text-encoder layers: connect a CLIP)" if text_layers and clip is None else "")
+                 + f", e.g. {unknown[0]}")
+    return model_out, clip_out, text

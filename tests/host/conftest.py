@@ -1,0 +1,50 @@
+"""A real ComfyUI imported in-process, with this pack loaded the way the server loads it."""
+
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.support import synthetic_models
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def comfy_host(shared_weights, tmp_path_factory):
+    """(nodes module, folder_paths, loras dir) of an in-process ComfyUI with the pack registered."""
+    root = synthetic_models.comfy_root()
+    if not (root / "main.py").is_file():
+        pytest.fail(f"ComfyUI host missing at {root}: run scripts/setup_host.sh")
+    sys.path.insert(0, str(root))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = True
+    import utils.extra_config  # noqa: F401  (before nodes: nodes.py puts comfy/ first on sys.path)
+    import folder_paths
+    import nodes
+
+    loras = tmp_path_factory.mktemp("loras")
+    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+    folder_paths.add_model_folder_path("lorarar", str(shared_weights))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    missing = [n for n in ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora") if n not in nodes.NODE_CLASS_MAPPINGS]
+    if missing:
+        pytest.fail(f"the pack did not load into ComfyUI (missing {missing}); see the log above")
+    return nodes, folder_paths, loras
+
+
+@pytest.fixture(scope="session")
+def synthetic_model(comfy_host):
+    """(MODEL, CLIP) of the synthetic SDXL-family checkpoint, loaded by ComfyUI's own loader."""
+    import comfy.sd
+
+    models = synthetic_models.ensure_models()
+    model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(synthetic_models.checkpoint_path(models)), output_vae=False, output_clip=True)
+    return model, clip

@@ -1,0 +1,123 @@
+"""The pack's nodes called as ComfyUI calls them, on a real ComfyUI model."""
+
+import hashlib
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from hypernet.base_models import UNetLayout
+from tests.support.loras import random_lora, write_lora
+
+pytestmark = pytest.mark.host
+
+
+def _layout(model):
+    return UNetLayout.from_unet_config("synthetic", model.model.model_config.unet_config)
+
+
+def _patched_weights(model_patcher):
+    """Every patched weight as ComfyUI computes it when it applies the patches."""
+    import comfy.lora
+
+    state = model_patcher.model.state_dict()
+    return {key: comfy.lora.calculate_weight(patches, state[key].float().clone(), key)
+            for key, patches in model_patcher.patches.items()}
+
+
+def _merge(comfy_host, model, clip, subject, style, **overrides):
+    nodes, _, _ = comfy_host
+    (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load(overrides.pop("hypernet", "auto"))
+    args = dict(subject_strength=1.0, style_strength=1.0, subject_clip_strength=1.0, style_clip_strength=1.0,
+                method="lorarar", layer_policy="sum")
+    args.update(overrides)
+    return nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]().merge(model, hypernet, subject, style, clip=clip, **args)
+
+
+def test_saved_file_through_stock_loader_patches_like_the_merge_node(comfy_host, synthetic_model):
+    nodes, folder_paths, loras = comfy_host
+    model, clip = synthetic_model
+    layout = _layout(model)
+    write_lora(loras / "subject_kohya.safetensors", random_lora(layout, rank=8, seed=11, alpha=4.0))
+    write_lora(loras / "style_reference.safetensors", random_lora(layout, rank=4, seed=12, fmt="reference"))
+
+    model_out, clip_out, merged, report = _merge(comfy_host, model, clip, "subject_kohya.safetensors", "style_reference.safetensors")
+    attention = len(layout.attention_linears())
+    assert f"hypernet {attention // 2}" in report and f"applied to the model: {attention} layers" in report
+    assert "koala" in report.lower()  # auto picked the KOALA-700M hypernet for this KOALA_700M-class model
+
+    (path,) = nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]().save(merged, "merged/test_merge", "fp32", False)["result"]
+    with safe_open(path, framework="pt") as saved:
+        metadata = saved.metadata()
+    assert metadata["lorarar_subject_sha256"] == hashlib.sha256((loras / "subject_kohya.safetensors").read_bytes()).hexdigest()
+    assert metadata["lorarar_method"] == "lorarar" and metadata["lorarar_hypernet_sha256"]
+
+    stock_model, _ = nodes.NODE_CLASS_MAPPINGS["LoraLoader"]().load_lora(model, clip, "merged/test_merge.safetensors", 1.0, 1.0)
+    ours, stock = _patched_weights(model_out), _patched_weights(stock_model)
+    assert len(ours) == attention and set(ours) == set(stock)
+    for key in ours:
+        torch.testing.assert_close(ours[key], stock[key], rtol=0, atol=0)
+
+
+def test_peft_loras_that_stock_comfyui_drops_are_merged(comfy_host, synthetic_model):
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    layout = _layout(model)
+    write_lora(loras / "subject_peft.safetensors", random_lora(layout, rank=4, seed=21, fmt="peft"))
+    write_lora(loras / "style_diffusers.safetensors", random_lora(layout, rank=4, seed=22, fmt="diffusers"))
+    stock_model, _ = nodes.NODE_CLASS_MAPPINGS["LoraLoader"]().load_lora(model, clip, "subject_peft.safetensors", 1.0, 1.0)
+    assert len(stock_model.patches) == 0  # stock ComfyUI 0.3.75 drops these keys
+    model_out, _, _, report = _merge(comfy_host, model, clip, "subject_peft.safetensors", "style_diffusers.safetensors")
+    assert len(model_out.patches) == len(layout.attention_linears())
+
+
+def test_identical_inputs_reuse_the_merge_and_changed_content_does_not(comfy_host, synthetic_model):
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    layout = _layout(model)
+    write_lora(loras / "cache_subject.safetensors", random_lora(layout, rank=4, seed=31))
+    write_lora(loras / "cache_style.safetensors", random_lora(layout, rank=4, seed=32))
+    merge = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]
+    first = _merge(comfy_host, model, clip, "cache_subject.safetensors", "cache_style.safetensors")[2]
+    again = _merge(comfy_host, model, clip, "cache_subject.safetensors", "cache_style.safetensors")[2]
+    assert again is first
+    before = merge.IS_CHANGED(subject_lora="cache_subject.safetensors", style_lora="cache_style.safetensors")
+    write_lora(loras / "cache_style.safetensors", random_lora(layout, rank=4, seed=33))  # same name, new content
+    after = merge.IS_CHANGED(subject_lora="cache_subject.safetensors", style_lora="cache_style.safetensors")
+    changed = _merge(comfy_host, model, clip, "cache_subject.safetensors", "cache_style.safetensors")[2]
+    assert before != after and changed is not first
+
+
+def test_lora_for_another_base_model_is_refused_with_the_file_named(comfy_host, synthetic_model):
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    layout = _layout(model)
+    sd15 = UNetLayout("sd15", (320, 640, 1280, 1280), (2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0), (0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1), 1, context_dim=768)
+    write_lora(loras / "sd15_subject.safetensors", random_lora(sd15, rank=4, seed=41))
+    write_lora(loras / "sdxl_style.safetensors", random_lora(layout, rank=4, seed=42))
+    with pytest.raises(ValueError, match="sd15_subject.safetensors.*different base models"):
+        _merge(comfy_host, model, clip, "sd15_subject.safetensors", "sdxl_style.safetensors")
+    write_lora(loras / "sd15_style.safetensors", random_lora(sd15, rank=4, seed=43))
+    with pytest.raises(ValueError, match="sd15_subject.safetensors.*another base model"):
+        _merge(comfy_host, model, clip, "sd15_subject.safetensors", "sd15_style.safetensors")
+
+
+def test_save_node_never_overwrites_or_escapes_the_loras_folder(comfy_host, synthetic_model):
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    layout = _layout(model)
+    write_lora(loras / "save_subject.safetensors", random_lora(layout, rank=2, seed=51))
+    write_lora(loras / "save_style.safetensors", random_lora(layout, rank=2, seed=52))
+    merged = _merge(comfy_host, model, clip, "save_subject.safetensors", "save_style.safetensors", method="direct")[2]
+    save = nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]()
+    (path,) = save.save(merged, "keep_me", "fp16", False)["result"]
+    original = (loras / "keep_me.safetensors").read_bytes()
+    with pytest.raises(ValueError, match="file exists"):
+        save.save(merged, "keep_me", "fp16", False)
+    assert (loras / "keep_me.safetensors").read_bytes() == original
+    save.save(merged, "keep_me", "fp32", True)
+    assert (loras / "keep_me.safetensors").read_bytes() != original
+    for bad in ("../escape", "/tmp/escape", "sub/../../escape"):
+        with pytest.raises(ValueError, match="inside the loras folder"):
+            save.save(merged, bad, "fp16", False)
+    assert not list(loras.glob("**/*.tmp"))
