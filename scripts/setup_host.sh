@@ -25,7 +25,7 @@ fi
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.__version__.startswith('2.13.0') else 1)" 2>/dev/null; then
   log "installing CPU torch (pinned in scripts/constraints.txt)"
   "$PY" -m pip install -q --upgrade pip
-  "$PY" -m pip install -q -c "$PINS" torch
+  "$PY" -m pip install -q --disable-pip-version-check -c "$PINS" torch
 fi
 
 if [ ! -f "$COMFY/main.py" ]; then
@@ -58,7 +58,9 @@ if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/re
   log "installing ComfyUI's and the pack's requirements"
   # torchaudio has no build for torch 2.13; templates and embedded docs are optional UI extras.
   grep -v -E '^(torchaudio|comfyui-workflow-templates|comfyui-embedded-docs)' "$COMFY/requirements.txt" > "$HOST/comfy-requirements.txt"
-  "$PY" -m pip install -q -c "$PINS" -r "$HOST/comfy-requirements.txt" -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
+  # app/frontend_management.py imports requests, which 0.3.75's requirements.txt does not list
+  echo "requests" >> "$HOST/comfy-requirements.txt"
+  "$PY" -m pip install -q --disable-pip-version-check -c "$PINS" -r "$HOST/comfy-requirements.txt" -r "$REPO/requirements.txt" -r "$REPO/requirements-dev.txt"
   touch "$stamp"
 fi
 

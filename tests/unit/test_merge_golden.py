@@ -8,30 +8,10 @@ from hypernet.keys import attention_role, sgm_to_canonical
 from hypernet.lora_io import read_lora
 from hypernet.merge import Strengths, lorarar_coefficients, merge_loras
 from hypernet.model import LoraRarHypernet
+from tests.support.dense_rule import dense_rule, dense_update
 from tests.support.loras import random_lora, write_lora
 
 CHECKPOINTS = {"sdxl": ("lorarar_sdxl_hypernet.pth", SDXL), "koala-700m": ("lorarar_koala_700m_hypernet.pth", KOALA_700M)}
-
-
-def dense_update(state_dict, stem):
-    """dW = up @ down * alpha / rank, written the plain way."""
-    up = state_dict[f"{stem}.lora_up.weight"].double().flatten(1)
-    down = state_dict[f"{stem}.lora_down.weight"].double().flatten(1)
-    alpha = state_dict.get(f"{stem}.alpha")
-    scale = float(alpha) / down.shape[0] if alpha is not None else 1.0
-    return up @ down * scale
-
-
-def dense_rule(hypernet_state, dw_subject, dw_style, role):
-    """Published rule on dense updates: H per column for to_q/to_out, plain sum for to_k/to_v."""
-    if role in ("to_k", "to_v"):
-        return dw_subject + dw_style
-    width = dw_subject.shape[0]
-    name = {640: "input_1", 1280: "input_2"}[width]
-    columns = torch.cat([dw_subject, dw_style], dim=0).T  # (d_in, 2 * d_out): [subject column ; style column]
-    hidden = torch.relu(columns @ hypernet_state[f"{name}.weight"].double().T + hypernet_state[f"{name}.bias"].double())
-    coefficients = hidden @ hypernet_state["output.1.weight"].double().T + hypernet_state["output.1.bias"].double()
-    return dw_subject * coefficients[:, 0] + dw_style * coefficients[:, 1]
 
 
 def relative_error(actual, expected):
@@ -76,7 +56,7 @@ def test_low_precision_and_conv_shaped_inputs(dtype, shared_weights, tmp_path):
     style_sd = random_lora(rank=4, seed=4, dtype=dtype, modules=modules)
     subject = read_lora(write_lora(tmp_path / "s.safetensors", subject_sd))
     style = read_lora(write_lora(tmp_path / "t.safetensors", style_sd))
-    merged = merge_loras(subject, style, hypernet)
+    merged = merge_loras(subject, style, hypernet, dtype=torch.float32)
     assert merged.report.hypernet_layers == len(modules) // 2
     for module in modules:
         stem = sgm_to_canonical(module)

@@ -1,0 +1,412 @@
+"""Random-weight models that ComfyUI's own detection accepts, laid out as a ComfyUI models folder.
+
+Nothing can be downloaded here, so the tests build their own models:
+
+    <root>/checkpoints/lorarar-synthetic-sdxl-family.safetensors
+        UNet + CLIP-L + CLIP-G + VAE in the SDXL checkpoint layout (``model.diffusion_model.*``,
+        ``conditioner.embedders.0.transformer.*``, ``conditioner.embedders.1.model.*``,
+        ``first_stage_model.*``), loadable by the stock ``CheckpointLoaderSimple`` node.
+        The UNet is a cut-down SDXL-family UNet that comfy/model_detection.py detects as
+        ``KOALA_700M``: channel_mult [1, 2, 4] (widths 320/640/1280), one res block per level,
+        transformer_depth [0, 2, 5] (2 transformer blocks at width 640, 5 at width 1280),
+        no middle block and no decoder transformers. Its attention linears therefore have the
+        widths 640 and 1280 that a LoRA.rar hypernet expects.
+        The text encoders are full-size random CLIP-L / CLIP-G (their configs are fixed).
+        The embedded VAE is a random TAESD (the cheapest VAE the checkpoint loader accepts).
+    <root>/vae_approx/taesdxl_encoder.safetensors, taesdxl_decoder.safetensors
+        a random TAESDXL, so ``VAELoader(vae_name="taesdxl")`` works (fast decode).
+
+Everything is fp16 on disk, deterministic (fixed seed), written atomically (temp file, then
+``os.replace``) and cached: ``ensure_models()`` only builds what is missing or was made by an
+older recipe. Default root: ``<repo>/.cache/synthetic`` (env ``LORARAR_SYNTHETIC_DIR``).
+
+The build needs torch and ComfyUI's ``comfy`` package; ``ensure_models()`` runs it in a
+subprocess with the host venv's python so the calling process never imports ``comfy``.
+
+CLI::
+
+    .host/venv/bin/python tests/support/synthetic_models.py [--dir D] [--force] [--verify]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+
+# Bump when the recipe changes: cached files made by another version are rebuilt.
+RECIPE_VERSION = 1
+SEED = 20240611
+
+CHECKPOINT_NAME = "lorarar-synthetic-sdxl-family.safetensors"
+CHECKPOINT = "checkpoints/" + CHECKPOINT_NAME
+TAESDXL_ENCODER = "vae_approx/taesdxl_encoder.safetensors"
+TAESDXL_DECODER = "vae_approx/taesdxl_decoder.safetensors"
+FILES = (CHECKPOINT, TAESDXL_ENCODER, TAESDXL_DECODER)
+MANIFEST = "lorarar-synthetic.json"
+
+EXPECTED_MODEL_CLASS = "KOALA_700M"
+
+# The config comfy/model_detection.py derives from the saved state dict (checked by --verify).
+# KOALA_700M matches on model_channels 320, context_dim 2048, adm_in_channels 2816,
+# use_linear_in_transformer and transformer_depth [0, 2, 5]; the rest is free to shrink.
+UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "num_classes": "sequential",
+    "adm_in_channels": 2816,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1, 1, 1],
+    "transformer_depth": [0, 2, 5],
+    "transformer_depth_output": [0, 0, 0, 0, 0, 0],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": -2,  # -2: no middle block at all
+    "use_linear_in_transformer": True,
+    "context_dim": 2048,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
+
+TAESDXL_SCALE = 0.13025  # what nodes.VAELoader.load_taesd uses for "taesdxl"
+
+_ATTN_RE = re.compile(
+    r"^model\.diffusion_model\.(?P<name>.+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.weight$"
+)
+
+
+def default_dir() -> Path:
+    env = os.environ.get("LORARAR_SYNTHETIC_DIR")
+    return Path(env) if env else REPO / ".cache" / "synthetic"
+
+
+def comfy_root() -> Path:
+    env = os.environ.get("LORARAR_COMFY")
+    return Path(env) if env else REPO / ".host" / "ComfyUI"
+
+
+def host_python() -> Path:
+    env = os.environ.get("LORARAR_PYTHON")
+    return Path(env) if env else REPO / ".host" / "venv" / "bin" / "python"
+
+
+def checkpoint_path(root: str | os.PathLike | None = None) -> Path:
+    return Path(root or default_dir()) / CHECKPOINT
+
+
+def _read_manifest(root: Path) -> dict:
+    try:
+        return json.loads((root / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def missing(root: str | os.PathLike | None = None) -> list[str]:
+    """Relative paths that ensure_models() would (re)build."""
+    root = Path(root or default_dir())
+    if _read_manifest(root).get("version") != RECIPE_VERSION:
+        return list(FILES)
+    return [f for f in FILES if not (root / f).is_file()]
+
+
+def ensure_models(dir: str | os.PathLike | None = None, *, in_process: bool = False,
+                  timeout: float = 900) -> Path:
+    """Build whatever is missing under the models root and return the root (absolute).
+
+    By default the build runs in a subprocess with the host python (LORARAR_PYTHON), so the
+    caller needs neither torch nor comfy; ``in_process=True`` builds in this interpreter.
+    """
+    root = Path(dir or default_dir()).resolve()
+    if not missing(root):
+        return root
+    if in_process:
+        build(root)
+        return root
+    cmd = [str(host_python()), str(Path(__file__).resolve()), "--dir", str(root)]
+    proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          timeout=timeout)
+    if proc.returncode != 0 or missing(root):
+        raise RuntimeError(f"building synthetic models failed (rc={proc.returncode}): "
+                           f"{' '.join(cmd)}\n{proc.stdout[-6000:]}")
+    return root
+
+
+# --------------------------------------------------------------------------------------------
+# Build (needs torch + comfy)
+# --------------------------------------------------------------------------------------------
+
+def _import_comfy():
+    """Import ComfyUI's comfy package from the host checkout, forced onto the CPU."""
+    root = str(comfy_root())
+    if root not in sys.path:
+        sys.path.insert(0, root)
+    import comfy.cli_args  # noqa: F401  (parses no argv unless comfy.options says so)
+    if "comfy.model_management" not in sys.modules:
+        comfy.cli_args.args.cpu = True
+    import comfy.model_detection
+    import comfy.sdxl_clip
+    import comfy.supported_models
+    import comfy.taesd.taesd
+    return comfy
+
+
+@contextlib.contextmanager
+def _locked(root: Path):
+    import fcntl
+
+    root.mkdir(parents=True, exist_ok=True)
+    with open(root / ".lock", "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _randomize(meta_sd: dict, gen, dtype=None) -> dict:
+    """Fresh random tensors shaped like ``meta_sd`` (which may live on the meta device).
+
+    Weights with >=2 dims: uniform with std 1/sqrt(fan_in) (activations keep their scale);
+    1-dim ``*.weight`` (norm gains): ones; biases and other vectors: zeros.
+    """
+    import torch
+
+    out = {}
+    for k, v in meta_sd.items():
+        dt = dtype if (dtype is not None and v.dtype.is_floating_point) else v.dtype
+        if v.dim() >= 2:
+            fan_in = math.prod(v.shape[1:])
+            bound = math.sqrt(3.0 / fan_in)
+            t = torch.empty(tuple(v.shape), dtype=dt).uniform_(-bound, bound, generator=gen)
+        elif v.dim() == 1 and k.endswith("weight"):
+            t = torch.ones(tuple(v.shape), dtype=dt)
+        else:
+            t = torch.zeros(tuple(v.shape), dtype=dt)
+        out[k] = t
+    return out
+
+
+def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
+    """Build the missing files (all of them with force=True). Returns a report dict."""
+    root = Path(root or default_dir()).resolve()
+    with _locked(root):
+        todo = list(FILES) if force else missing(root)
+        report = {"root": str(root), "built": [], "seconds": {}}
+        # Keep the folder out of git wherever it lives.
+        gi = root / ".gitignore"
+        if not gi.exists():
+            gi.write_text("*\n")
+        if not todo:
+            return report
+
+        t0 = time.perf_counter()
+        comfy = _import_comfy()
+        import torch
+
+        report["seconds"]["import_comfy"] = round(time.perf_counter() - t0, 2)
+        gen = torch.Generator().manual_seed(SEED)
+        fp16 = torch.float16
+
+        # TAESD first (tiny) so the checkpoint's embedded VAE and the taesdxl files match.
+        taesd_sd = _randomize(comfy.taesd.taesd.TAESD(latent_channels=4).state_dict(), gen, fp16)
+        taesd_sd["vae_scale"] = torch.tensor(TAESDXL_SCALE, dtype=torch.float32)
+        taesd_sd["vae_shift"] = torch.tensor(0.0, dtype=torch.float32)
+        meta = {"lorarar_synthetic": str(RECIPE_VERSION)}
+        for rel, part in ((TAESDXL_ENCODER, "taesd_encoder."), (TAESDXL_DECODER, "taesd_decoder.")):
+            if rel in todo:
+                t = time.perf_counter()
+                _save_atomic({k[len(part):]: v for k, v in taesd_sd.items() if k.startswith(part)},
+                             root / rel, meta)
+                report["built"].append(rel)
+                report["seconds"][rel] = round(time.perf_counter() - t, 2)
+
+        model_class = None
+        if CHECKPOINT in todo:
+            t = time.perf_counter()
+            model_config = comfy.model_detection.model_config_from_unet_config(dict(UNET_CONFIG))
+            model_class = type(model_config).__name__
+            if model_class != EXPECTED_MODEL_CLASS:
+                raise RuntimeError(f"unet config matched {model_class}, expected {EXPECTED_MODEL_CLASS}")
+            model_config.set_inference_dtype(fp16, None)
+            model = model_config.get_model({}, device="meta")
+            unet_sd = _randomize(model.diffusion_model.state_dict(), gen, fp16)
+            del model
+
+            clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=fp16)
+            clip_sd = _randomize(clip.state_dict(), gen, fp16)
+            del clip
+            for k in list(clip_sd):
+                if k.endswith("logit_scale"):
+                    clip_sd[k] = torch.tensor(math.log(100.0), dtype=torch.float32)
+
+            # ComfyUI's own saving conversions (what comfy.sd.save_checkpoint applies).
+            sd = model_config.process_unet_state_dict_for_saving(unet_sd)
+            sd.update(model_config.process_clip_state_dict_for_saving(clip_sd))
+            sd.update(model_config.process_vae_state_dict_for_saving(taesd_sd))
+            report["seconds"]["randomize"] = round(time.perf_counter() - t, 2)
+            t = time.perf_counter()
+            _save_atomic(sd, root / CHECKPOINT, {
+                **meta,
+                "lorarar_model_class": model_class,
+                "lorarar_unet_config": json.dumps(UNET_CONFIG),
+            })
+            report["seconds"][CHECKPOINT] = round(time.perf_counter() - t, 2)
+            report["built"].append(CHECKPOINT)
+            del sd, unet_sd, clip_sd
+
+        manifest = {
+            "version": RECIPE_VERSION,
+            "seed": SEED,
+            "model_class": model_class or _read_manifest(root).get("model_class", EXPECTED_MODEL_CLASS),
+            "unet_config": UNET_CONFIG,
+            "files": {f: (root / f).stat().st_size for f in FILES},
+        }
+        _save_text_atomic(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        report["sizes"] = manifest["files"]
+        return report
+
+
+def _save_text_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+    os.chmod(tmp, 0o644)
+    os.replace(tmp, path)
+
+
+# --------------------------------------------------------------------------------------------
+# Introspection (needs only safetensors)
+# --------------------------------------------------------------------------------------------
+
+def attention_inventory(root: str | os.PathLike | None = None) -> list[tuple[str, int, int]]:
+    """(SGM module name, out_features, in_features) of every UNet attention linear.
+
+    Names are like ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` (relative to
+    ``model.diffusion_model.``), read from the checkpoint header without loading weights.
+    """
+    from safetensors import safe_open
+
+    out = []
+    with safe_open(str(checkpoint_path(root)), framework="pt") as f:
+        for k in f.keys():
+            m = _ATTN_RE.match(k)
+            if m:
+                shape = f.get_slice(k).get_shape()
+                out.append((m.group("name"), int(shape[0]), int(shape[1])))
+    key = lambda item: [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", item[0])]
+    return sorted(out, key=key)
+
+
+def verify(root: str | os.PathLike | None = None) -> dict:
+    """Load the checkpoint the way CheckpointLoaderSimple does and report what ComfyUI sees."""
+    import torch
+
+    root = Path(root or default_dir()).resolve()
+    comfy = _import_comfy()
+    import comfy.lora
+    import comfy.sd
+    import comfy.utils
+
+    ckpt = root / CHECKPOINT
+    sd, metadata = comfy.utils.load_torch_file(str(ckpt), return_metadata=True)
+    prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
+    detected = comfy.model_detection.detect_unet_config(sd, prefix, metadata=metadata)
+    model_config = comfy.model_detection.model_config_from_unet_config(detected, sd)
+    t = time.perf_counter()
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(ckpt), output_vae=True,
+                                                                output_clip=True)
+    load_s = time.perf_counter() - t
+    tokens = clip.tokenize("a photo of a cat")
+    cond, pooled = clip.encode_from_tokens(tokens, return_pooled=True)
+    latent = torch.zeros(1, 4, 32, 32)
+    image = vae.decode(latent)
+    lora_keys = comfy.lora.model_lora_keys_unet(model.model, {})
+    return {
+        "model_class": type(model_config).__name__,
+        "loaded_model_class": type(model.model.model_config).__name__,
+        "unet_config": {k: detected[k] for k in ("num_res_blocks", "transformer_depth",
+                                                  "transformer_depth_output",
+                                                  "transformer_depth_middle", "channel_mult",
+                                                  "model_channels", "context_dim",
+                                                  "adm_in_channels")},
+        "load_seconds": round(load_s, 2),
+        "unet_params_m": round(sum(p.numel() for p in model.model.diffusion_model.parameters()) / 1e6, 1),
+        "cond_shape": list(cond.shape),
+        "pooled_shape": list(pooled.shape),
+        "cond_finite": bool(torch.isfinite(cond).all()),
+        "vae_class": type(vae.first_stage_model).__name__,
+        "decoded_shape": list(image.shape),
+        "lora_key_map_entries": len(lora_keys),
+    }
+
+
+def _fmt_size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dir", default=None, help=f"models root (default {default_dir()})")
+    p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    p.add_argument("--verify", action="store_true",
+                   help="also load the checkpoint with comfy and print what it detects")
+    p.add_argument("--inventory", action="store_true", help="print the attention inventory")
+    a = p.parse_args(argv)
+
+    root = Path(a.dir or default_dir()).resolve()
+    t = time.perf_counter()
+    report = build(root, force=a.force)
+    wall = time.perf_counter() - t
+    if report["built"]:
+        print(f"built in {wall:.1f} s under {root}: {report['seconds']}")
+    else:
+        print(f"all cached under {root} ({wall:.2f} s)")
+    for rel in FILES:
+        flag = "made" if rel in report["built"] else "cached"
+        print(f"  {flag:6} {rel}  {_fmt_size((root / rel).stat().st_size)}")
+    if a.inventory or a.verify:
+        inv = attention_inventory(root)
+        widths = {}
+        for name, out_f, _ in inv:
+            widths[out_f] = widths.get(out_f, 0) + 1
+        print(f"attention linears: {len(inv)} by width {dict(sorted(widths.items()))}")
+        if a.inventory:
+            for name, out_f, in_f in inv:
+                print(f"  {name}  {in_f}->{out_f}")
+    if a.verify:
+        print(json.dumps(verify(root), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,49 @@
+"""Every LoRA file format lands on the same canonical layers, with the same values."""
+
+import pytest
+import torch
+
+from hypernet.base_models import KOALA_700M, SDXL
+from hypernet.keys import canonical_name
+from hypernet.lora_io import LowRankLayer, OtherLayer, read_lora
+from tests.support.loras import FORMATS, random_lora, write_lora
+
+
+@pytest.mark.parametrize("layout", [SDXL, KOALA_700M], ids=lambda l: l.name)
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_format_reads_to_canonical_kohya_layers(fmt, layout, tmp_path):
+    reference = read_lora(write_lora(tmp_path / "kohya.safetensors", random_lora(layout, rank=2, seed=9, alpha=1.0)), layout)
+    lora = read_lora(write_lora(tmp_path / f"{fmt}.safetensors", random_lora(layout, rank=2, seed=9, fmt=fmt)), layout)
+    assert set(lora.layers) == set(reference.layers)
+    assert len(lora.layers) == len(layout.attention_linears())
+    for name, layer in lora.layers.items():
+        assert torch.equal(layer.up, reference.layers[name].up)
+
+
+def test_alpha_dora_loha_and_text_encoder_keys(tmp_path):
+    state = {
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_up.weight": torch.ones(768, 2),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.lora_down.weight": torch.ones(2, 768),
+        "lora_te1_text_model_encoder_layers_0_self_attn_q_proj.alpha": torch.tensor(1.0),
+        "lora_unet_input_blocks_4_1_proj_in.lora_up.weight": torch.ones(640, 2),
+        "lora_unet_input_blocks_4_1_proj_in.lora_down.weight": torch.ones(2, 640),
+        "lora_unet_input_blocks_4_1_proj_in.dora_scale": torch.ones(640, 1),
+        "lora_unet_input_blocks_5_1_proj_out.hada_w1_a": torch.ones(640, 2),
+        "lora_unet_input_blocks_5_1_proj_out.hada_w1_b": torch.ones(2, 640),
+        "text_encoder_2.text_model.encoder.layers.3.mlp.fc1.lora_A.weight": torch.ones(2, 1280),
+        "text_encoder_2.text_model.encoder.layers.3.mlp.fc1.lora_B.weight": torch.ones(5120, 2),
+    }
+    lora = read_lora(write_lora(tmp_path / "mixed.safetensors", state))
+    te = lora.layers["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"]
+    assert isinstance(te, LowRankLayer) and te.scale == 0.5
+    assert lora.layers["lora_unet_input_blocks_4_1_proj_in"].kind == "DoRA"
+    assert lora.layers["lora_unet_input_blocks_5_1_proj_out"].kind == "LoHa"
+    assert isinstance(lora.layers["lora_te2_text_model_encoder_layers_3_mlp_fc1"], LowRankLayer)
+
+
+def test_non_attention_diffusers_modules_map_to_sgm():
+    assert canonical_name("lora_unet_down_blocks_2_resnets_1_conv1") == "lora_unet_input_blocks_8_0_in_layers_2"
+    assert canonical_name("unet.up_blocks.0.upsamplers.0.conv") == "lora_unet_output_blocks_2_2_conv"
+    assert canonical_name("unet.time_embedding.linear_1") == "lora_unet_time_embed_0"
+    assert canonical_name("lora_unet_mid_block_attentions_0_proj_in") == "lora_unet_middle_block_1_proj_in"
+    assert canonical_name("some_other_model.layer") is None
