@@ -18,7 +18,7 @@ class UNetLayout:
     num_res_blocks: tuple[int, ...]  # resnets per down level
     transformer_depth: tuple[int, ...]  # per input block (level-major)
     transformer_depth_output: tuple[int, ...]  # per output block
-    transformer_depth_middle: int  # -1: no middle block transformer
+    transformer_depth_middle: int  # 0: no middle block transformer
     context_dim: int = 2048
 
     @classmethod
@@ -33,7 +33,7 @@ class UNetLayout:
             num_res_blocks=nrb,
             transformer_depth=tuple(config["transformer_depth"]),
             transformer_depth_output=tuple(reversed(config["transformer_depth_output"])),
-            transformer_depth_middle=config.get("transformer_depth_middle", -1) if config.get("transformer_depth_middle") is not None else -1,
+            transformer_depth_middle=max(config.get("transformer_depth_middle") or 0, 0),
             context_dim=config.get("context_dim") or 0,
         )
 
@@ -48,7 +48,7 @@ class UNetLayout:
                     blocks.append((f"input_blocks.{n}.1.transformer_blocks.{t}", self.channels[level]))
                 n += 1
             n += 1  # downsampler
-        for t in range(max(self.transformer_depth_middle, 0)):
+        for t in range(self.transformer_depth_middle):
             blocks.append((f"middle_block.1.transformer_blocks.{t}", self.channels[-1]))
         out_depths = list(self.transformer_depth_output)
         n = 0
@@ -85,7 +85,7 @@ KOALA_700M = UNetLayout(
     num_res_blocks=(1, 1, 1),
     transformer_depth=(0, 2, 5),
     transformer_depth_output=(5, 5, 2, 2, 0, 0),
-    transformer_depth_middle=-1,
+    transformer_depth_middle=0,
 )
 
 LAYOUTS = {layout.name: layout for layout in (SDXL, KOALA_700M)}

@@ -64,7 +64,8 @@ _RESNET = {"norm1": "in_layers_0", "conv1": "in_layers_2", "norm2": "out_layers_
            "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
 _BASIC = {"conv_in": "input_blocks_0_0", "time_embedding_linear_1": "time_embed_0",
           "time_embedding_linear_2": "time_embed_2", "add_embedding_linear_1": "label_emb_0_0",
-          "add_embedding_linear_2": "label_emb_0_2", "conv_norm_out": "out_0", "conv_out": "out_2"}
+          "add_embedding_linear_2": "label_emb_0_2", "class_embedding_linear_1": "label_emb_0_0",
+          "class_embedding_linear_2": "label_emb_0_2", "conv_norm_out": "out_0", "conv_out": "out_2"}
 _DIFFUSERS_BLOCK = re.compile(r"^(down_blocks_\d+_(?:attentions|resnets|downsamplers)_\d+|up_blocks_\d+_(?:attentions|resnets|upsamplers)_\d+|mid_block_(?:attentions|resnets)_\d+)_(.*)$")
 
 

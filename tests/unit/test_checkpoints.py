@@ -1,0 +1,88 @@
+"""Finding and downloading the published hypernets, against a real local HTTP server."""
+
+import dataclasses
+import hashlib
+import http.server
+import socket
+import threading
+
+import pytest
+
+from hypernet.checkpoints import load_manifest, resolve_checkpoint
+from hypernet.errors import LoraRarError
+
+
+@pytest.fixture
+def http_server(shared_weights):
+    """Serves ../shared/weights on a free loopback port; records the requested paths."""
+    requested = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=str(shared_weights), **kwargs)
+
+        def log_message(self, *args):
+            requested.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", requested
+    server.shutdown()
+    server.server_close()
+
+
+def local_manifest(base_url):
+    return {name: dataclasses.replace(info, url=f"{base_url}/{info.file}") for name, info in load_manifest().items()}
+
+
+def test_manifest_pins_upstream_commit_and_matches_the_published_files(shared_weights):
+    for info in load_manifest().values():
+        assert "/raw/9f3ca6db1d86e29a6933050719a6456eb3db13e8/models/" in info.url
+        assert hashlib.sha256((shared_weights / info.file).read_bytes()).hexdigest() == info.sha256
+        assert info.license == "CC BY-NC-SA 4.0"
+
+
+def test_download_once_then_reuse(http_server, tmp_path):
+    base_url, requested = http_server
+    manifest = local_manifest(base_url)
+    first = resolve_checkpoint("koala-700m", [tmp_path / "empty"], tmp_path / "cache", manifest)
+    again = resolve_checkpoint("koala-700m", [tmp_path / "empty"], tmp_path / "cache", manifest)
+    assert first == again == tmp_path / "cache" / "lorarar_koala_700m_hypernet.pth"
+    assert requested == ["/lorarar_koala_700m_hypernet.pth"]
+    assert not list((tmp_path / "cache").glob("*.tmp"))
+
+
+def test_search_folders_come_before_download(http_server, shared_weights, tmp_path):
+    base_url, requested = http_server
+    path = resolve_checkpoint("sdxl", [shared_weights], tmp_path / "cache", local_manifest(base_url))
+    assert path == shared_weights / "lorarar_sdxl_hypernet.pth" and requested == []
+
+
+def test_wrong_sha256_is_refused_and_removed(http_server, tmp_path):
+    base_url, _ = http_server
+    manifest = local_manifest(base_url)
+    manifest["sdxl"] = dataclasses.replace(manifest["sdxl"], url=f"{base_url}/lorarar_koala_700m_hypernet.pth")
+    with pytest.raises(LoraRarError, match="downloaded file has sha256"):
+        resolve_checkpoint("sdxl", [], tmp_path / "cache", manifest)
+    assert not list((tmp_path / "cache").iterdir())
+
+
+def test_offline_error_says_where_to_put_the_file(tmp_path):
+    with socket.socket() as sock:  # a port nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    manifest = local_manifest(f"http://127.0.0.1:{port}")
+    with pytest.raises(LoraRarError) as error:
+        resolve_checkpoint("sdxl", [tmp_path / "lorarar"], tmp_path / "cache", manifest, timeout=5)
+    message = str(error.value)
+    assert "\n" not in message and "could not download" in message
+    assert str(tmp_path / "lorarar") in message and manifest["sdxl"].sha256 in message
+
+
+def test_a_corrupt_local_copy_is_reported(tmp_path):
+    folder = tmp_path / "lorarar"
+    folder.mkdir()
+    (folder / "lorarar_sdxl_hypernet.pth").write_bytes(b"not the checkpoint")
+    with pytest.raises(LoraRarError, match="does not match the published sdxl hypernet"):
+        resolve_checkpoint("sdxl", [folder], tmp_path / "cache", allow_download=False)
