@@ -103,7 +103,8 @@ class ComfyServer:
     def __init__(self, models_dir=None, *extra_models_dirs, folders: dict | None = None,
                  output_dir=None, input_dir=None, extra_args=(), env: dict | None = None,
                  startup_timeout: float = 60.0, comfy: str | os.PathLike | None = None,
-                 python: str | os.PathLike | None = None, keep_tmp: bool = False):
+                 python: str | os.PathLike | None = None, keep_tmp: bool = False,
+                 port: int | None = None):
         self.models_dirs = [Path(d).resolve() for d in (models_dir, *extra_models_dirs) if d]
         self.folders = {k: ([v] if isinstance(v, (str, os.PathLike)) else list(v))
                         for k, v in (folders or {}).items()}
@@ -121,6 +122,7 @@ class ComfyServer:
         self.input_dir: Path | None = None
         self.log_path: Path | None = None
         self.port: int | None = None
+        self._fixed_port = port
         self.proc: subprocess.Popen | None = None
         self._log_fh = None
         self._final_log = ""
@@ -192,7 +194,7 @@ class ComfyServer:
                "HF_HUB_OFFLINE": "1", **self.env}
         try:
             for attempt in range(3):  # a free port can be taken between probe and bind
-                self.port = free_port()
+                self.port = self._fixed_port or free_port()
                 self._log_fh = open(self.log_path, "ab")
                 self.proc = subprocess.Popen(self.command(), cwd=str(self.comfy), env=env,
                                              stdin=subprocess.DEVNULL, stdout=self._log_fh,
@@ -204,7 +206,7 @@ class ComfyServer:
                 except ComfyServerError:
                     in_use = "address already in use" in self.log_text().lower()
                     self._kill()
-                    if not in_use or attempt == 2:
+                    if not in_use or attempt == 2 or self._fixed_port:
                         raise
         except BaseException:
             self.stop()

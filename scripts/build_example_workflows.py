@@ -1,0 +1,83 @@
+"""Writes example_workflows/*.json (UI format) from the node definitions a real ComfyUI server reports.
+
+Run after changing a node's inputs:  .host/venv/bin/python scripts/build_example_workflows.py
+Widget values are the defaults a user should start from (SDXL / KOALA-700M sampling settings).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from tests.support.comfy_server import ComfyServer  # noqa: E402
+from tests.support.workflows import build_ui_workflow  # noqa: E402
+
+OUT = REPO / "example_workflows"
+SUBJECT, STYLE = "my_subject_lora.safetensors", "my_style_lora.safetensors"
+
+
+def merge_and_sample(checkpoint: str, steps: int, cfg: float, prompt: str) -> list[dict]:
+    return [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": [40, 120], "widgets": {"ckpt_name": checkpoint}},
+        {"id": 2, "type": "LoraRarHypernetLoader", "pos": [40, 320], "widgets": {"hypernet": "auto"}},
+        {"id": 3, "type": "LoraRarMerge", "pos": [420, 120], "size": [360, 330],
+         "widgets": {"subject_lora": SUBJECT, "style_lora": STYLE},
+         "links": {"model": (1, 0), "clip": (1, 1), "hypernet": (2, 0)}},
+        {"id": 4, "type": "CLIPTextEncode", "pos": [840, 60], "size": [400, 160], "title": "Positive prompt",
+         "widgets": {"text": prompt}, "links": {"clip": (3, 1)}},
+        {"id": 5, "type": "CLIPTextEncode", "pos": [840, 260], "size": [400, 120], "title": "Negative prompt",
+         "widgets": {"text": "low quality, blurry, deformed"}, "links": {"clip": (3, 1)}},
+        {"id": 6, "type": "EmptyLatentImage", "pos": [840, 420], "widgets": {"width": 1024, "height": 1024}},
+        {"id": 7, "type": "KSampler", "pos": [1290, 120], "size": [320, 270],
+         "widgets": {"seed": 42, "steps": steps, "cfg": cfg, "sampler_name": "dpmpp_2m", "scheduler": "karras"},
+         "links": {"model": (3, 0), "positive": (4, 0), "negative": (5, 0), "latent_image": (6, 0)}},
+        {"id": 8, "type": "VAEDecode", "pos": [1660, 120], "links": {"samples": (7, 0), "vae": (1, 2)}},
+        {"id": 9, "type": "SaveImage", "pos": [1900, 120], "size": [400, 440],
+         "widgets": {"filename_prefix": "lorarar/merged"}, "links": {"images": (8, 0)}},
+        {"id": 10, "type": "PreviewAny", "pos": [420, 500], "size": [400, 260], "title": "Merge report",
+         "links": {"source": (3, 3)}},
+    ]
+
+
+def merge_and_save() -> list[dict]:
+    return [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": [40, 120], "widgets": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        {"id": 2, "type": "LoraRarHypernetLoader", "pos": [40, 320], "widgets": {"hypernet": "auto"}},
+        {"id": 3, "type": "LoraRarMerge", "pos": [420, 120], "size": [360, 330],
+         "widgets": {"subject_lora": SUBJECT, "style_lora": STYLE},
+         "links": {"model": (1, 0), "clip": (1, 1), "hypernet": (2, 0)}},
+        {"id": 4, "type": "LoraRarSaveMergedLora", "pos": [840, 120], "size": [360, 160],
+         "widgets": {"file_name": "lorarar/merged_subject_style"}, "links": {"merged_lora": (3, 2)}},
+        {"id": 5, "type": "PreviewAny", "pos": [840, 330], "size": [400, 260], "title": "Merge report",
+         "links": {"source": (3, 3)}},
+    ]
+
+
+WORKFLOWS = {
+    "lorarar_sdxl_merge_and_sample": ("LoRA.rar: merge subject + style LoRAs, sample with SDXL",
+                                      merge_and_sample("sd_xl_base_1.0.safetensors", 30, 7.0,
+                                                       "A photo of sks dog in watercolor painting style")),
+    "lorarar_merge_and_save_lora": ("LoRA.rar: merge subject + style LoRAs and save the merged LoRA", merge_and_save()),
+    "lorarar_koala700m_merge_and_sample": ("LoRA.rar: merge subject + style LoRAs, sample with KOALA-700M",
+                                           merge_and_sample("koala-700m.safetensors", 25, 5.0,
+                                                            "A photo of sks dog in watercolor painting style")),
+}
+
+
+def main() -> int:
+    with ComfyServer() as server:
+        info = server.object_info()
+    OUT.mkdir(exist_ok=True)
+    for name, (title, nodes) in WORKFLOWS.items():
+        path = OUT / f"{name}.json"
+        path.write_text(json.dumps(build_ui_workflow(nodes, info, title), indent=2) + "\n")
+        print(f"wrote {path.relative_to(REPO)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
