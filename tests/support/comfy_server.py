@@ -156,8 +156,12 @@ class ComfyServer:
                                 if p.is_dir() and not p.name.startswith(".") and p.name not in types)
             block(f"lorarar_models_{i}", [(t, [root / t]) for t in types])
         if self.folders:
-            block("lorarar_folders", [(t, [Path(p).resolve() for p in ps])
-                                      for t, ps in self.folders.items()])
+            # is_default: these folders come first, so files saved "into the loras folder" land here
+            lines.append("lorarar_folders:")
+            lines.append("  is_default: true")
+            for folder_type, paths in self.folders.items():
+                lines.append(f"  {folder_type}: |")
+                lines.extend(f"    {Path(p).resolve()}" for p in paths)
         path = self.tmp / "extra_model_paths.yaml"
         path.write_text("\n".join(lines) + "\n" if lines else "{}\n")
         return path
