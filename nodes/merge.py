@@ -10,7 +10,7 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..hypernet.checkpoints import for_model_class, load_hypernet
+from ..hypernet.checkpoints import for_model_class, load_hypernet, load_manifest
 from ..hypernet.errors import LoraRarError
 from ..hypernet.lora_io import read_lora
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, MergedLora, Strengths, merge_loras
@@ -34,13 +34,13 @@ def _strength(tooltip: str):
 
 
 def _hypernet_for(choice: str, model):
+    """(hypernet, base layout) for 'auto', a published name or a file in a lorarar folder; loaded once."""
     name = for_model_class(model_class(model)).name if choice == "auto" else choice
-    if name not in _HYPERNETS:
-        path_choice = name
-        if name.endswith(tuple(".pth .pt .safetensors".split())):
-            path_choice = folder_paths.get_full_path_or_raise("lorarar", name)
-        _remember(_HYPERNETS, name, load_hypernet(path_choice, hypernet_dirs(), download_dir()))
-    return _HYPERNETS[name]
+    source = name if name in load_manifest() else folder_paths.get_full_path_or_raise("lorarar", name)
+    key = name if source == name else (name, fingerprint(source))  # own files: a new file under the old name counts
+    if key not in _HYPERNETS:
+        _remember(_HYPERNETS, key, load_hypernet(source, hypernet_dirs(), download_dir()))
+    return _HYPERNETS[key]
 
 
 class LoraRarMerge:

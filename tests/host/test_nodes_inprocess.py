@@ -121,3 +121,26 @@ def test_save_node_never_overwrites_or_escapes_the_loras_folder(comfy_host, synt
         with pytest.raises(ValueError, match="inside the loras folder"):
             save.save(merged, bad, "fp16", False)
     assert not list(loras.glob("**/*.tmp"))
+
+
+def test_own_hypernet_file_from_a_lorarar_folder(comfy_host, synthetic_model, shared_weights, tmp_path):
+    """A user's checkpoint (here the published one re-saved as safetensors) is listed and used."""
+    from safetensors.torch import save_file
+
+    nodes, folder_paths, loras = comfy_host
+    model, clip = synthetic_model
+    layout = _layout(model)
+    own = tmp_path / "lorarar"
+    own.mkdir()
+    state = torch.load(shared_weights / "lorarar_koala_700m_hypernet.pth", weights_only=True, map_location="cpu")
+    save_file(state, str(own / "my_hypernet.safetensors"))
+    folder_paths.add_model_folder_path("lorarar", str(own))
+    choices = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"].INPUT_TYPES()["required"]["hypernet"][0]
+    assert "my_hypernet.safetensors" in choices and "lorarar_sdxl_hypernet.pth" not in choices
+    write_lora(loras / "own_subject.safetensors", random_lora(layout, rank=2, seed=61))
+    write_lora(loras / "own_style.safetensors", random_lora(layout, rank=2, seed=62))
+    auto = _merge(comfy_host, model, clip, "own_subject.safetensors", "own_style.safetensors")[2]
+    mine = _merge(comfy_host, model, clip, "own_subject.safetensors", "own_style.safetensors", hypernet="my_hypernet.safetensors")
+    assert "my_hypernet.safetensors" in mine[3]
+    for name, layer in auto.layers.items():
+        torch.testing.assert_close(layer.down, mine[2].layers[name].down)
