@@ -1,4 +1,4 @@
-"""Terminal entry point: ``python -m hypernet merge --subject A --style B --out C``."""
+"""Terminal entry point: ``python -m hypernet merge --subject A --style B --out C`` and ``python -m hypernet evaluate ...``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from . import __version__, evaluate
 from .base_models import LAYOUTS, SDXL
 from .checkpoints import WEIGHTS_DIR, load_hypernet, load_manifest
 from .errors import LoraRarError
+from .judge import DEFAULT_API_KEY_ENV, ChatCompletionsJudge
 from .lora_io import read_lora, save_lora
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, Strengths, merge_loras
 
@@ -45,6 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--dtype", choices=sorted(DTYPES), default="fp16", help="tensor type of the written file")
     merge.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     merge.add_argument("--json", action="store_true", help="print the report as JSON")
+
+    evaluate = commands.add_parser("evaluate", help="judge generated subject+style images with an MLLM (the paper's protocol)")
+    evaluate.add_argument("--generated", required=True, type=Path, help="folder of <subject>__<style>/ folders of generated images")
+    evaluate.add_argument("--subjects", required=True, type=Path, help="folder of <subject>/ folders of subject reference images")
+    evaluate.add_argument("--styles", required=True, type=Path, help="folder of <style>/ folders of style reference images")
+    evaluate.add_argument("--out", required=True, type=Path, help="folder for results.json, results.csv, pairs.csv, summary.png")
+    evaluate.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1")
+    evaluate.add_argument("--judge-model", required=True, help="model name served there (the paper used LLaVA-Critic-7B)")
+    evaluate.add_argument("--api-key-env", default=DEFAULT_API_KEY_ENV, help="name of the environment variable holding the API key, if any")
+    evaluate.add_argument("--style-names", type=Path, help="JSON {style folder: style name}; default: folder name, _ as space, trailing digits dropped")
+    evaluate.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
+    evaluate.add_argument("--retries", type=int, default=3, help="extra attempts on 5xx, timeouts and refused connections (exponential backoff)")
+    evaluate.add_argument("--restart", action="store_true", help="ignore results saved by an earlier run in --out and ask everything again")
+    evaluate.add_argument("--json", action="store_true", help="print the per-pair and mean scores as JSON")
     return parser
 
 
@@ -68,10 +83,28 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_evaluate(args: argparse.Namespace) -> int:
+    jobs = evaluate.find_pairs(args.generated, args.subjects, args.styles, evaluate.load_style_names(args.style_names),
+                               skip=[args.out])
+    judge = ChatCompletionsJudge(args.judge_url, args.judge_model, args.api_key_env, timeout=args.timeout, retries=args.retries)
+    try:
+        result = evaluate.evaluate_folders(jobs, judge, args.out, args.judge_model, judge.endpoint, resume=not args.restart)
+    except KeyboardInterrupt:
+        print(f"interrupted: finished images are saved in {args.out / 'results.json'}; run again to resume", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps({"pairs": [p.as_dict() for p in result.pairs], "mean": result.mean.as_dict()}, indent=2))
+    else:
+        print(evaluate.format_table(result.pairs, result.mean))
+    print(f"asked {result.questions} questions about {result.asked} images "
+          f"({len(result.images) - result.asked} taken from earlier runs); wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return run_merge(args)
+        return {"merge": run_merge, "evaluate": run_evaluate}[args.command](args)
     except LoraRarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,5 +1,6 @@
 """ComfyUI nodes of the pack: thin adapters around hypernet/."""
 
+from .evaluate import LoraRarEvaluate
 from .loader import LoraRarHypernetLoader
 from .merge import LoraRarMerge
 from .save import LoraRarSaveMergedLora
@@ -8,9 +9,11 @@ NODE_CLASS_MAPPINGS = {
     "LoraRarHypernetLoader": LoraRarHypernetLoader,
     "LoraRarMerge": LoraRarMerge,
     "LoraRarSaveMergedLora": LoraRarSaveMergedLora,
+    "LoraRarEvaluate": LoraRarEvaluate,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraRarHypernetLoader": "LoRA.rar Hypernet Loader",
     "LoraRarMerge": "LoRA.rar Merge (subject + style)",
     "LoraRarSaveMergedLora": "LoRA.rar Save Merged LoRA",
+    "LoraRarEvaluate": "LoRA.rar Evaluate (MLLM judge)",
 }

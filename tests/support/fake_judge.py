@@ -1,0 +1,157 @@
+"""A real HTTP server on 127.0.0.1 that speaks OpenAI's chat completions and answers from a script.
+
+    with FakeJudge(["yes", "no", "malformed", "slow", "500"], default="yes") as judge:
+        ChatCompletionsJudge(judge.base_url, "llava-critic").ask("...", [image])
+        judge.requests      # every request received: path, headers, parsed JSON body
+        judge.questions     # the text part of each chat request
+
+Actions (one consumed per POST /v1/chat/completions, then ``default``):
+    "yes", "no"      answer that word
+    "malformed"      answer text that is neither yes nor no
+    "slow"           wait ``slow_s`` seconds, then answer "yes" (to trip a client timeout)
+    "500"            HTTP 500 (any 3-digit string gives that status; bodies echo the request's
+                     Authorization header, as careless servers do, to test that clients redact it)
+    "badjson"        HTTP 200 with a body that is not JSON
+    anything else    answered verbatim
+``responder(request) -> action`` replaces the script when given (e.g. answer by question kind).
+``on_request(request)`` runs before answering (e.g. to cancel a ComfyUI prompt mid-run).
+Threaded (a slow answer does not block the next request); the port is free and picked by the OS.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Callable
+
+
+@dataclass
+class Request:
+    path: str
+    headers: dict
+    body: dict
+
+    @property
+    def question(self) -> str:
+        content = self.body["messages"][0]["content"]
+        return " ".join(part["text"] for part in content if part.get("type") == "text")
+
+    @property
+    def image_urls(self) -> list[str]:
+        content = self.body["messages"][0]["content"]
+        return [part["image_url"]["url"] for part in content if part.get("type") == "image_url"]
+
+
+class FakeJudge:
+    def __init__(self, script=(), default: str = "yes", responder: Callable[[Request], str] | None = None,
+                 on_request: Callable[[Request], None] | None = None, slow_s: float = 1.0):
+        self.script = list(script)
+        self.default = default
+        self.responder = responder
+        self.on_request = on_request
+        self.slow_s = slow_s
+        self.requests: list[Request] = []
+        self.raw_bytes: list[bytes] = []  # everything received, headers and bodies, for leak checks
+        self._lock = threading.Lock()
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._port = 0
+
+    # ------------------------------------------------------------ lifecycle
+
+    def __enter__(self) -> "FakeJudge":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def start(self) -> "FakeJudge":
+        judge = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):  # keep test output quiet
+                pass
+
+            def do_POST(self):
+                judge._handle(self)
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._port = self._server.server_address[1]
+        self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-judge", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    @property
+    def port(self) -> int:
+        return self._port  # kept after stop(), for messages
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    @property
+    def questions(self) -> list[str]:
+        return [r.question for r in self.requests]
+
+    # ------------------------------------------------------------ answering
+
+    def _next_action(self, request: Request) -> str:
+        if self.responder is not None:
+            return self.responder(request)
+        with self._lock:
+            return self.script.pop(0) if self.script else self.default
+
+    def _handle(self, handler: BaseHTTPRequestHandler) -> None:
+        raw = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
+        with self._lock:
+            self.raw_bytes.append(bytes(handler.requestline, "latin-1") + b"\n" + bytes(str(handler.headers), "latin-1") + raw)
+        if handler.path != "/v1/chat/completions":
+            return self._send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
+        try:
+            body = json.loads(raw)
+        except ValueError:
+            return self._send(handler, 400, {"error": {"message": "body is not JSON"}})
+        request = Request(handler.path, dict(handler.headers), body)
+        with self._lock:
+            self.requests.append(request)
+        if self.on_request is not None:
+            self.on_request(request)
+        action = self._next_action(request)
+        if action == "slow":
+            time.sleep(self.slow_s)
+            action = "yes"
+        if action.isdigit() and len(action) == 3:
+            echo = handler.headers.get("Authorization", "")
+            return self._send(handler, int(action), {"error": {"message": f"scripted failure (auth was {echo!r})"}})
+        if action == "badjson":
+            return self._send(handler, 200, b"<html>not json</html>")
+        text = {"malformed": "I cannot tell from these pictures."}.get(action, action)
+        self._send(handler, 200, {
+            "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
+            "model": body.get("model", ""),
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+        })
+
+    @staticmethod
+    def _send(handler: BaseHTTPRequestHandler, status: int, payload) -> None:
+        data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+        try:
+            handler.send_response(status)
+            handler.send_header("Content-Type", "application/json")
+            handler.send_header("Content-Length", str(len(data)))
+            handler.end_headers()
+            handler.wfile.write(data)
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine
+            pass
