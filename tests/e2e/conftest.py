@@ -9,6 +9,7 @@ from tests.support.loras import random_lora, write_lora
 
 SUBJECT, STYLE = "e2e_subject_kohya.safetensors", "e2e_style_reference.safetensors"
 SD15_LORA = "e2e_sd15_subject.safetensors"
+JUDGE_KEY = "sk-e2e-secret-0123456789"  # in the server's environment only: must never show up anywhere else
 
 
 @pytest.fixture(scope="session")
@@ -26,5 +27,6 @@ def pack_server(tmp_path_factory, shared_weights, synthetic_layout):
     sd15 = UNetLayout("sd15", (320, 640, 1280, 1280), (2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0),
                       (0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1), 1, context_dim=768)
     write_lora(loras / SD15_LORA, random_lora(sd15, rank=4, seed=103))
-    with ComfyServer(models, folders={"loras": loras, "lorarar": shared_weights}) as server:
+    with ComfyServer(models, folders={"loras": loras, "lorarar": shared_weights},
+                     env={"LORARAR_JUDGE_API_KEY": JUDGE_KEY}) as server:
         yield server, loras

@@ -12,7 +12,7 @@ from tests.support.workflows import ui_to_api
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json") if "evaluate" not in p.stem)
+WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json") if "evaluate" not in p.stem)  # evaluate: test_evaluate_workflow.py
 PACK_NODES = ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora")
 
 
