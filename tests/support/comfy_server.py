@@ -38,6 +38,8 @@ import urllib.request
 import uuid
 from pathlib import Path
 
+from tests.support.synthetic_models import comfy_root, host_python  # one place for the host's paths
+
 REPO = Path(__file__).resolve().parents[2]
 
 # Model folder types mapped to the same-named subfolder of every models root.
@@ -46,16 +48,6 @@ STANDARD_FOLDERS = (
     "diffusion_models", "unet", "clip_vision", "controlnet", "upscale_models", "hypernetworks",
     "style_models", "model_patches",
 )
-
-
-def comfy_root() -> Path:
-    env = os.environ.get("LORARAR_COMFY")
-    return Path(env) if env else REPO / ".host" / "ComfyUI"
-
-
-def host_python() -> Path:
-    env = os.environ.get("LORARAR_PYTHON")
-    return Path(env) if env else REPO / ".host" / "venv" / "bin" / "python"
 
 
 def free_port(host: str = "127.0.0.1") -> int:
