@@ -72,12 +72,35 @@ class LoraFile:
                 if isinstance(layer, LowRankLayer) and name.endswith(("_attn2_to_k", "_attn2_to_v"))}
 
 
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
+    """sha256 of a file's content; remembered while its size, mtime and inode stay the same.
+
+    The merge node fingerprints a file and then reads it: the cache keeps that to one pass over the bytes.
+    """
+    stat = os.stat(path)
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    if key not in _SHA256_CACHE:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            while block := handle.read(chunk):
+                digest.update(block)
+        if len(_SHA256_CACHE) >= 64:
+            _SHA256_CACHE.pop(next(iter(_SHA256_CACHE)))
+        _SHA256_CACHE[key] = digest.hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """True when no element is NaN or Inf. A float32 sum is one pass with no temporary; only when it is not
+    finite (a NaN/Inf, or huge finite values overflowing) does the exact element check run."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return True
+    if torch.isfinite(tensor.sum(dtype=torch.float32)):
+        return True
+    return bool(torch.isfinite(tensor).all())
 
 
 def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -105,7 +128,16 @@ def read_lora(path: str | Path, layout: UNetLayout = SDXL) -> LoraFile:
     path = Path(path)
     if not path.is_file():
         raise LoraRarError(f"{path}: LoRA file not found")
-    tensors = _read_tensors(path)
+    return lora_from_tensors(_read_tensors(path), path, file_sha256(path), layout)
+
+
+def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256: str = "",
+                      layout: UNetLayout = SDXL) -> LoraFile:
+    """Group a LoRA state dict into canonical layers (what read_lora does after reading the file).
+
+    ``path`` names the source in errors and reports; the tensors are used as they are, not copied.
+    """
+    path = Path(path)
     if not tensors:
         raise LoraRarError(f"{path}: empty LoRA (the file holds no tensors)")
 
@@ -133,7 +165,7 @@ def read_lora(path: str | Path, layout: UNetLayout = SDXL) -> LoraFile:
         roles = {tag.split("|", 1)[0]: tensor for tag, tensor in parts.items()}
         keys = [tag.split("|", 1)[1] for tag in parts]
         for key, tensor in zip(keys, parts.values()):
-            if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            if not _all_finite(tensor):
                 raise LoraRarError(f"{path}: tensor {key} holds NaN or Inf values")
         other = [role[len("other:"):] for role in roles if role.startswith("other:")]
         if other:
@@ -161,7 +193,7 @@ def read_lora(path: str | Path, layout: UNetLayout = SDXL) -> LoraFile:
             scale=scale,
             kernel=tuple(down.shape[2:]),
         )
-    return LoraFile(path=str(path), sha256=file_sha256(path), layers=layers, ignored_keys=ignored)
+    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored)
 
 
 def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:

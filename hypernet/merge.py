@@ -127,42 +127,116 @@ class MergedLora:
         }
 
 
+class _FactoredHypernet:
+    """H's layers in float32 on the merge device, the input layer split into subject and style halves.
+
+    Built once per merge call, so the per-layer loop converts no hypernet weight (H may still be training
+    elsewhere: nothing is cached across calls).
+    """
+
+    def __init__(self, hypernet: LoraRarHypernet, device: torch.device):
+        self.hypernet, self.device = hypernet, device
+        out = hypernet.output[1]
+        self.out_weight_t = out.weight.to(device, torch.float32).T  # (hidden, 2)
+        self.out_bias = out.bias.to(device, torch.float32)
+        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+    def input_halves(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(W_subject (hidden, width), W_style (hidden, width), bias (hidden, 1)) for attention width ``width``."""
+        if width not in self._inputs:
+            layer = self.hypernet.input_layer(width)
+            if layer is None:
+                raise LoraRarError(f"hypernet has no input layer for attention width {width}")
+            weight = layer.weight.to(self.device, torch.float32)
+            self._inputs[width] = (weight[:, :width], weight[:, width:], layer.bias.to(self.device, torch.float32)[:, None])
+        return self._inputs[width]
+
+    def side_product(self, half: torch.Tensor, layer: LowRankLayer) -> torch.Tensor:
+        """(hidden, rank) = scale * W_half @ up: the small factor the hidden layer needs from one LoRA."""
+        # the scale multiplies the small product, not the (rank, d_in) factor
+        return (half @ layer.up.to(self.device, torch.float32)).mul_(layer.scale)
+
+    def subject_hidden(self, subject: LowRankLayer) -> torch.Tensor:
+        """(hidden, d_in) = bias + W_subject @ dW_subject: the subject's share of H's hidden layer, reusable."""
+        w_subject, _, bias = self.input_halves(subject.d_out)
+        return torch.addmm(bias, self.side_product(w_subject, subject), subject.down.to(self.device, torch.float32))
+
+    def coefficients(self, subject_hidden: torch.Tensor, style: LowRankLayer) -> torch.Tensor:
+        """(d_in, 2) column coefficients from the subject's share of the hidden layer and the style's factors."""
+        _, w_style, _ = self.input_halves(style.d_out)
+        hidden = torch.addmm(subject_hidden, self.side_product(w_style, style), style.down.to(self.device, torch.float32))
+        return torch.addmm(self.out_bias, hidden.relu_().T, self.out_weight_t)
+
+
 @torch.no_grad()
 def lorarar_coefficients(hypernet: LoraRarHypernet, subject: LowRankLayer, style: LowRankLayer, device=None) -> torch.Tensor:
     """Column coefficients (d_in, 2) = H([dW_subject ; dW_style]) computed from the factors.
 
     Cost O(hidden * d_out * (r_s + r_t) + hidden * (r_s + r_t) * d_in): never d_out x d_in.
     """
-    width = subject.d_out
-    layer = hypernet.input_layer(width)
+    layer = hypernet.input_layer(subject.d_out)
     if layer is None:
-        raise LoraRarError(f"hypernet has no input layer for attention width {width}")
-    device = device or layer.weight.device
-    weight = layer.weight.to(device=device, dtype=torch.float32)
+        raise LoraRarError(f"hypernet has no input layer for attention width {subject.d_out}")
+    factored = _FactoredHypernet(hypernet, torch.device(device) if device is not None else layer.weight.device)
+    return factored.coefficients(factored.subject_hidden(subject), style)
 
-    def f32(tensor):
-        return tensor.to(device=device, dtype=torch.float32)
 
-    # the scale multiplies the small (hidden, rank) product, not the (rank, d_in) factor
-    hidden = torch.addmm(f32(layer.bias)[:, None], (weight[:, :width] @ f32(subject.up)).mul_(subject.scale), f32(subject.down))
-    hidden.addmm_((weight[:, width:] @ f32(style.up)).mul_(style.scale), f32(style.down))
-    out = hypernet.output[1]
-    return torch.addmm(out.bias.to(device, torch.float32), hidden.relu_().T, out.weight.to(device, torch.float32).T)
+@torch.no_grad()
+def lorarar_coefficients_batched(hypernet: LoraRarHypernet, pairs: list[tuple[LowRankLayer, LowRankLayer]],
+                                 device=None) -> list[torch.Tensor]:
+    """lorarar_coefficients for many layer pairs, layers of the same shapes stacked through H in one call.
+
+    Stacking copies the factors and holds a (layers, hidden, d_in) hidden layer: on a 2-core CPU it is
+    slower than the per-layer loop (bench/merge_bench.py measures both), so merge_loras uses it only on
+    accelerators, where one kernel launch per layer is what costs.
+    """
+    if not pairs:
+        return []
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    factored = _FactoredHypernet(hypernet, device)
+    groups: dict[tuple, list[int]] = {}
+    for index, (subject, style) in enumerate(pairs):
+        key = (subject.d_out, subject.d_in, subject.rank, style.rank)
+        groups.setdefault(key, []).append(index)
+    results: list[torch.Tensor | None] = [None] * len(pairs)
+    for (width, _, _, _), indices in groups.items():
+        w_subject, w_style, bias = factored.input_halves(width)
+        hidden = None
+        for side, half in ((0, w_subject), (1, w_style)):
+            layers = [pairs[i][side] for i in indices]
+            # (hidden, n * rank) in one product, then per layer (n, hidden, rank) with each layer's scale
+            ups = torch.cat([layer.up.to(device, torch.float32) for layer in layers], dim=1)
+            products = (half @ ups).view(half.shape[0], len(layers), -1).transpose(0, 1)
+            products = products * torch.tensor([layer.scale for layer in layers], device=device)[:, None, None]
+            downs = torch.stack([layer.down.to(device, torch.float32) for layer in layers])
+            hidden = torch.baddbmm(bias, products, downs) if hidden is None else hidden.baddbmm_(products, downs)
+        coefficients = torch.baddbmm(factored.out_bias, hidden.relu_().transpose(1, 2), factored.out_weight_t.expand(len(indices), -1, -1))
+        for position, index in enumerate(indices):
+            results[index] = coefficients[position]
+    return results
 
 
 def _concat(parts: list[tuple[LowRankLayer, torch.Tensor | float]], device, dtype: torch.dtype) -> LowRankLayer:
     """Sum of updates weight_i * dW_i (weight a scalar or a per-column vector) as one low-rank layer.
 
-    The weights are applied in float32 and the factors stored in ``dtype`` on the CPU.
+    The weights are applied in float32 and the factors stored in ``dtype`` on the CPU. Each output factor
+    is written once (no float32 copy of a down factor is kept).
     """
-    ups, downs = [], []
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    up = torch.cat([layer.up.to(dtype) for layer, _ in parts], dim=1)
+    down = torch.empty(sum(layer.rank for layer, _ in parts), parts[0][0].d_in, dtype=dtype, device=device)
+    row = 0
     for layer, weight in parts:
-        ups.append(layer.up)
-        column_weight = weight * layer.scale if isinstance(weight, torch.Tensor) else float(weight) * layer.scale
-        downs.append((layer.down.to(device=device, dtype=torch.float32) * column_weight).to("cpu", dtype))
+        if isinstance(weight, torch.Tensor):
+            column_weight = weight.to(device, torch.float32) * layer.scale
+        else:
+            # one element but not 0-dim, so type promotion computes in float32 for bf16/fp16 factors too
+            column_weight = torch.full((1,), float(weight) * layer.scale, dtype=torch.float32, device=device)
+        # float32 product (the weight is float32), rounded once into the output dtype
+        torch.mul(layer.down.to(device), column_weight, out=down[row:row + layer.rank])
+        row += layer.rank
     kernel = next((layer.kernel for layer, _ in parts if layer.kernel), ())
-    up = torch.cat([u.to(dtype) for u in ups], dim=1)
-    return LowRankLayer(up=up, down=torch.cat(downs, dim=0), scale=1.0, kernel=kernel)
+    return LowRankLayer(up=up, down=down.to("cpu"), scale=1.0, kernel=kernel)
 
 
 def check_compatible(subject: LoraFile, style: LoraFile, base: UNetLayout | None) -> None:
@@ -199,82 +273,142 @@ def merge_loras(
     device: where the hypernet runs (the model's device); dtype: of the merged factors (default: the
     inputs' common type, float32 when they differ); progress(done, total) is called per layer.
     """
+    return merge_many(subject, [style], hypernet, method, policy, strengths, base, device, dtype, progress)[0]
+
+
+def _merged_dtype(subject: LoraFile, style: LoraFile) -> torch.dtype:
+    dtypes = {layer.up.dtype for lora in (subject, style) for layer in lora.layers.values() if isinstance(layer, LowRankLayer)}
+    return dtypes.pop() if len(dtypes) == 1 else torch.float32
+
+
+@torch.no_grad()
+def merge_many(
+    subject: LoraFile,
+    styles: list[LoraFile],
+    hypernet: LoraRarHypernet | None,
+    method: str = "lorarar",
+    policy: str = "sum",
+    strengths: Strengths = Strengths(),
+    base: UNetLayout | None = None,
+    device: torch.device | str | None = None,
+    dtype: torch.dtype | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[MergedLora]:
+    """One subject merged with each of several styles: ``merge_loras(subject, style)`` for every style.
+
+    Layer by layer, the subject's share of H's hidden layer (bias + W_subject @ dW_subject) is computed
+    once and reused for every style, so n styles cost about (n + 1) / 2n of n separate merges' H work.
+    progress(done, total) counts layers of the union of all inputs.
+    """
     if method not in METHODS:
         raise LoraRarError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
     if policy not in LAYER_POLICIES:
         raise LoraRarError(f"unknown layer policy {policy!r}; choose one of {', '.join(LAYER_POLICIES)}")
     if method == "lorarar" and hypernet is None:
         raise LoraRarError("method lorarar needs a hypernet")
-    check_compatible(subject, style, base)
+    if not styles:
+        raise LoraRarError("merge_many needs at least one style LoRA")
+    for style in styles:
+        check_compatible(subject, style, base)
     device = torch.device(device) if device is not None else torch.device("cpu")
     hypernet_for_report = None
     if method == "lorarar":
         hypernet_for_report = f"{hypernet.source} (sha256 {hypernet.sha256})" if hypernet.sha256 else str(hypernet.source)
-    report = MergeReport(method, policy, subject.name, style.name, hypernet_for_report)
-    merged: dict[str, LowRankLayer] = {}
-    if dtype is None:
-        dtypes = {layer.up.dtype for lora in (subject, style) for layer in lora.layers.values() if isinstance(layer, LowRankLayer)}
-        dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    factored = _FactoredHypernet(hypernet, device) if method == "lorarar" else None
+    reports = [MergeReport(method, policy, subject.name, style.name, hypernet_for_report) for style in styles]
+    merged: list[dict[str, LowRankLayer]] = [{} for _ in styles]
+    dtypes = [dtype or _merged_dtype(subject, style) for style in styles]
+    # accelerators: same-shape layers go through H together (per-layer kernel launches are what costs there)
+    batched = factored is not None and device.type != "cpu"
 
-    names = list(dict.fromkeys([*subject.layers, *style.layers]))
+    names = list(dict.fromkeys([*subject.layers, *(name for style in styles for name in style.layers)]))
+    deferred: list[tuple[int, str, LowRankLayer, LowRankLayer, float, float]] = []
     for index, name in enumerate(names):
         if progress is not None:
             progress(index, len(names))
-        s_layer, t_layer = subject.layers.get(name), style.layers.get(name)
+        s_layer = subject.layers.get(name)
         s_weight, t_weight = strengths.for_layer(name)
-        present = [(which, layer) for which, layer in (("subject", s_layer), ("style", t_layer)) if layer is not None]
-        other = [(which, layer) for which, layer in present if isinstance(layer, OtherLayer)]
-        if other:
-            report.actions[name] = "skipped"
-            report.reasons[name] = f"{other[0][1].kind} adapter in the {other[0][0]} LoRA cannot be merged"
-            continue
-        if s_layer is not None and t_layer is not None and (s_layer.d_out, s_layer.d_in) != (t_layer.d_out, t_layer.d_in):
-            raise LoraRarError(
-                f"layer {name}: {subject.name} has shape ({s_layer.d_out}, {s_layer.d_in}) but {style.name} has "
-                f"({t_layer.d_out}, {t_layer.d_in}): the LoRAs are for different base models")
-
-        role = attention_role(name)
-        if s_layer is not None and t_layer is not None and method == "lorarar" and role is not None:
-            if role in ("to_k", "to_v"):
-                merged[name] = _concat([(s_layer, s_weight), (t_layer, t_weight)], device, dtype)
-                report.actions[name] = "summed"
-                report.reasons[name] = "to_k/to_v (the published rule sums them)"
+        subject_hidden = None
+        for k, style in enumerate(styles):
+            t_layer = style.layers.get(name)
+            if s_layer is None and t_layer is None:
                 continue
-            if hypernet.input_layer(s_layer.d_out) is not None:
-                coefficients = lorarar_coefficients(hypernet, s_layer, t_layer, device)
-                report.coefficient_means.append(tuple(coefficients.mean(0).tolist()))
-                merged[name] = _concat([(s_layer, coefficients[:, 0] * s_weight),
-                                        (t_layer, coefficients[:, 1] * t_weight)], device, dtype)
-                report.actions[name] = "hypernet"
+            report = reports[k]
+            present = [(which, layer) for which, layer in (("subject", s_layer), ("style", t_layer)) if layer is not None]
+            other = [(which, layer) for which, layer in present if isinstance(layer, OtherLayer)]
+            if other:
+                report.actions[name] = "skipped"
+                report.reasons[name] = f"{other[0][1].kind} adapter in the {other[0][0]} LoRA cannot be merged"
                 continue
-            reason = f"width {s_layer.d_out}: the hypernet has no input layer for it"
-        elif method == "direct":
-            reason = "direct method"
-        elif s_layer is None or t_layer is None:
-            reason = f"only in the {present[0][0]} LoRA"
-        elif name.startswith("lora_te"):
-            reason = "text encoder layer"
-        else:
-            reason = "not an attention projection"
+            if s_layer is not None and t_layer is not None and (s_layer.d_out, s_layer.d_in) != (t_layer.d_out, t_layer.d_in):
+                raise LoraRarError(
+                    f"layer {name}: {subject.name} has shape ({s_layer.d_out}, {s_layer.d_in}) but {style.name} has "
+                    f"({t_layer.d_out}, {t_layer.d_in}): the LoRAs are for different base models")
 
-        if method == "direct" or policy == "sum":
-            parts = [(layer, s_weight if which == "subject" else t_weight) for which, layer in present]
-            merged[name] = _concat(parts, device, dtype)
-            report.actions[name] = "summed" if len(parts) == 2 else f"kept ({present[0][0]})"
-        elif policy in ("subject", "style") and (policy == "subject" and s_layer or policy == "style" and t_layer):
-            layer = s_layer if policy == "subject" else t_layer
-            merged[name] = _concat([(layer, s_weight if policy == "subject" else t_weight)], device, dtype)
-            report.actions[name] = f"kept ({policy})"
-        else:
-            report.actions[name] = "skipped"
-            reason += f"; layer policy {policy}"
-        report.reasons[name] = reason
+            role = attention_role(name)
+            if s_layer is not None and t_layer is not None and method == "lorarar" and role is not None:
+                if role in ("to_k", "to_v"):
+                    merged[k][name] = _concat([(s_layer, s_weight), (t_layer, t_weight)], device, dtypes[k])
+                    report.actions[name] = "summed"
+                    report.reasons[name] = "to_k/to_v (the published rule sums them)"
+                    continue
+                if hypernet.input_layer(s_layer.d_out) is not None:
+                    report.actions[name] = "hypernet"
+                    if batched:
+                        deferred.append((k, name, s_layer, t_layer, s_weight, t_weight))
+                        merged[k][name] = None  # keeps the layer order; filled after the batched pass
+                        continue
+                    if subject_hidden is None:
+                        subject_hidden = factored.subject_hidden(s_layer)
+                    coefficients = factored.coefficients(subject_hidden, t_layer)
+                    _store_hypernet_layer(merged[k], report, name, s_layer, t_layer, coefficients, s_weight, t_weight, device, dtypes[k])
+                    continue
+                reason = f"width {s_layer.d_out}: the hypernet has no input layer for it"
+            elif method == "direct":
+                reason = "direct method"
+            elif s_layer is None or t_layer is None:
+                reason = f"only in the {present[0][0]} LoRA"
+            elif name.startswith("lora_te"):
+                reason = "text encoder layer"
+            else:
+                reason = "not an attention projection"
+
+            if method == "direct" or policy == "sum":
+                parts = [(layer, s_weight if which == "subject" else t_weight) for which, layer in present]
+                merged[k][name] = _concat(parts, device, dtypes[k])
+                report.actions[name] = "summed" if len(parts) == 2 else f"kept ({present[0][0]})"
+            elif policy in ("subject", "style") and (policy == "subject" and s_layer or policy == "style" and t_layer):
+                layer = s_layer if policy == "subject" else t_layer
+                merged[k][name] = _concat([(layer, s_weight if policy == "subject" else t_weight)], device, dtypes[k])
+                report.actions[name] = f"kept ({policy})"
+            else:
+                report.actions[name] = "skipped"
+                reason += f"; layer policy {policy}"
+            report.reasons[name] = reason
+
+    if deferred:
+        all_coefficients = lorarar_coefficients_batched(hypernet, [(s, t) for _, _, s, t, _, _ in deferred], device)
+        for (k, name, s_layer, t_layer, s_weight, t_weight), coefficients in zip(deferred, all_coefficients):
+            _store_hypernet_layer(merged[k], reports[k], name, s_layer, t_layer, coefficients, s_weight, t_weight, device, dtypes[k])
 
     if progress is not None:
         progress(len(names), len(names))
-    if not merged:
-        raise LoraRarError(f"{subject.name} + {style.name}: no layer could be merged ({report.to_text()})")
-    sources = {"subject": subject.sha256, "style": style.sha256}
-    if method == "lorarar" and hypernet.sha256:
-        sources["hypernet"] = hypernet.sha256
-    return MergedLora(layers=merged, report=report, sources=sources, strengths=strengths)
+    results = []
+    for k, style in enumerate(styles):
+        if not merged[k]:
+            raise LoraRarError(f"{subject.name} + {style.name}: no layer could be merged ({reports[k].to_text()})")
+        # each result lists its layers in the order of merge_loras(subject, style): subject's, then the style's
+        order = list(dict.fromkeys([*subject.layers, *style.layers]))
+        layers = {name: merged[k][name] for name in order if name in merged[k]}
+        reports[k].actions = {name: reports[k].actions[name] for name in order if name in reports[k].actions}
+        sources = {"subject": subject.sha256, "style": style.sha256}
+        if method == "lorarar" and hypernet.sha256:
+            sources["hypernet"] = hypernet.sha256
+        results.append(MergedLora(layers=layers, report=reports[k], sources=sources, strengths=strengths))
+    return results
+
+
+def _store_hypernet_layer(merged, report, name, s_layer, t_layer, coefficients, s_weight, t_weight, device, dtype) -> None:
+    """The merged layer [up_s | up_t], [down_s * m_s * a ; down_t * m_t * b] from a layer's (d_in, 2) coefficients."""
+    report.coefficient_means.append(tuple(coefficients.mean(0).tolist()))
+    merged[name] = _concat([(s_layer, coefficients[:, 0] * s_weight), (t_layer, coefficients[:, 1] * t_weight)], device, dtype)

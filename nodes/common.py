@@ -42,16 +42,9 @@ def hypernet_choices() -> list[str]:
     return ["auto", *load_manifest(), *own]
 
 
-_fingerprints: dict[tuple, str] = {}
-
-
 def fingerprint(path: str) -> str:
-    """sha256 of a file's content, computed again whenever its size, mtime or inode change."""
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _fingerprints:
-        _fingerprints[key] = file_sha256(path)
-    return _fingerprints[key]
+    """sha256 of a file's content (remembered by hypernet.lora_io while the file's stat is unchanged)."""
+    return file_sha256(path)
 
 
 def model_class(model) -> str:
