@@ -144,3 +144,31 @@ def test_own_hypernet_file_from_a_lorarar_folder(comfy_host, synthetic_model, sh
     assert "my_hypernet.safetensors" in mine[3]
     for name, layer in auto.layers.items():
         torch.testing.assert_close(layer.down, mine[2].layers[name].down)
+
+
+def _text_encoder_layers(state, seed):
+    generator = torch.Generator().manual_seed(seed)
+    for stem, width in (("lora_te1_text_model_encoder_layers_0_self_attn_q_proj", 768),
+                        ("lora_te2_text_model_encoder_layers_1_mlp_fc1", None)):
+        d_out, d_in = (width, width) if width else (5120, 1280)
+        state[f"{stem}.lora_up.weight"] = torch.randn(d_out, 2, generator=generator) * 0.01
+        state[f"{stem}.lora_down.weight"] = torch.randn(2, d_in, generator=generator) * 0.01
+    return state
+
+
+def test_text_encoder_layers_patch_the_clip_or_are_reported(comfy_host, synthetic_model):
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    layout = _layout(model)
+    write_lora(loras / "te_subject.safetensors", _text_encoder_layers(random_lora(layout, rank=2, seed=71), 72))
+    write_lora(loras / "te_style.safetensors", _text_encoder_layers(random_lora(layout, rank=2, seed=73), 74))
+    attention = len(layout.attention_linears())
+    model_out, clip_out, merged, report = _merge(comfy_host, model, clip, "te_subject.safetensors", "te_style.safetensors",
+                                                 subject_clip_strength=0.5, style_clip_strength=0.0)
+    clip_keys = set(clip_out.patcher.patches)
+    assert clip_keys == {"clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                         "clip_g.transformer.text_model.encoder.layers.1.mlp.fc1.weight"}
+    assert f"applied to the model: {attention + 2} layers" in report and "2 x summed: text encoder layer" in report
+    assert len(model_out.patches) == attention and not clip.patcher.patches  # the inputs stay untouched
+    _, clip_none, _, report = _merge(comfy_host, model, None, "te_subject.safetensors", "te_style.safetensors")
+    assert clip_none is None and "2 text-encoder layers: connect a CLIP" in report
