@@ -65,11 +65,10 @@ def _download(url: str, target: Path, timeout: float) -> None:
     if url.startswith("hf://"):
         from huggingface_hub import hf_hub_download
 
-        repo_id, _, filename = url[len("hf://"):].partition("/")
-        revision = None
-        if "@" in repo_id:
-            repo_id, revision = repo_id.split("@", 1)
-        cached = hf_hub_download(repo_id=repo_id, filename=filename, revision=revision)
+        # hf://<owner>/<name>[@<revision>]/<path in the repository>
+        owner, name, *path = url[len("hf://"):].split("/")
+        name, _, revision = name.partition("@")
+        cached = hf_hub_download(repo_id=f"{owner}/{name}", filename="/".join(path), revision=revision or None)
         handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
         with os.fdopen(handle, "wb") as out, open(cached, "rb") as src:
             while block := src.read(1 << 20):

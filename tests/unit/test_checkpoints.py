@@ -5,11 +5,14 @@ import hashlib
 import http.server
 import socket
 import threading
+from pathlib import Path
 
 import pytest
 
 from hypernet.checkpoints import load_manifest, resolve_checkpoint
 from hypernet.errors import LoraRarError
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -86,3 +89,56 @@ def test_a_corrupt_local_copy_is_reported(tmp_path):
     (folder / "lorarar_sdxl_hypernet.pth").write_bytes(b"not the checkpoint")
     with pytest.raises(LoraRarError, match="does not match the published sdxl hypernet"):
         resolve_checkpoint("sdxl", [folder], tmp_path / "cache", allow_download=False)
+
+
+HUB_CLIENT = """
+import dataclasses, pathlib, sys
+from hypernet.checkpoints import load_manifest, resolve_checkpoint
+manifest = load_manifest()
+manifest["sdxl"] = dataclasses.replace(manifest["sdxl"], url="hf://lorarar-test/hypernets@v1/sdxl/lorarar_sdxl_hypernet.pth")
+print(resolve_checkpoint("sdxl", [], pathlib.Path(sys.argv[1]), manifest))
+"""
+
+
+def test_hub_urls_download_through_huggingface_hub(shared_weights, tmp_path):
+    """hf:// URLs go through huggingface_hub, here against a local server standing in for the hub."""
+    import os
+    import subprocess
+    import sys
+
+    data = (shared_weights / "lorarar_sdxl_hypernet.pth").read_bytes()
+    requested = []
+
+    class Hub(http.server.BaseHTTPRequestHandler):
+        def _headers(self):
+            requested.append((self.command, self.path))
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("X-Repo-Commit", "0" * 40)
+            self.end_headers()
+
+        def do_HEAD(self):
+            self._headers()
+
+        def do_GET(self):
+            self._headers()
+            self.wfile.write(data)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = dict(os.environ, HF_ENDPOINT=f"http://127.0.0.1:{server.server_address[1]}", HF_HOME=str(tmp_path / "hf"),
+               HF_HUB_DISABLE_XET="1", HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_OFFLINE="0",
+               PYTHONPATH=str(REPO))
+    try:
+        result = subprocess.run([sys.executable, "-c", HUB_CLIENT, str(tmp_path / "cache")], env=env,
+                                capture_output=True, text=True, timeout=120)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == str(tmp_path / "cache" / "lorarar_sdxl_hypernet.pth")
+    assert ("GET", "/lorarar-test/hypernets/resolve/v1/sdxl/lorarar_sdxl_hypernet.pth") in requested
