@@ -33,22 +33,18 @@ FACTOR_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_linear_layer.down.weight", "down"),
     (".alpha", "alpha"),
     (".dora_scale", "dora_scale"),
+    (".lora_magnitude_vector.weight", "dora_scale"),  # PEFT DoRA
+    (".lora_magnitude_vector", "dora_scale"),
+    (".diff_b", "bias"),  # a bias difference (ComfyUI's LoRA extraction writes one per biased layer)
+    (".lora_B.bias", "bias"),  # PEFT lora_bias
+    (".lora_up.bias", "bias"),
 )
-# Adapters that are not an up @ down product (LoHa, LoKr, full diffs, ...): recognised, reported, not merged.
-OTHER_ADAPTER_MARKERS: tuple[tuple[str, str], ...] = (
-    (".hada_", "LoHa"),
-    (".lokr_", "LoKr"),
-    (".oft_", "OFT"),
-    (".oft_blocks", "OFT"),
-    (".boft_", "BOFT"),
-    (".a1.weight", "GLoRA"),
-    (".diff", "full diff"),
-    (".diff_b", "full diff"),
-    (".w_norm", "norm diff"),
-    (".b_norm", "norm diff"),
-    (".set_weight", "set weight"),
-    (".reshape_weight", "reshape"),
-)
+# The last part of a key naming an adapter that is not an up @ down product: recognised, reported, not merged.
+_OTHER_ADAPTER = re.compile(
+    r"^(?P<stem>.+)\.(?:(?P<loha>hada_\w+)|(?P<lokr>lokr_\w+)|(?P<oft>oft_\w+)|(?P<boft>boft_\w+)"
+    r"|(?P<glora>[ab][12]\.weight)|(?P<diff>diff)|(?P<norm>[wb]_norm)|(?P<set>set_weight)|(?P<reshape>reshape_weight))$")
+_OTHER_KINDS = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA", "diff": "full diff",
+                "norm": "norm diff", "set": "set weight", "reshape": "reshape"}
 
 _UNET_PREFIXES = ("lora_unet_", "lycoris_", "unet.unet.", "unet.", "base_model.model.", "diffusion_model.", "model.diffusion_model.")
 _TE_PREFIXES = (
@@ -57,6 +53,8 @@ _TE_PREFIXES = (
     ("lora_te_", "lora_te_"),
     ("text_encoder_2.", "lora_te2_"),
     ("text_encoder.", "lora_te1_"),
+    ("text_encoders.clip_l.transformer.", "lora_te1_"),  # ComfyUI's own LoRA extraction
+    ("text_encoders.clip_g.transformer.", "lora_te2_"),
     ("te1.", "lora_te1_"),
     ("te2.", "lora_te2_"),
 )
@@ -72,15 +70,15 @@ _DIFFUSERS_BLOCK = re.compile(r"^(down_blocks_\d+_(?:attentions|resnets|downsamp
 def split_key(key: str) -> tuple[str, str] | None:
     """Split a tensor key into (layer stem as written in the file, role); None when it is no LoRA tensor.
 
-    Roles: up, down, mid, alpha, dora_scale, or ``other:<adapter kind>``.
+    Roles: up, down, mid, alpha, dora_scale, bias, or ``other:<adapter kind>``.
     """
     for suffix, role in FACTOR_SUFFIXES:
         if key.endswith(suffix):
             return key[: -len(suffix)], role
-    for marker, kind in OTHER_ADAPTER_MARKERS:
-        pos = key.find(marker)
-        if pos > 0:
-            return key[:pos], f"other:{kind}"
+    match = _OTHER_ADAPTER.match(key)
+    if match:
+        kind = next(name for name, value in match.groupdict().items() if value and name != "stem")
+        return match.group("stem"), f"other:{_OTHER_KINDS[kind]}"
     return None
 
 

@@ -33,6 +33,7 @@ class LowRankLayer:
     down: torch.Tensor
     scale: float = 1.0
     kernel: tuple[int, ...] = ()
+    bias: torch.Tensor | None = None  # (d_out,) bias difference stored beside the factors, not scaled by alpha
 
     @property
     def rank(self) -> int:
@@ -171,6 +172,9 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256
         if other:
             layers[name] = OtherLayer(kind=other[0], keys=keys)
             continue
+        if "up" not in roles and "down" not in roles and "bias" in roles:
+            layers[name] = OtherLayer(kind="bias difference without factors", keys=keys)
+            continue
         if "up" not in roles or "down" not in roles:
             missing = "down" if "up" in roles else "up"
             raise LoraRarError(f"{path}: layer {stems[name]} has no {missing} factor")
@@ -192,6 +196,7 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256
             down=down.reshape(rank, -1),
             scale=scale,
             kernel=tuple(down.shape[2:]),
+            bias=roles["bias"].reshape(-1) if "bias" in roles else None,
         )
     return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored)
 
@@ -208,7 +213,10 @@ def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype = to
             up = layer.up
         state_dict[f"{name}.lora_up.weight"] = up.to(dtype).contiguous().cpu()
         state_dict[f"{name}.lora_down.weight"] = down.to(dtype).contiguous().cpu()
-        state_dict[f"{name}.alpha"] = torch.tensor(float(layer.rank), dtype=dtype)
+        # float32: a rank such as 257 is not representable in bf16, and alpha / rank must stay exactly 1
+        state_dict[f"{name}.alpha"] = torch.tensor(float(layer.rank), dtype=torch.float32)
+        if layer.bias is not None:
+            state_dict[f"{name}.diff_b"] = layer.bias.to(dtype).contiguous().cpu()
     return state_dict
 
 

@@ -60,6 +60,7 @@ class MergeReport:
     actions: dict[str, str] = field(default_factory=dict)  # layer -> action
     reasons: dict[str, str] = field(default_factory=dict)  # layer -> why it was summed / kept / skipped
     coefficient_means: list[tuple[float, float]] = field(default_factory=list)
+    ignored: dict[str, list[str]] = field(default_factory=dict)  # "subject"/"style" -> tensor keys that are no LoRA tensor
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -78,6 +79,8 @@ class MergeReport:
         result = {"method": self.method, "layer_policy": self.policy, "subject": self.subject,
                   "style": self.style, "hypernet": self.hypernet, "layers": summary,
                   "reasons": {k: len(v) for k, v in sorted(reasons.items())}}
+        if self.ignored:
+            result["ignored_tensors"] = {side: len(keys) for side, keys in self.ignored.items()}
         if self.coefficient_means:
             subject = [m for m, _ in self.coefficient_means]
             style = [m for _, m in self.coefficient_means]
@@ -94,6 +97,8 @@ class MergeReport:
         lines.append("layers: " + ", ".join(f"{action} {n}" for action, n in sorted(data["layers"].items())))
         for reason, n in data["reasons"].items():
             lines.append(f"  {n} x {reason}")
+        for side, keys in self.ignored.items():
+            lines.append(f"ignored {len(keys)} tensors of the {side} LoRA that are no LoRA layer of this model type, e.g. {keys[0]}")
         if "coefficients" in data:
             c = data["coefficients"]
             lines.append(f"mean coefficients: subject {c['subject_mean']:.3f}, style {c['style_mean']:.3f}")
@@ -216,17 +221,18 @@ def lorarar_coefficients_batched(hypernet: LoraRarHypernet, pairs: list[tuple[Lo
     return results
 
 
-def _concat(parts: list[tuple[LowRankLayer, torch.Tensor | float]], device, dtype: torch.dtype) -> LowRankLayer:
+def _concat(parts: list[tuple], device, dtype: torch.dtype) -> LowRankLayer:
     """Sum of updates weight_i * dW_i (weight a scalar or a per-column vector) as one low-rank layer.
 
-    The weights are applied in float32 and the factors stored in ``dtype`` on the CPU. Each output factor
-    is written once (no float32 copy of a down factor is kept).
+    parts: (layer, weight) or (layer, weight, strength); bias differences are summed with the scalar
+    strength (the weight itself when it is a scalar). The weights are applied in float32 and the factors
+    stored in ``dtype`` on the CPU, each output factor written once; a float16 factor that would overflow
+    (the coefficients are unbounded) is kept in float32 instead.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
-    up = torch.cat([layer.up.to(dtype) for layer, _ in parts], dim=1)
-    down = torch.empty(sum(layer.rank for layer, _ in parts), parts[0][0].d_in, dtype=dtype, device=device)
+    down = torch.empty(sum(part[0].rank for part in parts), parts[0][0].d_in, dtype=dtype, device=device)
     row = 0
-    for layer, weight in parts:
+    for layer, weight, *_ in parts:
         if isinstance(weight, torch.Tensor):
             column_weight = weight.to(device, torch.float32) * layer.scale
         else:
@@ -235,8 +241,13 @@ def _concat(parts: list[tuple[LowRankLayer, torch.Tensor | float]], device, dtyp
         # float32 product (the weight is float32), rounded once into the output dtype
         torch.mul(layer.down.to(device), column_weight, out=down[row:row + layer.rank])
         row += layer.rank
-    kernel = next((layer.kernel for layer, _ in parts if layer.kernel), ())
-    return LowRankLayer(up=up, down=down.to("cpu"), scale=1.0, kernel=kernel)
+    if dtype == torch.float16 and not torch.isfinite(down).all():
+        return _concat(parts, device, torch.float32)
+    up = torch.cat([part[0].up.to(dtype) for part in parts], dim=1)
+    biases = [(part[0].bias, part[2] if len(part) > 2 else part[1]) for part in parts if part[0].bias is not None]
+    bias = sum(b.to(torch.float32) * float(w) for b, w in biases).to(dtype) if biases else None
+    kernel = next((part[0].kernel for part in parts if part[0].kernel), ())
+    return LowRankLayer(up=up, down=down.to("cpu"), scale=1.0, kernel=kernel, bias=bias)
 
 
 def check_compatible(subject: LoraFile, style: LoraFile, base: UNetLayout | None) -> None:
@@ -315,7 +326,9 @@ def merge_many(
     if method == "lorarar":
         hypernet_for_report = f"{hypernet.source} (sha256 {hypernet.sha256})" if hypernet.sha256 else str(hypernet.source)
     factored = _FactoredHypernet(hypernet, device) if method == "lorarar" else None
-    reports = [MergeReport(method, policy, subject.name, style.name, hypernet_for_report) for style in styles]
+    reports = [MergeReport(method, policy, subject.name, style.name, hypernet_for_report,
+                           ignored={side: lora.ignored_keys for side, lora in (("subject", subject), ("style", style)) if lora.ignored_keys})
+               for style in styles]
     merged: list[dict[str, LowRankLayer]] = [{} for _ in styles]
     dtypes = [dtype or _merged_dtype(subject, style) for style in styles]
     # accelerators: same-shape layers go through H together (per-layer kernel launches are what costs there)
@@ -337,8 +350,14 @@ def merge_many(
             present = [(which, layer) for which, layer in (("subject", s_layer), ("style", t_layer)) if layer is not None]
             other = [(which, layer) for which, layer in present if isinstance(layer, OtherLayer)]
             if other:
+                report.reasons[name] = "; ".join(f"{layer.kind} adapter in the {which} LoRA cannot be merged" for which, layer in other)
+                plain = [(which, layer) for which, layer in present if not isinstance(layer, OtherLayer)]
                 report.actions[name] = "skipped"
-                report.reasons[name] = f"{other[0][1].kind} adapter in the {other[0][0]} LoRA cannot be merged"
+                if plain and (method == "direct" or policy in ("sum", plain[0][0])):
+                    # the plain LoRA side of a mixed layer is kept as the policy says; the other adapter is reported
+                    which, layer = plain[0]
+                    merged[k][name] = _concat([(layer, s_weight if which == "subject" else t_weight)], device, dtypes[k])
+                    report.actions[name] = f"kept ({which})"
                 continue
             if s_layer is not None and t_layer is not None and (s_layer.d_out, s_layer.d_in) != (t_layer.d_out, t_layer.d_in):
                 raise LoraRarError(
@@ -411,4 +430,5 @@ def merge_many(
 def _store_hypernet_layer(merged, report, name, s_layer, t_layer, coefficients, s_weight, t_weight, device, dtype) -> None:
     """The merged layer [up_s | up_t], [down_s * m_s * a ; down_t * m_t * b] from a layer's (d_in, 2) coefficients."""
     report.coefficient_means.append(tuple(coefficients.mean(0).tolist()))
-    merged[name] = _concat([(s_layer, coefficients[:, 0] * s_weight), (t_layer, coefficients[:, 1] * t_weight)], device, dtype)
+    merged[name] = _concat([(s_layer, coefficients[:, 0] * s_weight, s_weight),
+                            (t_layer, coefficients[:, 1] * t_weight, t_weight)], device, dtype)

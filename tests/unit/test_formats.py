@@ -47,3 +47,46 @@ def test_non_attention_diffusers_modules_map_to_sgm():
     assert canonical_name("unet.time_embedding.linear_1") == "lora_unet_time_embed_0"
     assert canonical_name("lora_unet_mid_block_attentions_0_proj_in") == "lora_unet_middle_block_1_proj_in"
     assert canonical_name("some_other_model.layer") is None
+
+
+def test_comfyui_extracted_lora_keeps_layers_with_bias_differences(tmp_path, shared_weights):
+    """ComfyUI's 'Extract and Save Lora' writes .diff_b beside the factors and text_encoders.clip_l names."""
+    from hypernet.merge import merge_loras
+    from hypernet.model import LoraRarHypernet
+
+    out = "diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_out.0"
+    te = "text_encoders.clip_l.transformer.text_model.encoder.layers.0.self_attn.q_proj"
+    state = {f"{out}.lora_up.weight": torch.ones(640, 2) * 0.01, f"{out}.lora_down.weight": torch.ones(2, 640) * 0.01,
+             f"{out}.diff_b": torch.full((640,), 0.5),
+             f"{te}.lora_up.weight": torch.ones(768, 2), f"{te}.lora_down.weight": torch.ones(2, 768),
+             "some.unknown.tensor": torch.zeros(3)}
+    lora = read_lora(write_lora(tmp_path / "extracted.safetensors", state))
+    name = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_out_0"
+    assert isinstance(lora.layers[name], LowRankLayer) and lora.layers[name].bias is not None
+    assert isinstance(lora.layers["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"], LowRankLayer)
+    assert lora.ignored_keys == ["some.unknown.tensor"]
+    hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    merged = merge_loras(lora, lora, hypernet)
+    assert merged.report.actions[name] == "hypernet"
+    torch.testing.assert_close(merged.layers[name].bias, torch.full((640,), 1.0))  # strengths 1 + 1
+    assert merged.kohya_state_dict()[f"{name}.diff_b"].shape == (640,)
+    assert "ignored 1 tensors of the subject LoRA" in merged.report.to_text()
+
+
+def test_peft_dora_magnitude_is_recognised(tmp_path):
+    stem = "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"
+    state = {f"{stem}.lora_A.weight": torch.ones(2, 640), f"{stem}.lora_B.weight": torch.ones(640, 2),
+             f"{stem}.lora_magnitude_vector": torch.ones(640)}
+    lora = read_lora(write_lora(tmp_path / "peft_dora.safetensors", state))
+    assert lora.layers["lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"].kind == "DoRA"
+
+
+def test_mixed_adapter_keeps_the_plain_side(tmp_path):
+    from hypernet.merge import merge_loras
+
+    stem = "lora_unet_input_blocks_4_1_proj_in"
+    plain = {f"{stem}.lora_up.weight": torch.ones(640, 2), f"{stem}.lora_down.weight": torch.ones(2, 640)}
+    loha = {f"{stem}.hada_w1_a": torch.ones(640, 2), f"{stem}.hada_w1_b": torch.ones(2, 640)}
+    merged = merge_loras(read_lora(write_lora(tmp_path / "plain.safetensors", plain)),
+                         read_lora(write_lora(tmp_path / "loha.safetensors", loha)), None, method="direct")
+    assert merged.report.actions[stem] == "kept (subject)" and "LoHa adapter in the style LoRA" in merged.report.reasons[stem]
