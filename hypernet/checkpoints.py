@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LoraRarError
-from .lora_io import file_sha256
+from .lora_io import file_sha256, finish_temp_file
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_DIR = PACK_ROOT / "weights"
@@ -73,6 +73,7 @@ def _download(url: str, target: Path, timeout: float) -> None:
         with os.fdopen(handle, "wb") as out, open(cached, "rb") as src:
             while block := src.read(1 << 20):
                 out.write(block)
+        finish_temp_file(temp)
         os.replace(temp, target)
         return
     request = urllib.request.Request(url, headers={"User-Agent": "ComfyUI-LoRA.rar"})
@@ -81,6 +82,7 @@ def _download(url: str, target: Path, timeout: float) -> None:
         with os.fdopen(handle, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             while block := response.read(1 << 20):
                 out.write(block)
+        finish_temp_file(temp)
         os.replace(temp, target)
     finally:
         if os.path.exists(temp):

@@ -8,17 +8,15 @@ import os
 import sys
 from pathlib import Path
 
-import torch
 
 from . import __version__, evaluate
 from .base_models import LAYOUTS, SDXL
 from .checkpoints import WEIGHTS_DIR, load_hypernet, load_manifest
 from .errors import LoraRarError
 from .judge import DEFAULT_API_KEY_ENV, ChatCompletionsJudge
-from .lora_io import read_lora, save_lora
+from .lora_io import SAVE_DTYPES as DTYPES, read_lora, save_lora
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, Strengths, merge_loras
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def _search_dirs() -> list[Path]:

@@ -20,6 +20,8 @@ from .base_models import SDXL, UNetLayout
 from .errors import LoraRarError
 from .keys import canonical_name, split_key
 
+SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # file tensor types offered
+
 
 @dataclass
 class LowRankLayer:
@@ -220,6 +222,15 @@ def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype = to
     return state_dict
 
 
+def finish_temp_file(temp: str | Path) -> None:
+    """Give a temp file (mkstemp makes it 0600) the usual permissions and flush it to disk before its rename."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temp, 0o666 & ~umask)
+    with open(temp, "rb") as handle:
+        os.fsync(handle.fileno())
+
+
 def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, object], overwrite: bool = False) -> Path:
     """Write a .safetensors file atomically; refuses to replace an existing file unless overwrite=True."""
     from safetensors.torch import save_file
@@ -233,6 +244,7 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
     os.close(handle)
     try:
         save_file(state_dict, temp, metadata=text_metadata)
+        finish_temp_file(temp)
         if not overwrite:
             # link fails if a file appeared meanwhile: never replace a file the user did not give up
             try:

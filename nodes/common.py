@@ -9,6 +9,7 @@ import folder_paths
 
 from ..hypernet.base_models import UNetLayout
 from ..hypernet.checkpoints import WEIGHTS_DIR, load_manifest
+from ..hypernet.errors import LoraRarError
 from ..hypernet.lora_io import file_sha256
 
 CATEGORY = "LoRA.rar"
@@ -52,4 +53,10 @@ def model_class(model) -> str:
 
 
 def model_layout(model) -> UNetLayout:
-    return UNetLayout.from_unet_config(model_class(model), model.model.model_config.unet_config)
+    """The model's UNet layout; a one-line error for models that are no SDXL-family UNet (Flux, SD3, ...)."""
+    config = model.model.model_config.unet_config
+    try:
+        return UNetLayout.from_unet_config(model_class(model), config)
+    except (KeyError, TypeError):
+        raise LoraRarError(f"LoRA.rar merges SDXL-family UNet LoRAs; this model is {model_class(model)}, "
+                           f"which has no UNet attention layout") from None

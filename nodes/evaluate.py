@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 
 import comfy.model_management
 import comfy.utils
@@ -13,10 +12,8 @@ from PIL import Image
 
 from ..hypernet import evaluate
 from ..hypernet.errors import LoraRarError
-from ..hypernet.judge import DEFAULT_API_KEY_ENV, ChatCompletionsJudge
+from ..hypernet.judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
 from .common import CATEGORY
-
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -58,8 +55,10 @@ class LoraRarEvaluate:
         "Asks a multimodal judge (any OpenAI-compatible chat-completions server that accepts images: Ollama, vLLM, "
         "LM Studio, llama.cpp) the LoRA.rar paper's yes/no questions: for every generated image and subject reference, "
         "'same subject?'; for every style reference, 'in this style?'. Images are sent at most 512 px, decoding is greedy, "
-        "and an image passes when strictly more than half of the answers are yes. The API key is read from the named "
-        "environment variable at run time and never stored in the workflow. Optional CLIP-I similarities with a CLIP vision model."
+        "and an image passes when strictly more than half of the answers are yes. The API key is read at run time from "
+        "the named environment variable (LORARAR_* only) and never stored in the workflow; it is sent only over https "
+        f"or to a loopback host, and only to ${PINNED_URL_ENV} when the server sets it. Optional CLIP-I similarities "
+        "with a CLIP vision model."
     )
 
     @classmethod
@@ -72,7 +71,7 @@ class LoraRarEvaluate:
                 "style_name": ("STRING", {"default": "watercolor painting", "tooltip": "The style's name as the judge should read it, e.g. 'watercolor painting', '3d rendering'."}),
                 "judge_url": ("STRING", {"default": "http://127.0.0.1:11434/v1", "tooltip": "Base URL of an OpenAI-compatible chat-completions server that accepts images (Ollama: http://127.0.0.1:11434/v1)."}),
                 "judge_model": ("STRING", {"default": "llava-critic", "tooltip": "Model name on that server; the paper used LLaVA-Critic-7B."}),
-                "api_key_env": ("STRING", {"default": DEFAULT_API_KEY_ENV, "tooltip": "NAME of the environment variable that holds the API key (not the key itself; local servers need none). The key never enters the workflow."}),
+                "api_key_env": ("STRING", {"default": DEFAULT_API_KEY_ENV, "tooltip": "NAME of the environment variable that holds the API key, starting with LORARAR_ (not the key itself; local servers need none). The key never enters the workflow and is sent only over https or to 127.0.0.1/localhost."}),
             },
             "optional": {
                 "clip_vision": ("CLIP_VISION", {"tooltip": "Optional CLIP vision model (Load CLIP Vision) for CLIP-I: cosine similarity to the subject and style references, reported in the table."}),
@@ -83,9 +82,6 @@ class LoraRarEvaluate:
 
     def evaluate(self, images, subject_references, style_references, style_name, judge_url, judge_model,
                  api_key_env, clip_vision=None, timeout_s=120.0, retries=3):
-        if not _ENV_NAME.match(api_key_env.strip() or "_"):
-            # never echo the value: a key pasted here by mistake must not reach the error log
-            raise LoraRarError("api_key_env must be the NAME of an environment variable (letters, digits, _), not the key itself")
         if not style_name.strip():
             raise LoraRarError("style_name is empty: name the style, e.g. 'watercolor painting'")
         judge = ChatCompletionsJudge(judge_url, judge_model, api_key_env, timeout=timeout_s, retries=retries)

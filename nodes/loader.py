@@ -4,8 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import folder_paths
+
 from ..hypernet.checkpoints import load_manifest
-from .common import CATEGORY, HYPERNET_TYPE, hypernet_choices, register_folder
+from .common import CATEGORY, FOLDER, HYPERNET_TYPE, fingerprint, hypernet_choices, register_folder
 
 register_folder()
 
@@ -43,6 +45,12 @@ class LoraRarHypernetLoader:
             "tooltip": "auto: the published hypernet matching the MODEL; sdxl / koala-700m: that published "
                        "checkpoint; any other entry: your own checkpoint from models/lorarar.",
         })}}
+
+    @classmethod
+    def IS_CHANGED(cls, hypernet="auto"):
+        # an own checkpoint retrained under the same name must not give the cached result
+        path = folder_paths.get_full_path(FOLDER, hypernet) if hypernet not in ("auto", *load_manifest()) else None
+        return fingerprint(path) if path else hypernet
 
     def load(self, hypernet: str):
         return (HypernetChoice(hypernet),)

@@ -16,9 +16,11 @@ from ..hypernet.lora_io import read_lora
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, MergedLora, Strengths, merge_loras
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, download_dir, fingerprint, hypernet_dirs, model_class, model_layout
 
-_MERGES: "OrderedDict[tuple, MergedLora]" = OrderedDict()  # identical inputs (by content) reuse the merge
+# Identical inputs (by content) reuse the last merge, e.g. when only the prompt or the model upstream changed;
+# one entry, so ComfyUI's own cache settings still bound what stays in memory.
+_MERGES: "OrderedDict[tuple, MergedLora]" = OrderedDict()
 _HYPERNETS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_CACHE_SIZE = 2
+_CACHE_SIZE = 1
 
 
 def _remember(cache: OrderedDict, key, value):
@@ -27,6 +29,16 @@ def _remember(cache: OrderedDict, key, value):
     while len(cache) > _CACHE_SIZE:
         cache.popitem(last=False)
     return value
+
+
+def _base_model_note(base, model) -> str:
+    """A line for the report when the hypernet was trained on another member of the SDXL family."""
+    if base is None:
+        return ""
+    trained_on = {"sdxl": "SDXL", "koala-700m": "KOALA_700M"}.get(base.name, base.name)
+    if model_class(model) == trained_on:
+        return ""
+    return f"note: the {base.name} hypernet was trained on {trained_on} LoRAs; this model is {model_class(model)} (same attention widths)"
 
 
 def _strength(tooltip: str):
@@ -85,9 +97,11 @@ class LoraRarMerge:
     @classmethod
     def IS_CHANGED(cls, subject_lora=None, style_lora=None, **_):
         # the merge depends on the files' content, not only their names
+        if subject_lora is None or style_lora is None:
+            return float("nan")  # names wired from another node: not known here, so always run (cheap when cached)
         hashes = []
         for name in (subject_lora, style_lora):
-            path = folder_paths.get_full_path("loras", name) if name else None
+            path = folder_paths.get_full_path("loras", name)
             hashes.append(fingerprint(path) if path else str(name))
         return "|".join(hashes)
 
@@ -99,6 +113,7 @@ class LoraRarMerge:
         net, base = (None, None)
         if method == "lorarar":
             net, base = _hypernet_for(hypernet.choice, model)
+        note = _base_model_note(base, model)
         strengths = Strengths(subject_strength, style_strength, subject_clip_strength, style_clip_strength)
         key = (fingerprint(subject_path), fingerprint(style_path), net.sha256 if net else None,
                method, layer_policy, strengths, layout)
@@ -107,13 +122,14 @@ class LoraRarMerge:
             subject = read_lora(subject_path, layout)
             style = read_lora(style_path, layout)
             bar = comfy.utils.ProgressBar(1)
-            merged = merge_loras(subject, style, net, method, layer_policy, strengths, base=base,
+            # checked against the model itself: a LoRA for another base model is refused whatever the method
+            merged = merge_loras(subject, style, net, method, layer_policy, strengths, base=layout,
                                  device=comfy.model_management.get_torch_device(),
                                  progress=lambda done, total: bar.update_absolute(done, total))
             merged.report.subject, merged.report.style = subject_lora, style_lora
         _remember(_MERGES, key, merged)
         model_out, clip_out, applied_text = apply_merged(model, clip, merged)
-        return (model_out, clip_out, merged, merged.report.to_text() + "\n" + applied_text)
+        return (model_out, clip_out, merged, "\n".join(filter(None, [merged.report.to_text(), applied_text, note])))
 
 
 def apply_merged(model, clip, merged: MergedLora):

@@ -6,14 +6,12 @@ import os
 from pathlib import Path
 
 import folder_paths
-import torch
 
 from .. import hypernet as hypernet_pkg
 from ..hypernet.errors import LoraRarError
-from ..hypernet.lora_io import save_lora
+from ..hypernet.lora_io import SAVE_DTYPES as DTYPES, save_lora
 from .common import CATEGORY, MERGED_TYPE
 
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 def target_path(name: str) -> Path:

@@ -98,8 +98,9 @@ def test_lora_for_another_base_model_is_refused_with_the_file_named(comfy_host, 
     with pytest.raises(ValueError, match="sd15_subject.safetensors.*different base models"):
         _merge(comfy_host, model, clip, "sd15_subject.safetensors", "sdxl_style.safetensors")
     write_lora(loras / "sd15_style.safetensors", random_lora(sd15, rank=4, seed=43))
-    with pytest.raises(ValueError, match="sd15_subject.safetensors.*another base model"):
-        _merge(comfy_host, model, clip, "sd15_subject.safetensors", "sd15_style.safetensors")
+    for method in ("lorarar", "direct"):  # checked against the model, whatever the method
+        with pytest.raises(ValueError, match="sd15_subject.safetensors.*another base model"):
+            _merge(comfy_host, model, clip, "sd15_subject.safetensors", "sd15_style.safetensors", method=method)
 
 
 def test_save_node_never_overwrites_or_escapes_the_loras_folder(comfy_host, synthetic_model):
@@ -142,6 +143,10 @@ def test_own_hypernet_file_from_a_lorarar_folder(comfy_host, synthetic_model, sh
     auto = _merge(comfy_host, model, clip, "own_subject.safetensors", "own_style.safetensors")[2]
     mine = _merge(comfy_host, model, clip, "own_subject.safetensors", "own_style.safetensors", hypernet="my_hypernet.safetensors")
     assert "my_hypernet.safetensors" in mine[3]
+    loader = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]
+    before = loader.IS_CHANGED("my_hypernet.safetensors")
+    save_file({k: v * 1.5 for k, v in state.items()}, str(own / "my_hypernet.safetensors"))  # retrained in place
+    assert loader.IS_CHANGED("my_hypernet.safetensors") != before and loader.IS_CHANGED("auto") == "auto"
     for name, layer in auto.layers.items():
         torch.testing.assert_close(layer.down, mine[2].layers[name].down)
 
