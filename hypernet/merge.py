@@ -251,7 +251,7 @@ def _concat(parts: list[tuple], device, dtype: torch.dtype) -> LowRankLayer:
 
 
 def check_compatible(subject: LoraFile, style: LoraFile, base: UNetLayout | None) -> None:
-    """Refuse pairs made for different base models, or for a base model other than the hypernet's."""
+    """Refuse pairs made for different base models, or for another base model than ``base`` (the model's layout)."""
     subject_ctx, style_ctx = subject.context_dims(), style.context_dims()
     if subject_ctx and style_ctx and subject_ctx != style_ctx:
         raise LoraRarError(
@@ -262,9 +262,8 @@ def check_compatible(subject: LoraFile, style: LoraFile, base: UNetLayout | None
             ctx = lora.context_dims()
             if ctx and ctx != {base.context_dim}:
                 raise LoraRarError(
-                    f"{lora.path}: cross-attention reads a {sorted(ctx)[0]}-wide text context, but the "
-                    f"{base.name} hypernet expects {base.context_dim}: this LoRA is for another base model "
-                    f"(SD1.5 uses 768)")
+                    f"{lora.path}: cross-attention reads a {sorted(ctx)[0]}-wide text context, but {base.name} "
+                    f"uses {base.context_dim}: this LoRA is for another base model (SD1.5 uses 768)")
 
 
 def merge_loras(
