@@ -46,7 +46,8 @@ def _answer(request):
 
 
 @pytest.fixture
-def node(comfy_host):
+def node(comfy_host, monkeypatch):
+    monkeypatch.delenv("LORARAR_JUDGE_URL", raising=False)
     nodes, _, _ = comfy_host
     return nodes.NODE_CLASS_MAPPINGS["LoraRarEvaluate"]()
 
@@ -131,6 +132,25 @@ def test_api_key_env_must_be_a_name_and_is_never_echoed(node):
             _run(node, server, _batch(RED), _batch(RED), _batch(RED), api_key_env=KEY)
     assert KEY not in str(error.value) and "NAME of an environment variable" in str(error.value)
     assert server.requests == []
+
+
+def test_a_workflow_cannot_send_other_server_secrets(node, monkeypatch):
+    """A shared workflow naming AWS_SECRET_ACCESS_KEY, or pointing a LORARAR_ key at a remote http URL or away
+    from the operator's $LORARAR_JUDGE_URL, is refused before anything is sent."""
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEY)
+    monkeypatch.setenv("LORARAR_TEST_JUDGE_KEY", KEY)
+    with FakeJudge() as server, FakeJudge() as pinned:
+        with pytest.raises(ValueError, match="starting with LORARAR_") as error:
+            _run(node, server, _batch(RED), _batch(RED), _batch(RED), api_key_env="AWS_SECRET_ACCESS_KEY")
+        assert KEY not in str(error.value)
+        with pytest.raises(ValueError, match="refusing to send the API key over plain http"):
+            _run(node, server, _batch(RED), _batch(RED), _batch(RED), judge_url="http://192.0.2.1:9/v1")
+        monkeypatch.setenv("LORARAR_JUDGE_URL", pinned.base_url)
+        with pytest.raises(ValueError, match="LORARAR_JUDGE_URL"):
+            _run(node, server, _batch(RED), _batch(RED), _batch(RED))
+        assert server.raw_bytes == []  # nothing sent, so no Authorization header either
+        _run(node, pinned, _batch(RED), _batch(RED), _batch(RED))
+    assert {r.headers.get("Authorization") for r in pinned.requests} == {f"Bearer {KEY}"}
 
 
 def test_unreachable_judge_fails_with_one_line(node):

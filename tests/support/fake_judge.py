@@ -12,6 +12,7 @@ Actions (one consumed per POST /v1/chat/completions, then ``default``):
     "500"            HTTP 500 (any 3-digit string gives that status; bodies echo the request's
                      Authorization header, as careless servers do, to test that clients redact it)
     "badjson"        HTTP 200 with a body that is not JSON
+    "redirect:URL"   HTTP 302 to URL (a client must not follow it with the key)
     anything else    answered verbatim
 ``responder(request) -> action`` replaces the script when given (e.g. answer by question kind).
 ``on_request(request)`` runs before answering (e.g. to cancel a ComfyUI prompt mid-run).
@@ -80,6 +81,8 @@ class FakeJudge:
             def do_POST(self):
                 judge._handle(self)
 
+            do_GET = do_POST  # recorded too (a followed redirect arrives as GET), then refused as not JSON
+
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self._server.daemon_threads = True
         self._port = self._server.server_address[1]
@@ -135,6 +138,8 @@ class FakeJudge:
         if action.isdigit() and len(action) == 3:
             echo = handler.headers.get("Authorization", "")
             return self._send(handler, int(action), {"error": {"message": f"scripted failure (auth was {echo!r})"}})
+        if action.startswith("redirect:"):
+            return self._send(handler, 302, {}, {"Location": action.split(":", 1)[1]})
         if action == "badjson":
             return self._send(handler, 200, b"<html>not json</html>")
         text = {"malformed": "I cannot tell from these pictures."}.get(action, action)
@@ -145,12 +150,14 @@ class FakeJudge:
         })
 
     @staticmethod
-    def _send(handler: BaseHTTPRequestHandler, status: int, payload) -> None:
+    def _send(handler: BaseHTTPRequestHandler, status: int, payload, headers: dict | None = None) -> None:
         data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
         try:
             handler.send_response(status)
             handler.send_header("Content-Type", "application/json")
             handler.send_header("Content-Length", str(len(data)))
+            for name, value in (headers or {}).items():
+                handler.send_header(name, value)
             handler.end_headers()
             handler.wfile.write(data)
         except (BrokenPipeError, ConnectionResetError):  # the client gave up (timeout): fine

@@ -138,6 +138,7 @@ def test_style_name_mapping_file(folders):
 def test_key_never_leaks_into_output_or_files(folders):
     """Through the real entry point: the key reaches the judge's Authorization header and nothing else."""
     env = {**os.environ, "LORARAR_JUDGE_API_KEY": KEY, "PYTHONPATH": str(REPO)}
+    env.pop("LORARAR_JUDGE_URL", None)
     with FakeJudge(responder=answer) as server:
         ok = subprocess.run([sys.executable, "-m", "hypernet", *_args(folders, server)], cwd=REPO, env=env,
                             capture_output=True, text=True, timeout=120)
@@ -150,3 +151,16 @@ def test_key_never_leaks_into_output_or_files(folders):
     outputs = [ok.stdout, ok.stderr, refused.stdout, refused.stderr]
     outputs += [p.read_bytes().decode("latin-1") for p in (folders / "out").iterdir()]
     assert not [text for text in outputs if KEY in text]
+
+
+def test_key_rules_apply_to_the_cli(folders, capsys, monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEY)
+    monkeypatch.setenv("LORARAR_JUDGE_API_KEY", KEY)
+    with FakeJudge() as server, FakeJudge() as pinned:
+        assert main(_args(folders, server, "--api-key-env", "AWS_SECRET_ACCESS_KEY")) == 2
+        assert "starting with LORARAR_" in capsys.readouterr().err
+        monkeypatch.setenv("LORARAR_JUDGE_URL", pinned.base_url)
+        assert main(_args(folders, server)) == 2
+        err = capsys.readouterr().err
+        assert "refusing to send the API key" in err and len(err.strip().splitlines()) == 1 and KEY not in err
+    assert server.raw_bytes == [] and pinned.raw_bytes == []

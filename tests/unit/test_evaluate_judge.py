@@ -7,11 +7,16 @@ import time
 import pytest
 from PIL import Image
 
-from hypernet.judge import ChatCompletionsJudge, JudgeError, chat_completions_url
+from hypernet.judge import ChatCompletionsJudge, JudgeError, chat_completions_url, check_key_destination
 from tests.support.fake_judge import FakeJudge
 from tests.support.comfy_server import free_port
 
 KEY = "sk-test-0123456789-secret"
+
+
+@pytest.fixture(autouse=True)
+def _no_pinned_url(monkeypatch):
+    monkeypatch.delenv("LORARAR_JUDGE_URL", raising=False)  # the operator's pin, set per test where it matters
 
 
 def _judge(server, **kwargs):
@@ -44,15 +49,15 @@ def test_request_is_a_greedy_chat_completion_with_png_data_urls(monkeypatch):
 
 
 def test_key_from_the_named_variable_goes_only_into_the_header(monkeypatch):
-    monkeypatch.setenv("MY_JUDGE_KEY", KEY)
+    monkeypatch.setenv("LORARAR_MY_JUDGE_KEY", KEY)
     with FakeJudge(["401"]) as server:  # the server echoes the Authorization header in its error body
-        judge = _judge(server, api_key_env="MY_JUDGE_KEY")
+        judge = _judge(server, api_key_env="LORARAR_MY_JUDGE_KEY")
         with pytest.raises(JudgeError) as error:
             judge.ask("q", [_picture()])
     assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
     assert len(server.requests) == 1  # 401 is not retried
     message = str(error.value)
-    assert KEY not in message and "[redacted]" in message and "HTTP 401" in message and "$MY_JUDGE_KEY" in message
+    assert KEY not in message and "[redacted]" in message and "HTTP 401" in message and "$LORARAR_MY_JUDGE_KEY" in message
     assert KEY not in repr(judge.__dict__)  # the client never stores the key itself
 
 
@@ -76,10 +81,11 @@ def test_retries_are_bounded_then_one_line_error():
 
 
 def test_a_slow_answer_times_out_and_is_retried():
-    with FakeJudge(["slow", "yes"], slow_s=1.0) as server:
+    # the slow answer would be "yes" after 5 s; "no" can only come from the retry after the 0.2 s timeout
+    with FakeJudge(["slow", "no"], slow_s=5.0) as server:
         started = time.monotonic()
-        assert _judge(server, timeout=0.2).ask("q", [_picture()]) == "yes"
-    assert len(server.requests) == 2 and time.monotonic() - started < 1.0
+        assert _judge(server, timeout=0.2).ask("q", [_picture()]) == "no"
+        assert len(server.requests) == 2 and time.monotonic() - started < 5.0  # did not wait the slow one out
 
 
 def test_only_slow_answers_give_a_timeout_error():
@@ -122,3 +128,79 @@ def test_bad_url_and_model_are_named():
     with pytest.raises(JudgeError, match="no model name"):
         ChatCompletionsJudge("http://user:pw@127.0.0.1:1/v1", " ")
     assert ChatCompletionsJudge("http://user:pw@127.0.0.1:1/v1", "m").endpoint == "http://127.0.0.1:1/v1/chat/completions"
+
+
+def test_only_lorarar_variables_are_read_as_keys(monkeypatch):
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", KEY)
+    with FakeJudge() as server:
+        for name in ("AWS_SECRET_ACCESS_KEY", "lorarar_judge_api_key", KEY, "LORARAR_X-Y"):
+            with pytest.raises(JudgeError) as error:
+                _judge(server, api_key_env=name)
+            message = str(error.value)
+            assert "starting with LORARAR_" in message and "\n" not in message
+            assert name not in message and KEY not in message  # the name may be a pasted key: never echoed
+    assert server.requests == []
+    assert _judge("http://127.0.0.1:1/v1", api_key_env=" ").api_key_env == ""  # empty: no key, allowed
+
+
+@pytest.mark.parametrize("url, allowed", [
+    ("https://api.example.com/v1/chat/completions", True),
+    ("HTTPS://API.example.com/v1/chat/completions", True),
+    ("http://127.0.0.1:11434/v1/chat/completions", True),
+    ("http://127.8.9.10/v1/chat/completions", True),
+    ("http://[::1]:8000/v1/chat/completions", True),
+    ("http://LocalHost:1234/v1/chat/completions", True),
+    ("http://192.168.1.20:11434/v1/chat/completions", False),
+    ("http://attacker.example/v1/chat/completions", False),
+    ("http://127.0.0.1.attacker.example/v1/chat/completions", False),
+    ("http://localhost.attacker.example/v1/chat/completions", False),
+    ("http://user:pw@attacker.example/v1/chat/completions", False),
+])
+def test_keys_go_over_plain_http_only_to_loopback(url, allowed):
+    if allowed:
+        check_key_destination(url)
+    else:
+        with pytest.raises(JudgeError, match="refusing to send the API key over plain http") as error:
+            check_key_destination(url)
+        assert "user:pw" not in str(error.value)
+
+
+def test_a_key_is_not_sent_over_plain_http_to_a_remote_host(monkeypatch):
+    monkeypatch.setenv("LORARAR_JUDGE_API_KEY", KEY)
+    judge = _judge("http://192.0.2.1:9/v1")  # TEST-NET: would hang or fail if anything were sent
+    with pytest.raises(JudgeError, match="refusing to send the API key") as error:
+        judge.ask("q", [_picture()])
+    assert judge.requests_sent == 0 and KEY not in str(error.value)
+
+
+def test_the_operators_pinned_url_is_the_only_one_that_gets_the_key(monkeypatch):
+    monkeypatch.setenv("LORARAR_JUDGE_API_KEY", KEY)
+    with FakeJudge() as server, FakeJudge() as other:
+        monkeypatch.setenv("LORARAR_JUDGE_URL", other.base_url)
+        with pytest.raises(JudgeError, match=r"sends keys only to the judge URL in \$LORARAR_JUDGE_URL"):
+            _judge(server).ask("q", [_picture()])
+        assert server.requests == [] and server.raw_bytes == []
+        monkeypatch.setenv("LORARAR_JUDGE_URL", " " + server.base_url.upper().replace("/V1", "/v1") + "/ ")  # normalised
+        assert _judge(server).ask("q", [_picture()]) == "yes"
+        monkeypatch.setenv("LORARAR_JUDGE_URL", "not a url")
+        with pytest.raises(JudgeError, match=r"\$LORARAR_JUDGE_URL is not an http\(s\) URL"):
+            _judge(server).ask("q", [_picture()])
+        monkeypatch.delenv("LORARAR_JUDGE_API_KEY")  # no key: the pin does not restrict keyless judges
+        monkeypatch.setenv("LORARAR_JUDGE_URL", other.base_url)
+        assert _judge(server).ask("q", [_picture()]) == "yes"
+    assert [r.headers.get("Authorization") for r in server.requests] == [f"Bearer {KEY}", None]
+
+
+def test_redirects_are_not_followed_with_the_key(monkeypatch):
+    monkeypatch.setenv("LORARAR_JUDGE_API_KEY", KEY)
+    with FakeJudge() as elsewhere, FakeJudge(default=f"redirect:{elsewhere.base_url}/chat/completions") as server:
+        with pytest.raises(JudgeError, match="HTTP 302.*redirects are not followed"):
+            _judge(server).ask("q", [_picture()])
+    assert len(server.requests) == 1 and elsewhere.raw_bytes == []
+
+
+def test_redaction_happens_before_truncation(monkeypatch):
+    monkeypatch.setenv("LORARAR_JUDGE_API_KEY", KEY)
+    judge = _judge("http://127.0.0.1:1/v1")
+    for cut in range(1, len(KEY)):  # the key straddles the 300-character limit at every position
+        assert judge._redact("x" * (300 - cut) + KEY + " tail") == ("x" * (300 - cut) + "[redacted] tail")[:300]
