@@ -69,12 +69,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workflow", default="lorarar_sdxl_merge_and_sample", help="example workflow name")
     parser.add_argument("--port", type=int, default=8188)
     parser.add_argument("--once", action="store_true", help="stop the server after the workflow ran")
+    parser.add_argument("--serve-seconds", type=float, metavar="N",
+                        help="after the workflow ran, keep serving N seconds, then stop (default: until Ctrl-C)")
     parser.add_argument("--output-dir", type=Path, default=REPO / "output")
     args = parser.parse_args(argv)
+    if args.serve_seconds is not None and args.serve_seconds < 0:
+        parser.error("--serve-seconds must be >= 0")
 
     folders = {"lorarar": hypernet_folders()} if hypernet_folders() else {}
     if args.models_dir:
         models = Path(args.models_dir).expanduser().resolve()
+        if not models.is_dir():
+            print(f"run_example.py: error: --models-dir / LORARAR_MODELS_DIR: no such folder: {models}",
+                  file=sys.stderr)
+            return 2
         log(f"using your models in {models}")
     else:
         log("no models configured (LORARAR_MODELS_DIR): using SYNTHETIC random-weight models; images will be noise")
@@ -114,12 +122,22 @@ def main(argv: list[str] | None = None) -> int:
             log(f"image: {image}")
         if args.once:
             return 0
-        log(f"open {server.url} in a browser; load example_workflows/{args.workflow}.json. Ctrl-C stops.")
+        if args.serve_seconds is None:
+            log(f"open {server.url} in a browser; load example_workflows/{args.workflow}.json. Ctrl-C stops.")
+            deadline = None
+        else:
+            log(f"serving {server.url} for {args.serve_seconds:g} s; load example_workflows/{args.workflow}.json")
+            deadline = time.monotonic() + args.serve_seconds
         try:
-            while server.running():
-                time.sleep(1)
+            while server.running and (deadline is None or time.monotonic() < deadline):
+                time.sleep(0.2 if deadline is not None else 1)
         except KeyboardInterrupt:
-            pass
+            log("Ctrl-C: stopping the server")
+            return 0
+        if not server.running:
+            log(f"the ComfyUI server stopped by itself\n{server.log_tail(30)}")
+            return 1
+        log("serve time is over: stopping the server")
     return 0
 
 

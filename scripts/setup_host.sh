@@ -54,7 +54,7 @@ PYEOF
 fi
 
 stamp="$HOST/.requirements-installed"
-if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/requirements-dev.txt" -nt "$stamp" ]; then
+if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/requirements-dev.txt" -nt "$stamp" ] || [ "$PINS" -nt "$stamp" ]; then
   log "installing ComfyUI's and the pack's requirements"
   # torchaudio has no build for torch 2.13; templates and embedded docs are optional UI extras.
   grep -v -E '^(torchaudio|comfyui-workflow-templates|comfyui-embedded-docs)' "$COMFY/requirements.txt" > "$HOST/comfy-requirements.txt"

@@ -18,8 +18,8 @@ types are checked. One screenshot per workflow goes to ``<repo>/artifacts/browse
 
 Example workflows: ``<repo>/example_workflows/*.json`` (env ``LORARAR_EXAMPLE_WORKFLOWS``: another
 folder). Chromium comes from ``scripts/install_browser.sh``; when it is absent the test runs that script,
-and skips only when Chromium cannot be installed. Binary: env ``LORARAR_CHROMIUM`` or
-``/usr/bin/chromium``.
+and skips only when Chromium cannot be installed; with env ``LORARAR_REQUIRE_BROWSER=1`` (set by
+``.ci/run``) it fails instead. Binary: env ``LORARAR_CHROMIUM`` or ``/usr/bin/chromium``.
 """
 
 from __future__ import annotations
@@ -67,22 +67,44 @@ CHROMIUM_FLAGS = (
 
 # ------------------------------------------------------------------------------------ Chromium
 
+def require_browser() -> bool:
+    return os.environ.get("LORARAR_REQUIRE_BROWSER", "").strip().lower() in ("1", "true", "yes")
+
+
 def ensure_chromium() -> Path:
-    """The Chromium binary; runs scripts/install_browser.sh when it is missing and skips the test
-    only when that cannot install it."""
+    """The Chromium binary; runs scripts/install_browser.sh when it is missing. When that cannot
+    install it, the test skips, or fails under env LORARAR_REQUIRE_BROWSER=1 (CI)."""
     if CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK):
         return CHROMIUM
     script = REPO / "scripts" / "install_browser.sh"
-    try:
-        proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True, timeout=900)
-        out, rc = proc.stdout, proc.returncode
-    except (OSError, subprocess.TimeoutExpired) as e:
-        out, rc = str(e), -1
+    if os.environ.get("LORARAR_BROWSER_INSTALL_FAILED"):  # scripts/test.sh tried it just before
+        out, rc = "scripts/test.sh already ran it and it failed (see its output above)", "n/a"
+    else:
+        try:
+            proc = subprocess.run(["bash", str(script)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, timeout=900)
+            out, rc = proc.stdout, proc.returncode
+        except (OSError, subprocess.TimeoutExpired) as e:
+            out, rc = str(e), -1
     if not (CHROMIUM.is_file() and os.access(CHROMIUM, os.X_OK)):
-        pytest.skip(f"Chromium ({CHROMIUM}) is not installed and {script.name} could not install it "
-                    f"(rc={rc}):\n{out[-3000:]}")
+        reason = (f"Chromium ({CHROMIUM}) is not installed and {script.name} could not install it "
+                  f"(rc={rc}):\n{out[-3000:]}")
+        if require_browser():
+            pytest.fail("LORARAR_REQUIRE_BROWSER=1: " + reason, pytrace=False)
+        pytest.skip(reason)
     return CHROMIUM
+
+
+@pytest.mark.parametrize("required", ["1", ""])
+def test_missing_chromium_skips_or_fails_when_required(monkeypatch, tmp_path, required):
+    """Without Chromium the browser check skips with the reason, and fails under
+    LORARAR_REQUIRE_BROWSER=1 (CI), so a broken install cannot pass as a skip there."""
+    monkeypatch.setitem(globals(), "CHROMIUM", tmp_path / "no-chromium")
+    monkeypatch.setenv("LORARAR_BROWSER_INSTALL_FAILED", "1")
+    monkeypatch.setenv("LORARAR_REQUIRE_BROWSER", required)
+    expected = pytest.fail.Exception if required else pytest.skip.Exception
+    with pytest.raises(expected, match="no-chromium"):
+        ensure_chromium()
 
 
 class CDPError(RuntimeError):
