@@ -152,8 +152,6 @@ def row_math(spec: dict) -> dict:
 
 def row_many(spec: dict) -> dict:
     """One subject with several styles: merge_many (subject reused) vs separate merge_loras calls."""
-    import torch
-
     from hypernet.base_models import LAYOUTS
     from hypernet.lora_io import lora_from_tensors
     from hypernet.merge import merge_loras, merge_many

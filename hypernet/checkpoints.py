@@ -8,7 +8,6 @@ found or fetched must match the manifest's sha256.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -36,6 +35,11 @@ class CheckpointInfo:
     comfy_model_classes: tuple[str, ...]
     license: str
     attribution: str
+
+
+def env_weight_dirs() -> list[Path]:
+    """Folders named in $LORARAR_WEIGHTS_DIR (separated by os.pathsep) that hold hypernet files."""
+    return [Path(p) for p in os.environ.get("LORARAR_WEIGHTS_DIR", "").split(os.pathsep) if p]
 
 
 def load_manifest(path: str | Path = MANIFEST_PATH) -> dict[str, CheckpointInfo]:

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
 
 from . import __version__, evaluate
 from .base_models import LAYOUTS, SDXL
-from .checkpoints import WEIGHTS_DIR, load_hypernet, load_manifest
+from .checkpoints import WEIGHTS_DIR, env_weight_dirs, load_hypernet, load_manifest
 from .errors import LoraRarError
 from .judge import DEFAULT_API_KEY_ENV, ChatCompletionsJudge
 from .lora_io import SAVE_DTYPES as DTYPES, read_lora, save_lora
@@ -21,8 +20,7 @@ from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, Strengths, merge_
 
 def _search_dirs() -> list[Path]:
     """Folders searched for hypernet files: $LORARAR_WEIGHTS_DIR (os.pathsep-separated), then the pack's weights/."""
-    extra = [Path(p) for p in os.environ.get("LORARAR_WEIGHTS_DIR", "").split(os.pathsep) if p]
-    return [*extra, WEIGHTS_DIR]
+    return [*env_weight_dirs(), WEIGHTS_DIR]
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, type=Path, help="folder for results.json, results.csv, pairs.csv, summary.png")
     evaluate.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1")
     evaluate.add_argument("--judge-model", required=True, help="model name served there (the paper used LLaVA-Critic-7B)")
-    evaluate.add_argument("--api-key-env", default=DEFAULT_API_KEY_ENV, help="name of the environment variable holding the API key, if any")
+    evaluate.add_argument("--api-key-env", default=DEFAULT_API_KEY_ENV, help="name of the environment variable holding the API key, if any (must start with LORARAR_)")
     evaluate.add_argument("--style-names", type=Path, help="JSON {style folder: style name}; default: folder name, _ as space, trailing digits dropped")
     evaluate.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
     evaluate.add_argument("--retries", type=int, default=3, help="extra attempts on 5xx, timeouts and refused connections (exponential backoff)")
@@ -66,12 +64,14 @@ def run_merge(args: argparse.Namespace) -> int:
         raise LoraRarError(f"{args.out}: file exists; choose another name or pass --overwrite")
     manifest = load_manifest()
     info = manifest.get(args.hypernet)
-    layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else SDXL)
-    # the LoRAs first: a bad input file is named before any download is tried
+    hypernet, base = (None, None)
+    if args.method == "lorarar" and info is None:  # a file: local, so load it first and learn its base model
+        hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
+    layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else base or SDXL)
+    # the LoRAs before a published hypernet: a bad input file is named before any download is tried
     subject = read_lora(args.subject, layout)
     style = read_lora(args.style, layout)
-    hypernet, base = (None, None)
-    if args.method == "lorarar":
+    if args.method == "lorarar" and hypernet is None:
         hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
     strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
     merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, base=base)

@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from hypernet.base_models import UNetLayout  # noqa: E402
+from hypernet.checkpoints import env_weight_dirs  # noqa: E402
 from tests.support import synthetic_models  # noqa: E402
 from tests.support.comfy_server import ComfyServer  # noqa: E402
 from tests.support.loras import random_lora, write_lora  # noqa: E402
@@ -52,7 +53,7 @@ def set_widget(prompt: dict, class_type: str, **values) -> None:
 
 def hypernet_folders() -> list[str]:
     """Where hypernet files already are: $LORARAR_WEIGHTS_DIR, or ../shared/weights beside a developer checkout."""
-    folders = [p for p in os.environ.get("LORARAR_WEIGHTS_DIR", "").split(os.pathsep) if p]
+    folders = [str(p) for p in env_weight_dirs()]
     shared = REPO.parent / "shared" / "weights"
     if not folders and shared.is_dir():
         folders.append(str(shared))

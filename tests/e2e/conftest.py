@@ -5,7 +5,7 @@ import pytest
 from hypernet.base_models import UNetLayout
 from tests.support import synthetic_models
 from tests.support.comfy_server import ComfyServer
-from tests.support.loras import random_lora, write_lora
+from tests.support.loras import SD15, random_lora, write_lora
 
 SUBJECT, STYLE = "e2e_subject_kohya.safetensors", "e2e_style_reference.safetensors"
 SD15_LORA = "e2e_sd15_subject.safetensors"
@@ -24,9 +24,7 @@ def pack_server(tmp_path_factory, shared_weights, synthetic_layout):
     loras = tmp_path_factory.mktemp("e2e_loras")
     write_lora(loras / SUBJECT, random_lora(synthetic_layout, rank=8, seed=101, alpha=8.0))
     write_lora(loras / STYLE, random_lora(synthetic_layout, rank=4, seed=102, fmt="reference"))
-    sd15 = UNetLayout("sd15", (320, 640, 1280, 1280), (2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0),
-                      (0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1), 1, context_dim=768)
-    write_lora(loras / SD15_LORA, random_lora(sd15, rank=4, seed=103))
+    write_lora(loras / SD15_LORA, random_lora(SD15, rank=4, seed=103))
     with ComfyServer(models, folders={"loras": loras, "lorarar": shared_weights},
                      env={"LORARAR_JUDGE_API_KEY": JUDGE_KEY}) as server:
         yield server, loras

@@ -1,7 +1,6 @@
 """A real ComfyUI imported in-process, with this pack loaded the way the server loads it."""
 
 import asyncio
-import os
 import sys
 from pathlib import Path
 

@@ -7,7 +7,7 @@ import torch
 from safetensors import safe_open
 
 from hypernet.base_models import UNetLayout
-from tests.support.loras import random_lora, write_lora
+from tests.support.loras import SD15, random_lora, write_lora
 
 pytestmark = pytest.mark.host
 
@@ -92,12 +92,11 @@ def test_lora_for_another_base_model_is_refused_with_the_file_named(comfy_host, 
     nodes, _, loras = comfy_host
     model, clip = synthetic_model
     layout = _layout(model)
-    sd15 = UNetLayout("sd15", (320, 640, 1280, 1280), (2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0), (0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1), 1, context_dim=768)
-    write_lora(loras / "sd15_subject.safetensors", random_lora(sd15, rank=4, seed=41))
+    write_lora(loras / "sd15_subject.safetensors", random_lora(SD15, rank=4, seed=41))
     write_lora(loras / "sdxl_style.safetensors", random_lora(layout, rank=4, seed=42))
     with pytest.raises(ValueError, match="sd15_subject.safetensors.*different base models"):
         _merge(comfy_host, model, clip, "sd15_subject.safetensors", "sdxl_style.safetensors")
-    write_lora(loras / "sd15_style.safetensors", random_lora(sd15, rank=4, seed=43))
+    write_lora(loras / "sd15_style.safetensors", random_lora(SD15, rank=4, seed=43))
     for method in ("lorarar", "direct"):  # checked against the model, whatever the method
         with pytest.raises(ValueError, match="sd15_subject.safetensors.*another base model"):
             _merge(comfy_host, model, clip, "sd15_subject.safetensors", "sd15_style.safetensors", method=method)

@@ -10,6 +10,10 @@ from safetensors.torch import save_file
 from hypernet.base_models import SDXL, UNetLayout
 from hypernet.keys import _diffusers_to_sgm
 
+# SD1.5's UNet: the same widths as SDXL's but a 768-wide text context, for "another base model" tests
+SD15 = UNetLayout("sd15", (320, 640, 1280, 1280), (2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0),
+                  (0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1), 1, context_dim=768)
+
 FORMATS = ("kohya", "kohya-diffusers", "peft", "diffusers", "reference", "processor")
 
 

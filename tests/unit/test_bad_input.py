@@ -6,15 +6,13 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hypernet.base_models import SDXL, UNetLayout
+from hypernet.base_models import SDXL
 from hypernet.errors import LoraRarError
 from hypernet.lora_io import read_lora, save_lora
 from hypernet.merge import merge_loras
 from hypernet.model import LoraRarHypernet
-from tests.support.loras import random_lora, write_lora
+from tests.support.loras import SD15, random_lora, write_lora
 
-SD15 = UNetLayout("sd15", (320, 640, 1280, 1280), (2, 2, 2, 2), (1, 1, 1, 1, 1, 1, 0, 0),
-                  (0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1, 1), 1, context_dim=768)
 Q = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 
 

@@ -142,3 +142,12 @@ def test_hub_urls_download_through_huggingface_hub(shared_weights, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == str(tmp_path / "cache" / "lorarar_sdxl_hypernet.pth")
     assert ("GET", "/lorarar-test/hypernets/resolve/v1/sdxl/lorarar_sdxl_hypernet.pth") in requested
+
+
+def test_auto_picks_the_published_hypernet_by_comfyui_model_class():
+    from hypernet.checkpoints import for_model_class
+
+    assert for_model_class("SDXL").name == "sdxl" and for_model_class("Segmind_Vega").name == "sdxl"
+    assert for_model_class("KOALA_700M").name == "koala-700m"
+    with pytest.raises(LoraRarError, match="no published LoRA.rar hypernet for a Flux model"):
+        for_model_class("Flux")

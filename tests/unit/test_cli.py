@@ -69,3 +69,16 @@ def test_bad_input_gives_one_line_naming_the_file(problem, pair, tmp_path, share
     assert result.returncode == 2
     assert result.stderr.count("\n") == 1 and f"{problem}.safetensors" in result.stderr
     assert not (tmp_path / "x.safetensors").exists()
+
+
+def test_hypernet_given_by_path_sets_the_base_model(tmp_path, shared_weights):
+    """A KOALA checkpoint given as a path is recognised by its sha256, so diffusers names map with KOALA's layout."""
+    from hypernet.base_models import KOALA_700M
+
+    modules = ["input_blocks.5.1.transformer_blocks.4.attn1.to_q"]  # KOALA's 1280 block, named differently in SDXL
+    subject = write_lora(tmp_path / "s.safetensors", random_lora(KOALA_700M, rank=2, seed=1, modules=modules, fmt="peft"))
+    style = write_lora(tmp_path / "t.safetensors", random_lora(KOALA_700M, rank=2, seed=2, modules=modules))
+    result = run_cli("merge", "--subject", subject, "--style", style, "--out", tmp_path / "m.safetensors",
+                     "--hypernet", shared_weights / "lorarar_koala_700m_hypernet.pth", "--json", weights_dir=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout[: result.stdout.rindex("}") + 1])["layers"] == {"hypernet": 1}
