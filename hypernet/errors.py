@@ -6,3 +6,7 @@ class LoraRarError(ValueError):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+class LoraRarFileExists(LoraRarError):
+    """The target file exists and the caller did not allow replacing it."""

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from .base_models import SDXL, UNetLayout
-from .errors import LoraRarError
+from .errors import LoraRarError, LoraRarFileExists
 from .keys import canonical_name, split_key
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # file tensor types offered
@@ -237,7 +237,7 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
 
     path = Path(path)
     if path.exists() and not overwrite:
-        raise LoraRarError(f"{path}: file exists; choose another name or allow overwriting")
+        raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting")
     path.parent.mkdir(parents=True, exist_ok=True)
     text_metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -250,7 +250,7 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
             try:
                 os.link(temp, path)
             except FileExistsError:
-                raise LoraRarError(f"{path}: file exists; choose another name or allow overwriting") from None
+                raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting") from None
             except OSError:
                 os.replace(temp, path)
         else:

@@ -8,21 +8,27 @@ from pathlib import Path
 import folder_paths
 
 from .. import hypernet as hypernet_pkg
-from ..hypernet.errors import LoraRarError
+from ..hypernet.errors import LoraRarError, LoraRarFileExists
 from ..hypernet.lora_io import SAVE_DTYPES as DTYPES, save_lora
 from .common import CATEGORY, MERGED_TYPE
 
 
 
+IF_EXISTS = ("add number", "error", "overwrite")
+
+
 def target_path(name: str) -> Path:
-    """The file for ``name`` inside the first loras folder; refuses names that leave that folder."""
-    root = Path(folder_paths.get_folder_paths("loras")[0]).resolve()
+    """The file for ``name`` inside the first loras folder; refuses names that leave that folder.
+
+    The check is lexical (no symlink resolution), so subfolders the user linked into loras stay usable.
+    """
+    root = Path(os.path.abspath(folder_paths.get_folder_paths("loras")[0]))
     name = name.strip()
     if not name:
         raise LoraRarError("empty file name for the merged LoRA")
     if not name.endswith(".safetensors"):
         name += ".safetensors"
-    path = (root / name).resolve()
+    path = Path(os.path.normpath(root / name))
     if os.path.isabs(name) or root not in path.parents:
         raise LoraRarError(f"{name}: the merged LoRA must be saved inside the loras folder {root}")
     return path
@@ -38,7 +44,7 @@ class LoraRarSaveMergedLora:
     DESCRIPTION = (
         "Saves the merged LoRA as a kohya-format .safetensors in the loras folder, with metadata naming the "
         "source LoRAs and hypernet (sha256), method and strengths. Any LoRA loader can load it. An existing "
-        "file is never replaced unless 'overwrite' is on; the file is written atomically."
+        "file is never replaced unless 'if_exists' says overwrite; the file is written atomically."
     )
 
     @classmethod
@@ -47,10 +53,25 @@ class LoraRarSaveMergedLora:
             "merged_lora": (MERGED_TYPE, {"tooltip": "From the LoRA.rar Merge node."}),
             "file_name": ("STRING", {"default": "lorarar/merged", "tooltip": "Name inside the loras folder; subfolders allowed, .safetensors added."}),
             "dtype": (list(DTYPES), {"default": "fp16", "tooltip": "Tensor type in the file: fp16 halves the size of fp32."}),
-            "overwrite": ("BOOLEAN", {"default": False, "tooltip": "Replace an existing file of the same name. Off: an existing file stops the save with an error."}),
+            "if_exists": (list(IF_EXISTS), {"default": "add number", "tooltip": "When the file exists: add number = save as name_00001, name_00002, ... (like Save Image); error = stop with an error; overwrite = replace it."}),
         }}
 
-    def save(self, merged_lora, file_name, dtype, overwrite):
+    def save(self, merged_lora, file_name, dtype, if_exists):
+        if if_exists not in IF_EXISTS:
+            raise LoraRarError(f"if_exists must be one of {', '.join(IF_EXISTS)}, not {if_exists!r}")
         path = target_path(file_name)
-        save_lora(path, merged_lora.kohya_state_dict(DTYPES[dtype]), merged_lora.metadata(hypernet_pkg.__version__), overwrite=overwrite)
-        return {"ui": {"text": [str(path)]}, "result": (str(path),)}
+        state_dict = merged_lora.kohya_state_dict(DTYPES[dtype])
+        metadata = merged_lora.metadata(hypernet_pkg.__version__)
+        candidates = [path] if if_exists != "add number" else \
+            [path, *(path.with_name(f"{path.stem}_{n:05d}.safetensors") for n in range(1, 100_000))]
+        for candidate in candidates:
+            if if_exists == "add number" and candidate.exists():
+                continue
+            try:
+                save_lora(candidate, state_dict, metadata, overwrite=if_exists == "overwrite")
+            except LoraRarFileExists:
+                if if_exists != "add number":
+                    raise
+                continue  # appeared meanwhile: take the next number
+            return {"ui": {"text": [str(candidate)]}, "result": (str(candidate),)}
+        raise LoraRarError(f"{path}: no free numbered name left beside it")

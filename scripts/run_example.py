@@ -107,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             set_widget(prompt, "EmptyLatentImage", width=256, height=256)
             set_widget(prompt, "KSampler", steps=4, sampler_name="euler", scheduler="normal")
             set_widget(prompt, "SaveImage", filename_prefix="lorarar_SYNTHETIC_demo")
-            set_widget(prompt, "LoraRarSaveMergedLora", file_name="SYNTHETIC_merged", overwrite=True)
+            set_widget(prompt, "LoraRarSaveMergedLora", file_name="SYNTHETIC_merged", if_exists="overwrite")
         started = time.monotonic()
         entry = server.wait(server.queue_prompt(prompt), timeout=900)
         status = entry.get("status", {})

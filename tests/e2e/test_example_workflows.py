@@ -56,7 +56,7 @@ def test_example_workflow_runs(workflow, pack_server, synthetic_layout):
     if "LoraRarSaveMergedLora" in kinds:
         (saved,) = [Path(t) for o in entry["outputs"].values() for t in o.get("text", []) if t.endswith(".safetensors")]
         assert saved.is_file() and saved.parent.parent == loras
-        saved.unlink()  # the next run of the same workflow must not meet an existing file
+        saved.unlink()  # tidy; a second run would add a number (if_exists "add number")
 
 
 def test_bad_inputs_are_reported_and_the_server_keeps_running(pack_server):
@@ -100,3 +100,18 @@ def test_pack_nodes_are_listed_with_tooltips(pack_server):
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{name}.{input_name} has no tooltip"
     assert "CC BY-NC-SA 4.0" in info["LoraRarHypernetLoader"]["description"]
     assert {"auto", "sdxl", "koala-700m"} <= set(info["LoraRarHypernetLoader"]["input"]["required"]["hypernet"][0])
+
+
+def test_committed_workflows_match_the_generator(pack_server):
+    """example_workflows/*.json are what scripts/build_example_workflows.py makes from the live node definitions."""
+    import importlib.util
+
+    from tests.support.workflows import build_ui_workflow
+
+    spec = importlib.util.spec_from_file_location("build_example_workflows", REPO / "scripts" / "build_example_workflows.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    info = pack_server[0].object_info()
+    for name, (title, nodes) in builder.WORKFLOWS.items():
+        committed = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
+        assert build_ui_workflow(nodes, info, title) == committed, f"{name}.json is stale: rerun scripts/build_example_workflows.py"

@@ -12,6 +12,14 @@ from tests.support.loras import SD15, random_lora, write_lora
 pytestmark = pytest.mark.host
 
 
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def _layout(model):
     return UNetLayout.from_unet_config("synthetic", model.model.model_config.unet_config)
 
@@ -46,7 +54,7 @@ def test_saved_file_through_stock_loader_patches_like_the_merge_node(comfy_host,
     assert f"hypernet {attention // 2}" in report and f"applied to the model: {attention} layers" in report
     assert "koala" in report.lower()  # auto picked the KOALA-700M hypernet for this KOALA_700M-class model
 
-    (path,) = nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]().save(merged, "merged/test_merge", "fp32", False)["result"]
+    (path,) = nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]().save(merged, "merged/test_merge", "fp32", "error")["result"]
     with safe_open(path, framework="pt") as saved:
         metadata = saved.metadata()
     assert metadata["lorarar_subject_sha256"] == hashlib.sha256((loras / "subject_kohya.safetensors").read_bytes()).hexdigest()
@@ -110,16 +118,20 @@ def test_save_node_never_overwrites_or_escapes_the_loras_folder(comfy_host, synt
     write_lora(loras / "save_style.safetensors", random_lora(layout, rank=2, seed=52))
     merged = _merge(comfy_host, model, clip, "save_subject.safetensors", "save_style.safetensors", method="direct")[2]
     save = nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]()
-    (path,) = save.save(merged, "keep_me", "fp16", False)["result"]
+    (path,) = save.save(merged, "keep_me", "fp16", "error")["result"]
     original = (loras / "keep_me.safetensors").read_bytes()
     with pytest.raises(ValueError, match="file exists"):
-        save.save(merged, "keep_me", "fp16", False)
+        save.save(merged, "keep_me", "fp16", "error")
     assert (loras / "keep_me.safetensors").read_bytes() == original
-    save.save(merged, "keep_me", "fp32", True)
+    numbered = [save.save(merged, "keep_me", "fp16", "add number")["result"][0] for _ in range(2)]
+    assert [p.split("/")[-1] for p in numbered] == ["keep_me_00001.safetensors", "keep_me_00002.safetensors"]
+    assert (loras / "keep_me.safetensors").read_bytes() == original
+    save.save(merged, "keep_me", "fp32", "overwrite")
     assert (loras / "keep_me.safetensors").read_bytes() != original
+    assert oct((loras / "keep_me.safetensors").stat().st_mode & 0o777) == oct(0o666 & ~_umask())
     for bad in ("../escape", "/tmp/escape", "sub/../../escape"):
         with pytest.raises(ValueError, match="inside the loras folder"):
-            save.save(merged, bad, "fp16", False)
+            save.save(merged, bad, "fp16", "add number")
     assert not list(loras.glob("**/*.tmp"))
 
 
