@@ -117,9 +117,12 @@ def resolve_checkpoint(
     for folder in folders:
         path = Path(folder) / info.file
         if path.is_file():
-            digest = file_sha256(path)
+            size = path.stat().st_size
+            digest = file_sha256(path) if size == info.bytes else None  # a wrong size needs no hashing
             if digest != info.sha256:
-                raise LoraRarError(f"{path}: sha256 {digest[:12]}... does not match the published {info.name} hypernet ({info.sha256[:12]}...); delete the file to download it again")
+                found = f"sha256 {digest[:12]}..." if digest else f"{size} bytes, not {info.bytes},"
+                raise LoraRarError(f"{path}: {found} does not match the published {info.name} hypernet "
+                                   f"(sha256 {info.sha256[:12]}...); delete the file to download it again")
             return path
 
     target = Path(download_dir) / info.file
