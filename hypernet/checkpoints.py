@@ -10,14 +10,14 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
+import shutil
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import LoraRarError
-from .lora_io import file_sha256, finish_temp_file
+from .files import atomic_file, file_sha256
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_DIR = PACK_ROOT / "weights"
@@ -64,8 +64,7 @@ def for_model_class(model_class: str, manifest: dict[str, CheckpointInfo] | None
 
 
 def _download(url: str, target: Path, timeout: float) -> None:
-    """Fetch url into target (atomically); raises OSError or urllib errors on failure."""
-    target.parent.mkdir(parents=True, exist_ok=True)
+    """Fetch url into target (atomically); raises OSError or urllib/huggingface_hub errors on failure."""
     if url.startswith("hf://"):
         from huggingface_hub import hf_hub_download
 
@@ -73,24 +72,12 @@ def _download(url: str, target: Path, timeout: float) -> None:
         owner, name, *path = url[len("hf://"):].split("/")
         name, _, revision = name.partition("@")
         cached = hf_hub_download(repo_id=f"{owner}/{name}", filename="/".join(path), revision=revision or None)
-        handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-        with os.fdopen(handle, "wb") as out, open(cached, "rb") as src:
-            while block := src.read(1 << 20):
-                out.write(block)
-        finish_temp_file(temp)
-        os.replace(temp, target)
+        with atomic_file(target) as temp:
+            shutil.copyfile(cached, temp)
         return
     request = urllib.request.Request(url, headers={"User-Agent": "ComfyUI-LoRA.rar"})
-    handle, temp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(handle, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
-            while block := response.read(1 << 20):
-                out.write(block)
-        finish_temp_file(temp)
-        os.replace(temp, target)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with atomic_file(target) as temp, open(temp, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+        shutil.copyfileobj(response, out, 1 << 20)
 
 
 def resolve_checkpoint(

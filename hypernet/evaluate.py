@@ -19,9 +19,7 @@ import hashlib
 import io
 import json
 import math
-import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -30,6 +28,7 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import LoraRarError
+from .files import atomic_file
 from .judge import Judge, public_url
 
 MAX_SIDE = 512
@@ -341,19 +340,9 @@ def summary_chart(pairs: Sequence[Score], mean: Score) -> Image.Image:
 # ------------------------------------------------------------------ files
 
 def atomic_write(path: Path, data: str | bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file in the same folder and os.replace."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        Path(temp).unlink(missing_ok=True)
-        raise
+    """Write ``data`` to ``path`` through a temp file in the same folder, flushed and renamed."""
+    with atomic_file(path) as temp:
+        temp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:

@@ -7,17 +7,15 @@ Writing produces a kohya-format .safetensors atomically (temp file in the same f
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .base_models import SDXL, UNetLayout
-from .errors import LoraRarError, LoraRarFileExists
+from .errors import LoraRarError
+from .files import atomic_file, file_sha256
 from .keys import canonical_name, split_key
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # file tensor types offered
@@ -73,27 +71,6 @@ class LoraFile:
         """Widths of the text context read by cross-attention (attn2 to_k/to_v): 2048 for SDXL, 768 for SD1.5."""
         return {layer.d_in for name, layer in self.layers.items()
                 if isinstance(layer, LowRankLayer) and name.endswith(("_attn2_to_k", "_attn2_to_v"))}
-
-
-_SHA256_CACHE: dict[tuple, str] = {}
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's content; remembered while its size, mtime and inode stay the same.
-
-    The merge node fingerprints a file and then reads it: the cache keeps that to one pass over the bytes.
-    """
-    stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-        if len(_SHA256_CACHE) >= 64:
-            _SHA256_CACHE.pop(next(iter(_SHA256_CACHE)))
-        _SHA256_CACHE[key] = digest.hexdigest()
-    return _SHA256_CACHE[key]
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:
@@ -222,40 +199,11 @@ def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype = to
     return state_dict
 
 
-def finish_temp_file(temp: str | Path) -> None:
-    """Give a temp file (mkstemp makes it 0600) the usual permissions and flush it to disk before its rename."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temp, 0o666 & ~umask)
-    with open(temp, "rb") as handle:
-        os.fsync(handle.fileno())
-
-
 def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, object], overwrite: bool = False) -> Path:
     """Write a .safetensors file atomically; refuses to replace an existing file unless overwrite=True."""
     from safetensors.torch import save_file
 
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting")
-    path.parent.mkdir(parents=True, exist_ok=True)
     text_metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(handle)
-    try:
-        save_file(state_dict, temp, metadata=text_metadata)
-        finish_temp_file(temp)
-        if not overwrite:
-            # link fails if a file appeared meanwhile: never replace a file the user did not give up
-            try:
-                os.link(temp, path)
-            except FileExistsError:
-                raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting") from None
-            except OSError:
-                os.replace(temp, path)
-        else:
-            os.replace(temp, path)
-    finally:
-        if os.path.exists(temp):
-            os.unlink(temp)
+    with atomic_file(path, overwrite) as temp:
+        save_file(state_dict, str(temp), metadata=text_metadata)
     return path

@@ -10,7 +10,7 @@ import folder_paths
 from ..hypernet.base_models import UNetLayout
 from ..hypernet.checkpoints import WEIGHTS_DIR, load_manifest
 from ..hypernet.errors import LoraRarError
-from ..hypernet.lora_io import file_sha256
+from ..hypernet.files import file_sha256
 
 CATEGORY = "LoRA.rar"
 HYPERNET_TYPE = "LORARAR_HYPERNET"
