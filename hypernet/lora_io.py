@@ -180,22 +180,29 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256
     return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored)
 
 
-def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
-    """kohya tensors for low-rank layers; the scale is folded into down and alpha = rank (scale 1 on reload)."""
+def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
+    """kohya tensors for low-rank layers; the scale is folded into down and alpha = rank (scale 1 on reload).
+
+    dtype None keeps each layer's own type. A layer that float16 cannot hold (its values overflow) is
+    written in float32 rather than as Inf.
+    """
     state_dict = {}
     for name, layer in layers.items():
         down = layer.down * layer.scale if layer.scale != 1.0 else layer.down
+        up = layer.up
         if layer.kernel:
             down = down.reshape(layer.rank, -1, *layer.kernel)
-            up = layer.up.reshape(layer.d_out, layer.rank, *([1] * len(layer.kernel)))
-        else:
-            up = layer.up
-        state_dict[f"{name}.lora_up.weight"] = up.to(dtype).contiguous().cpu()
-        state_dict[f"{name}.lora_down.weight"] = down.to(dtype).contiguous().cpu()
+            up = up.reshape(layer.d_out, layer.rank, *([1] * len(layer.kernel)))
+        tensors = {"lora_up.weight": up, "lora_down.weight": down}
+        if layer.bias is not None:
+            tensors["diff_b"] = layer.bias
+        layer_dtype = dtype or layer.down.dtype
+        if layer_dtype == torch.float16 and not all(torch.isfinite(t.to(layer_dtype)).all() for t in tensors.values()):
+            layer_dtype = torch.float32
+        for suffix, tensor in tensors.items():
+            state_dict[f"{name}.{suffix}"] = tensor.to(layer_dtype).contiguous().cpu()
         # float32: a rank such as 257 is not representable in bf16, and alpha / rank must stay exactly 1
         state_dict[f"{name}.alpha"] = torch.tensor(float(layer.rank), dtype=torch.float32)
-        if layer.bias is not None:
-            state_dict[f"{name}.diff_b"] = layer.bias.to(dtype).contiguous().cpu()
     return state_dict
 
 

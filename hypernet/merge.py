@@ -112,7 +112,7 @@ class MergedLora:
     sources: dict[str, str]  # "subject"/"style"/"hypernet" -> sha256
     strengths: Strengths = Strengths()
 
-    def kohya_state_dict(self, dtype: torch.dtype = torch.float16) -> dict[str, torch.Tensor]:
+    def kohya_state_dict(self, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
         return to_kohya_state_dict(self.layers, dtype)
 
     def metadata(self, pack_version: str) -> dict[str, str]:

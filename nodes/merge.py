@@ -138,10 +138,10 @@ def apply_merged(model, clip, merged: MergedLora):
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
     unknown = [name for name in merged.layers if name not in key_map]
-    state_dict = merged.kohya_state_dict(dtype=next(iter(merged.layers.values())).up.dtype)
+    state_dict = merged.kohya_state_dict(dtype=None)  # each layer as merged (float32 where float16 would overflow)
     for name in unknown:
-        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha"):
-            state_dict.pop(name + suffix)
+        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff_b"):
+            state_dict.pop(name + suffix, None)
     if not state_dict:
         raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: none of the merged layers exists in this "
                            f"{model_class(model)} model; are the LoRAs for another base model?")

@@ -97,3 +97,13 @@ def test_float16_factor_that_would_overflow_is_kept_in_float32(tmp_path):
     layer = merged.layers[PROJ_IN]
     assert layer.down.dtype == torch.float32 and torch.isfinite(layer.down).all()
     assert float(layer.down[0, 0]) == 100_000.0
+
+
+def test_saved_float16_file_keeps_an_overflowing_layer_in_float32(tmp_path):
+    state = {f"{PROJ_IN}.lora_up.weight": torch.ones(640, 2), f"{PROJ_IN}.lora_down.weight": torch.full((2, 640), 1e5)}
+    save_file(state, str(tmp_path / "huge.safetensors"))
+    lora = read_lora(tmp_path / "huge.safetensors")
+    merged = merge_loras(lora, lora, None, method="direct")
+    tensors = merged.kohya_state_dict(torch.float16)
+    assert tensors[f"{PROJ_IN}.lora_down.weight"].dtype == torch.float32
+    assert all(torch.isfinite(t).all() for t in tensors.values())
