@@ -47,3 +47,12 @@ def synthetic_model(comfy_host):
     model, clip, _, _ = comfy.sd.load_checkpoint_guess_config(
         str(synthetic_models.checkpoint_path(models)), output_vae=False, output_clip=True)
     return model, clip
+
+
+@pytest.fixture(scope="session")
+def layout(synthetic_model):
+    """The synthetic model's UNet layout, as ComfyUI detected it."""
+    from hypernet.base_models import UNetLayout
+
+    model, _ = synthetic_model
+    return UNetLayout.from_unet_config("synthetic", model.model.model_config.unet_config)

@@ -6,7 +6,6 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from hypernet.base_models import UNetLayout
 from tests.support.loras import SD15, random_lora, write_lora
 
 pytestmark = pytest.mark.host
@@ -18,10 +17,6 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
-
-
-def _layout(model):
-    return UNetLayout.from_unet_config("synthetic", model.model.model_config.unet_config)
 
 
 def _patched_weights(model_patcher):
@@ -42,10 +37,9 @@ def _merge(comfy_host, model, clip, subject, style, **overrides):
     return nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]().merge(model, hypernet, subject, style, clip=clip, **args)
 
 
-def test_saved_file_through_stock_loader_patches_like_the_merge_node(comfy_host, synthetic_model):
+def test_saved_file_through_stock_loader_patches_like_the_merge_node(comfy_host, synthetic_model, layout):
     nodes, folder_paths, loras = comfy_host
     model, clip = synthetic_model
-    layout = _layout(model)
     write_lora(loras / "subject_kohya.safetensors", random_lora(layout, rank=8, seed=11, alpha=4.0))
     write_lora(loras / "style_reference.safetensors", random_lora(layout, rank=4, seed=12, fmt="reference"))
 
@@ -67,10 +61,9 @@ def test_saved_file_through_stock_loader_patches_like_the_merge_node(comfy_host,
         torch.testing.assert_close(ours[key], stock[key], rtol=0, atol=0)
 
 
-def test_peft_loras_that_stock_comfyui_drops_are_merged(comfy_host, synthetic_model):
+def test_peft_loras_that_stock_comfyui_drops_are_merged(comfy_host, synthetic_model, layout):
     nodes, _, loras = comfy_host
     model, clip = synthetic_model
-    layout = _layout(model)
     write_lora(loras / "subject_peft.safetensors", random_lora(layout, rank=4, seed=21, fmt="peft"))
     write_lora(loras / "style_diffusers.safetensors", random_lora(layout, rank=4, seed=22, fmt="diffusers"))
     stock_model, _ = nodes.NODE_CLASS_MAPPINGS["LoraLoader"]().load_lora(model, clip, "subject_peft.safetensors", 1.0, 1.0)
@@ -79,10 +72,9 @@ def test_peft_loras_that_stock_comfyui_drops_are_merged(comfy_host, synthetic_mo
     assert len(model_out.patches) == len(layout.attention_linears())
 
 
-def test_identical_inputs_reuse_the_merge_and_changed_content_does_not(comfy_host, synthetic_model):
+def test_identical_inputs_reuse_the_merge_and_changed_content_does_not(comfy_host, synthetic_model, layout):
     nodes, _, loras = comfy_host
     model, clip = synthetic_model
-    layout = _layout(model)
     write_lora(loras / "cache_subject.safetensors", random_lora(layout, rank=4, seed=31))
     write_lora(loras / "cache_style.safetensors", random_lora(layout, rank=4, seed=32))
     merge = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]
@@ -96,10 +88,9 @@ def test_identical_inputs_reuse_the_merge_and_changed_content_does_not(comfy_hos
     assert before != after and changed is not first
 
 
-def test_lora_for_another_base_model_is_refused_with_the_file_named(comfy_host, synthetic_model):
+def test_lora_for_another_base_model_is_refused_with_the_file_named(comfy_host, synthetic_model, layout):
     nodes, _, loras = comfy_host
     model, clip = synthetic_model
-    layout = _layout(model)
     write_lora(loras / "sd15_subject.safetensors", random_lora(SD15, rank=4, seed=41))
     write_lora(loras / "sdxl_style.safetensors", random_lora(layout, rank=4, seed=42))
     with pytest.raises(ValueError, match="sd15_subject.safetensors.*different base models"):
@@ -110,10 +101,9 @@ def test_lora_for_another_base_model_is_refused_with_the_file_named(comfy_host, 
             _merge(comfy_host, model, clip, "sd15_subject.safetensors", "sd15_style.safetensors", method=method)
 
 
-def test_save_node_never_overwrites_or_escapes_the_loras_folder(comfy_host, synthetic_model):
+def test_save_node_never_overwrites_or_escapes_the_loras_folder(comfy_host, synthetic_model, layout):
     nodes, _, loras = comfy_host
     model, clip = synthetic_model
-    layout = _layout(model)
     write_lora(loras / "save_subject.safetensors", random_lora(layout, rank=2, seed=51))
     write_lora(loras / "save_style.safetensors", random_lora(layout, rank=2, seed=52))
     merged = _merge(comfy_host, model, clip, "save_subject.safetensors", "save_style.safetensors", method="direct")[2]
@@ -135,13 +125,12 @@ def test_save_node_never_overwrites_or_escapes_the_loras_folder(comfy_host, synt
     assert not list(loras.glob("**/*.tmp"))
 
 
-def test_own_hypernet_file_from_a_lorarar_folder(comfy_host, synthetic_model, shared_weights, tmp_path):
+def test_own_hypernet_file_from_a_lorarar_folder(comfy_host, synthetic_model, layout, shared_weights, tmp_path):
     """A user's checkpoint (here the published one re-saved as safetensors) is listed and used."""
     from safetensors.torch import save_file
 
     nodes, folder_paths, loras = comfy_host
     model, clip = synthetic_model
-    layout = _layout(model)
     own = tmp_path / "lorarar"
     own.mkdir()
     state = torch.load(shared_weights / "lorarar_koala_700m_hypernet.pth", weights_only=True, map_location="cpu")
@@ -172,10 +161,9 @@ def _text_encoder_layers(state, seed):
     return state
 
 
-def test_text_encoder_layers_patch_the_clip_or_are_reported(comfy_host, synthetic_model):
+def test_text_encoder_layers_patch_the_clip_or_are_reported(comfy_host, synthetic_model, layout):
     nodes, _, loras = comfy_host
     model, clip = synthetic_model
-    layout = _layout(model)
     write_lora(loras / "te_subject.safetensors", _text_encoder_layers(random_lora(layout, rank=2, seed=71), 72))
     write_lora(loras / "te_style.safetensors", _text_encoder_layers(random_lora(layout, rank=2, seed=73), 74))
     attention = len(layout.attention_linears())
