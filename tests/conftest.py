@@ -1,4 +1,5 @@
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -8,6 +9,37 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_WEIGHTS = Path(os.environ.get("LORARAR_SHARED_WEIGHTS", REPO.parent / "shared" / "weights"))
 sys.path.insert(0, str(REPO))
 
+from tests.support.synthetic_models import comfy_root  # noqa: E402  (needs the repo on sys.path)
+
+
+def host_version() -> str:
+    """The version of the ComfyUI host under test (scripts/test.sh runs the suite once per host)."""
+    try:
+        text = (comfy_root() / "comfyui_version.py").read_text()
+    except OSError:
+        return "missing"
+    match = re.search(r'__version__\s*=\s*"([^"]+)"', text)
+    return match.group(1) if match else "unknown"
+
+
+def pytest_report_header(config):
+    return f"ComfyUI host under test: {host_version()} ({comfy_root()})"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Every failure names the host it happened on (in its report and in the short summary)."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed:
+        report.sections.append(("ComfyUI host", f"this failed on ComfyUI {host_version()} ({comfy_root()})"))
+
+
+def pytest_terminal_summary(terminalreporter):
+    failed = terminalreporter.stats.get("failed", []) + terminalreporter.stats.get("error", [])
+    if failed:
+        terminalreporter.write_line(f"on ComfyUI host {host_version()}: {len(failed)} failed: "
+                                    + ", ".join(r.nodeid for r in failed), red=True)
 
 
 @pytest.fixture(scope="session")

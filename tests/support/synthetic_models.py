@@ -93,14 +93,30 @@ def default_dir() -> Path:
     return Path(env) if env else REPO / ".cache" / "synthetic"
 
 
+def _running_host() -> Path | None:
+    """The host folder whose venv runs this interpreter (``<host>/venv/bin/python``), if any."""
+    folder = Path(sys.prefix).parent
+    return folder if (folder / "ComfyUI" / "main.py").is_file() else None
+
+
+def _default_host() -> Path:
+    sys.path.insert(0, str(REPO / "scripts"))
+    try:
+        import hosts
+    finally:
+        sys.path.pop(0)
+    return hosts.host_folder()
+
+
 def comfy_root() -> Path:
+    """ComfyUI of the host under test: $LORARAR_COMFY, else the host whose python runs us, else the default host."""
     env = os.environ.get("LORARAR_COMFY")
-    return Path(env) if env else REPO / ".host" / "ComfyUI"
+    return Path(env) if env else (_running_host() or _default_host()) / "ComfyUI"
 
 
 def host_python() -> Path:
     env = os.environ.get("LORARAR_PYTHON")
-    return Path(env) if env else REPO / ".host" / "venv" / "bin" / "python"
+    return Path(env) if env else (_running_host() or _default_host()) / "venv" / "bin" / "python"
 
 
 def checkpoint_path(root: str | os.PathLike | None = None) -> Path:
