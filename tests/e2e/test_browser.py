@@ -38,6 +38,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from tests.support.comfy_server import ComfyServer
 from tests.support.synthetic_models import ensure_models
@@ -329,7 +330,14 @@ LOAD_WORKFLOW = """async (wf, name) => {
     };
 }"""
 
-DIALOG_TEXT = """() => [...document.querySelectorAll('.p-dialog')].map(d => d.innerText).join('\\n')"""
+# Where the app tells the user about missing nodes: a dialog (frontend 1.32, ComfyUI 0.3.75) or an
+# error toast (frontend 1.49, ComfyUI 0.33).
+DIALOG_TEXT = """() => {
+    const parts = [...document.querySelectorAll('.p-dialog')].map(d => d.innerText);
+    for (const e of document.querySelectorAll('span, p'))
+        if (e.children.length === 0 && /missing node/i.test(e.innerText || '')) parts.push(e.innerText);
+    return parts.join('\\n');
+}"""
 
 
 # ------------------------------------------------------------------------------------ workflows
@@ -362,7 +370,7 @@ def pack_workflow() -> dict:
              widgets=["subject.safetensors", "style.safetensors", 1.0, 1.0, 1.0, 1.0, "lorarar", "sum"]),
         node(4, "LoraRarSaveMergedLora", (840, 120), (320, 130), order=3,
              inputs=[inp("merged_lora", "LORARAR_MERGED_LORA", 4)],
-             outputs=[out("path", "STRING", None)], widgets=["lorarar/merged", "fp16", False]),
+             outputs=[out("path", "STRING", None)], widgets=["lorarar/merged", "fp16", "add number"]),
     ]
     links = [[1, 1, 0, 3, 0, "MODEL"], [2, 1, 1, 3, 2, "CLIP"], [3, 2, 0, 3, 1, "LORARAR_HYPERNET"],
              [4, 3, 2, 4, 0, "LORARAR_MERGED_LORA"]]
@@ -406,9 +414,9 @@ async def _browser_check(srv: ComfyServer, binary: Path, workflows: dict[str, di
             res = await browser.call(LOAD_WORKFLOW, wf, name + ".json", timeout=120)
             await asyncio.sleep(0.5)  # let the canvas and dialogs paint
             res["dialog_text"] = await browser.call(DIALOG_TEXT)
-            if res["unregistered"] and not res["dialog_text"]:
-                try:  # the app's missing-nodes dialog is expected: give it time to appear
-                    res["dialog_text"] = await browser.wait_for(f"({DIALOG_TEXT})()", 10, "a dialog")
+            if res["unregistered"] and not res["dialog_text"].strip():
+                try:  # the app's missing-nodes dialog (or toast) is expected: give it time to show its text
+                    res["dialog_text"] = await browser.wait_for(f"({DIALOG_TEXT})().trim()", 10, "a dialog")
                 except CDPError:
                     pass
             res["screenshot"] = str(await browser.screenshot(ARTIFACTS / f"{name}.png"))
@@ -426,11 +434,46 @@ def browser_result():
     for path in EXAMPLES:
         workflows["example-" + path.stem] = json.loads(path.read_text())
     workflows["negative-control-" + FAKE_NODE_TYPE] = fake_node_workflow()  # last: leaves a dialog open
-    with ComfyServer(ensure_models()) as srv:
+    with tempfile.TemporaryDirectory(prefix="lorarar-browser-") as tmp, \
+            ComfyServer(ensure_models(), workflow_files(Path(tmp), workflows), input_dir=Path(tmp) / "input") as srv:
         try:
             return _run(_browser_check(srv, binary, workflows))
         except CDPError as e:
             pytest.fail(f"browser check failed: {e}\n{srv.log_tail(30)}", pytrace=False)
+
+
+def workflow_files(root: Path, workflows: dict[str, dict]) -> Path:
+    """A models root (and ``root/input``) holding every file the workflows name, as links to the synthetic
+    models and LoRAs or small PNGs: the current frontend marks nodes whose combo files the server lacks,
+    and a workflow must load without any node error on both hosts."""
+    synthetic = ensure_models()
+    checkpoint = next((synthetic / "checkpoints").glob("*.safetensors"))
+    lora = next((synthetic / "loras").glob("*.safetensors"), None) or _a_lora(root)
+    targets = {"CheckpointLoaderSimple": ("checkpoints", checkpoint), "LoraRarMerge": ("loras", lora),
+               "LoadImage": ("input", None)}
+    for wf in workflows.values():
+        for node in wf.get("nodes", []):
+            folder, source = targets.get(node["type"], (None, None))
+            for value in node.get("widgets_values") or []:
+                if folder and isinstance(value, str) and value.endswith((".safetensors", ".png")):
+                    path = root / folder / value
+                    path.parent.mkdir(parents=True, exist_ok=True)
+                    if path.exists():
+                        continue
+                    if source is None:
+                        Image.new("RGB", (64, 64), (120, 160, 200)).save(path)
+                    else:
+                        path.symlink_to(source)
+    return root
+
+
+def _a_lora(root: Path) -> Path:
+    from hypernet.base_models import UNetLayout
+    from tests.support.loras import random_lora, write_lora
+    from tests.support.synthetic_models import UNET_CONFIG
+
+    layout = UNetLayout.from_unet_config("synthetic", UNET_CONFIG)
+    return write_lora(root / "source_lora.safetensors", random_lora(layout, rank=4, seed=7))
 
 
 def _explain(res: dict, console) -> str:
@@ -463,6 +506,9 @@ def test_example_workflow_has_no_missing_nodes(browser_result, path):
         + _explain(res, browser_result["console"]))
     assert res["unregistered"] == [], (
         f"{path.name}: node types not registered in the frontend {res['unregistered']}\n"
+        + _explain(res, browser_result["console"]))
+    assert res["error_nodes"] == [], (
+        f"{path.name}: the UI marks nodes with errors {res['error_nodes']} (files it names are on the server)\n"
         + _explain(res, browser_result["console"]))
     assert Path(res["screenshot"]).stat().st_size > 10_000
 

@@ -114,4 +114,16 @@ def test_committed_workflows_match_the_generator(pack_server):
     info = pack_server[0].object_info()
     for name, (title, nodes) in builder.WORKFLOWS.items():
         committed = json.loads((REPO / "example_workflows" / f"{name}.json").read_text())
-        assert build_ui_workflow(nodes, info, title) == committed, f"{name}.json is stale: rerun scripts/build_example_workflows.py"
+        assert _comparable(build_ui_workflow(nodes, info, title)) == _comparable(committed), \
+            f"{name}.json is stale: rerun scripts/build_example_workflows.py"
+
+
+def _comparable(workflow: dict) -> dict:
+    """The workflow without the unlinked outputs of stock nodes: ComfyUI 0.33 gave SaveImage an IMAGE and
+    PreviewAny a STRING output that 0.3.75 lacks; the files are generated on the current host, and every
+    input, widget, link and pack-node output must still match on both."""
+    workflow = json.loads(json.dumps(workflow))
+    for node in workflow["nodes"]:
+        if node["type"] not in PACK_NODES:
+            node["outputs"] = [out for out in node["outputs"] if out.get("links")]
+    return workflow

@@ -72,6 +72,13 @@ def test_registered_with_tooltips(comfy_host):
     assert len(cls.OUTPUT_TOOLTIPS) == len(cls.RETURN_TYPES) == len(cls.RETURN_NAMES)
 
 
+def throttle_off(monkeypatch, utils) -> None:
+    """ComfyUI 0.33 sends progress at most every 0.1 s and 0.5 %; switched off, every update reaches the hook
+    on both hosts, so the test still sees one step per question."""
+    monkeypatch.setattr(utils, "PROGRESS_THROTTLE_MIN_INTERVAL", 0.0, raising=False)
+    monkeypatch.setattr(utils, "PROGRESS_THROTTLE_MIN_PERCENT", 0.0, raising=False)
+
+
 def test_scores_table_grid_and_progress(node, monkeypatch):
     import comfy.utils
 
@@ -79,6 +86,7 @@ def test_scores_table_grid_and_progress(node, monkeypatch):
     progress = []
     monkeypatch.setattr(comfy.utils, "PROGRESS_BAR_HOOK",
                         lambda value, total, preview, node_id=None: progress.append((value, total)))
+    throttle_off(monkeypatch, comfy.utils)
     with FakeJudge(responder=_answer) as server:
         out = _run(node, server, _batch(RED, BLUE, GREEN, size=(1024, 640)), _batch((100, 100, 100), (90, 90, 90)),
                    _batch(*STYLE_REFS))
