@@ -56,6 +56,15 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def port_is_free(port: int, host: str = "127.0.0.1") -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
 class ComfyServerError(RuntimeError):
     """The server failed to start, died, or did not answer in time (message has the log tail)."""
 
@@ -188,6 +197,9 @@ class ComfyServer:
             self._write_yaml()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1",
                "HF_HUB_OFFLINE": "1", **self.env}
+        if self._fixed_port and not port_is_free(self._fixed_port):
+            raise ComfyServerError(f"port {self._fixed_port} is taken by another process: choose another port "
+                                   "(or none, and a free one is picked)")
         try:
             for attempt in range(3):  # a free port can be taken between probe and bind
                 self.port = self._fixed_port or free_port()
@@ -216,8 +228,8 @@ class ComfyServer:
                 raise ComfyServerError(
                     f"ComfyUI exited with {self.proc.returncode} during startup\n{self.log_tail()}")
             try:
-                status, _ = self._request("GET", "/system_stats", timeout=2)
-                if status == 200:
+                status, stats = self._request("GET", "/system_stats", timeout=2)
+                if status == 200 and self._is_ours(stats):
                     return
             except (urllib.error.URLError, ConnectionError, OSError, ValueError):
                 pass
@@ -226,6 +238,12 @@ class ComfyServer:
                     f"ComfyUI did not answer /system_stats within {self.startup_timeout:.0f} s\n"
                     f"{self.log_tail()}")
             time.sleep(0.25)
+
+    def _is_ours(self, stats) -> bool:
+        """True when the server answering on our port is the process we started: its argv names our private
+        temp dir. Another server that took the port meanwhile is never talked to."""
+        argv = stats.get("system", {}).get("argv", []) if isinstance(stats, dict) else []
+        return any(str(self.tmp) in str(arg) for arg in argv)
 
     def _kill(self) -> None:
         proc, self.proc = self.proc, None
