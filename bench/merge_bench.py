@@ -270,7 +270,6 @@ def row_node(spec: dict) -> dict:
     """
     import torch
 
-    from hypernet import lora_io
     from hypernet.base_models import UNetLayout
     from tests.support.loras import random_lora, write_lora
 
@@ -286,7 +285,8 @@ def row_node(spec: dict) -> dict:
                                     random_lora(layout, rank=spec["rank"], seed=seed, dtype=dtype, alpha=alpha)).name)
         merge_node = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]
         merge_module = sys.modules[merge_node.__module__]
-        common = sys.modules[merge_node.__module__.rsplit(".", 1)[0] + ".common"]
+        # the pack as ComfyUI imported it (its own module names): the caches to clear are that copy's
+        pack_files = sys.modules[merge_node.__module__.rsplit(".", 2)[0] + ".hypernet.files"]
         (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto")
 
         def stock():
@@ -300,8 +300,7 @@ def row_node(spec: dict) -> dict:
 
         def clear():
             merge_module._MERGES.clear()
-            common._fingerprints.clear()
-            lora_io._SHA256_CACHE.clear()
+            pack_files._SHA256_CACHE.clear()
             nodes.LoraLoader.loaded_lora = None  # stock LoraLoader keeps the last file it read
 
         results = {"stock": {}, "ours": {}}
@@ -400,7 +399,7 @@ def machine() -> dict:
     except (OSError, StopIteration):
         pass
     comfy_version = "?"
-    version_file = REPO / ".host" / "ComfyUI" / "comfyui_version.py"
+    version_file = Path(sys.prefix).parent / "ComfyUI" / "comfyui_version.py"  # the host whose python runs the bench
     if version_file.is_file():
         comfy_version = version_file.read_text().split('__version__ = "')[-1].split('"')[0]
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
