@@ -1,14 +1,14 @@
 """Merge speed, memory and scaling: the factored LoRA.rar merge against the dense rule and against stock LoRA loading.
 
-    .host/venv/bin/python bench/merge_bench.py            # full table (< 15 min on a 2-core CPU)
-    .host/venv/bin/python bench/merge_bench.py --quick    # a few rows (< 2 min)
+    .host/0.33.0/venv/bin/python bench/merge_bench.py            # full table (< 15 min on a 2-core CPU)
+    .host/0.33.0/venv/bin/python bench/merge_bench.py --quick    # a few rows (< 2 min)
 
 Prints a table and writes it to docs/BENCHMARKS.md (``--out``) with the machine described. Every row runs in
 its own subprocess so its peak memory is its own; every ratio compares two measurements taken side by side
 in that subprocess. Peak memory is the process's resident-set high-water mark (VmHWM, reset through
 /proc/self/clear_refs before each measurement) minus its resident set just before: tracemalloc does not see
-torch allocations. The LoRAs are random, of the real layer shapes (tests/support/loras.py); the dense rule is
-the one the golden tests use (tests/support/dense_rule.py), run in float32 like the factored merge.
+torch allocations. The LoRAs are random, of the real layer shapes (devkit/loras.py); the dense rule is
+the one the golden tests use (devkit/dense_rule.py), run in float32 like the factored merge.
 """
 
 from __future__ import annotations
@@ -84,7 +84,7 @@ def _timed(function, runs: int) -> tuple[float, float, object]:
 
 def _random_pair(layout, rank: int, dtype, modules=None):
     """(subject, style) state dicts in kohya format; the subject stores alpha = rank / 2 (scale 0.5)."""
-    from tests.support.loras import random_lora
+    from devkit.loras import random_lora
 
     subject = random_lora(layout, rank=rank, seed=1, dtype=dtype, alpha=rank / 2, modules=modules)
     style = random_lora(layout, rank=rank, seed=2, dtype=dtype, modules=modules)
@@ -104,7 +104,7 @@ def row_math(spec: dict) -> dict:
     from hypernet.lora_io import lora_from_tensors
     from hypernet.merge import merge_loras
     from hypernet.model import LoraRarHypernet
-    from tests.support.dense_rule import dense_rule, dense_update
+    from devkit.dense_rule import dense_rule, dense_update
 
     layout = LAYOUTS[spec["layout"]]
     dtype = getattr(torch, spec["dtype"])
@@ -156,7 +156,7 @@ def row_many(spec: dict) -> dict:
     from hypernet.lora_io import lora_from_tensors
     from hypernet.merge import merge_loras, merge_many
     from hypernet.model import LoraRarHypernet
-    from tests.support.loras import random_lora
+    from devkit.loras import random_lora
 
     layout = LAYOUTS[spec["layout"]]
     hypernet = LoraRarHypernet.load(SHARED_WEIGHTS / HYPERNETS[spec["layout"]])
@@ -202,18 +202,8 @@ def row_save(spec: dict) -> dict:
 
 # ---- the merge node in a real ComfyUI, in-process (as tests/host/conftest.py does) -----------------------
 
-SDXL_UNET_CONFIG = {
-    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
-    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
-    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
-    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
-    "use_temporal_resblock": False,
-}
-
-
 def _comfy(loras: Path):
-    from tests.support import synthetic_models
+    from devkit import synthetic_models
 
     sys.path.insert(0, str(synthetic_models.comfy_root()))
     import comfy.options
@@ -237,24 +227,11 @@ def _comfy(loras: Path):
 
 def _node_model(kind: str):
     """(ModelPatcher, layout name): an SDXL-architecture UNet built with comfy's classes, or the synthetic checkpoint."""
-    import torch
-
-    import comfy.model_detection
-    import comfy.model_management
-    import comfy.model_patcher
     import comfy.sd
-    from tests.support import synthetic_models
+    from devkit import synthetic_models
 
     if kind == "sdxl":
-        config = comfy.model_detection.model_config_from_unet_config(dict(SDXL_UNET_CONFIG))
-        config.set_inference_dtype(torch.float16, None)
-        model = config.get_model({}, device="cpu")
-        with torch.no_grad():
-            for parameter in model.parameters():
-                parameter.zero_()  # resident like a loaded checkpoint (weights' values do not change the timing)
-        patcher = comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                                   offload_device=comfy.model_management.unet_offload_device())
-        return patcher, "sdxl"
+        return synthetic_models.sdxl_unet_patcher(), "sdxl"
     path = synthetic_models.checkpoint_path(synthetic_models.ensure_models())
     model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=False, output_clip=False)
     return model, "koala-synthetic"
@@ -271,7 +248,7 @@ def row_node(spec: dict) -> dict:
     import torch
 
     from hypernet.base_models import UNetLayout
-    from tests.support.loras import random_lora, write_lora
+    from devkit.loras import random_lora, write_lora
 
     loras = Path(tempfile.mkdtemp(prefix="lorarar-bench-", dir=REPO / ".cache"))
     try:
@@ -431,7 +408,7 @@ def report(rows: list[tuple[dict, dict]], info: dict, loads: tuple[str, str], co
     targets = []
     out += ["## Merge math: factored merge vs the dense rule", "",
             "Inputs in memory (random LoRAs of the real layer shapes; the subject stores alpha = rank/2). Factored: "
-            "`hypernet.merge.merge_loras`. Dense: `tests/support/dense_rule.py` (the golden tests' reference) in "
+            "`hypernet.merge.merge_loras`. Dense: `devkit/dense_rule.py` (the golden tests' reference) in "
             "float32, forming every dW = up @ down and feeding all d_in columns through H; each merged dW is "
             "dropped at once, so its memory column is a lower bound for a dense merge that keeps its result.", "",
             "| inventory | rank | inputs | layers | input MB | factored | dense | speed-up | factored peak extra | dense peak extra |",
@@ -583,7 +560,7 @@ def main(argv=None) -> int:
         return 0
 
     (REPO / ".cache").mkdir(exist_ok=True)
-    command = ".host/venv/bin/python bench/merge_bench.py" + (" --quick" if args.quick else "")
+    command = ".host/0.33.0/venv/bin/python bench/merge_bench.py" + (" --quick" if args.quick else "")
     load_start = " ".join(open("/proc/loadavg").read().split()[:3])
     info = machine()
     rows = []

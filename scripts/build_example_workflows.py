@@ -1,6 +1,6 @@
 """Writes example_workflows/*.json (UI format) from the node definitions a real ComfyUI server reports.
 
-Run after changing a node's inputs:  .host/venv/bin/python scripts/build_example_workflows.py
+Run after changing a node's inputs:  .host/0.33.0/venv/bin/python scripts/build_example_workflows.py
 Widget values are the defaults a user should start from (SDXL / KOALA-700M sampling settings).
 """
 
@@ -13,8 +13,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.support.comfy_server import ComfyServer  # noqa: E402
-from tests.support.workflows import build_ui_workflow  # noqa: E402
+from devkit.comfy_server import ComfyServer  # noqa: E402
+from devkit.workflows import build_ui_workflow  # noqa: E402
 
 OUT = REPO / "example_workflows"
 SUBJECT, STYLE = "my_subject_lora.safetensors", "my_style_lora.safetensors"

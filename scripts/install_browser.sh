@@ -6,12 +6,12 @@
 # aiohttp, which ComfyUI already requires), so there is no Playwright/Selenium and no browser
 # download: only the system package /usr/bin/chromium.
 #
-#   LORARAR_HOST      host install (default: the default host of scripts/hosts.json), see scripts/setup_host.sh
+#   LORARAR_HOST      host install (default: the default host of devkit/hosts.json), see scripts/setup_host.sh
 #   LORARAR_CHROMIUM  browser binary (default: /usr/bin/chromium)
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HOST="${LORARAR_HOST:-$(python3 "$REPO/scripts/hosts.py" get "$(python3 "$REPO/scripts/hosts.py" list | head -1)" folder)}"
+HOST="${LORARAR_HOST:-$(python3 "$REPO/devkit/hosts.py" get "$(python3 "$REPO/devkit/hosts.py" list | head -1)" folder)}"
 PY="$HOST/venv/bin/python"
 CHROMIUM="${LORARAR_CHROMIUM:-/usr/bin/chromium}"
 log() { echo "[install_browser] $*"; }

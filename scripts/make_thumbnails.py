@@ -1,7 +1,7 @@
 """Template-browser thumbnails (example_workflows/<name>.jpg) from the browser test's screenshots.
 
 Run after `pytest tests/e2e/test_browser.py` wrote artifacts/browser/example-<name>.png:
-    .host/venv/bin/python scripts/make_thumbnails.py
+    .host/0.33.0/venv/bin/python scripts/make_thumbnails.py
 """
 
 import sys

@@ -22,10 +22,10 @@ sys.path.insert(0, str(REPO))
 
 from hypernet.base_models import UNetLayout  # noqa: E402
 from hypernet.checkpoints import env_weight_dirs  # noqa: E402
-from tests.support import synthetic_models  # noqa: E402
-from tests.support.comfy_server import ComfyServer  # noqa: E402
-from tests.support.loras import random_lora, write_lora  # noqa: E402
-from tests.support.workflows import ui_to_api  # noqa: E402
+from devkit import synthetic_models  # noqa: E402
+from devkit.comfy_server import ComfyServer  # noqa: E402
+from devkit.loras import random_lora, write_lora  # noqa: E402
+from devkit.workflows import ui_to_api  # noqa: E402
 
 SYNTHETIC_SUBJECT = "SYNTHETIC_subject_lora.safetensors"
 SYNTHETIC_STYLE = "SYNTHETIC_style_lora.safetensors"

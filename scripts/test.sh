@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
-# Set up every ComfyUI host of scripts/hosts.json and the browser (idempotent), then run the whole test
+# Set up every ComfyUI host of devkit/hosts.json and the browser (idempotent), then run the whole test
 # suite once per host, the current host first. Extra arguments go to pytest, e.g.
 #   bash scripts/test.sh -m "not e2e"                    # math + in-process ComfyUI only
 #   LORARAR_TEST_HOSTS=0.33.0 bash scripts/test.sh       # one host only
 set -uo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HOSTS="${LORARAR_TEST_HOSTS:-$(python3 "$REPO/scripts/hosts.py" list)}"
+HOSTS="${LORARAR_TEST_HOSTS:-$(python3 "$REPO/devkit/hosts.py" list)}"
 for version in $HOSTS; do
   bash "$REPO/scripts/setup_host.sh" "$version" || { echo "[test] host $version failed to install" >&2; exit 1; }
 done
@@ -20,7 +20,7 @@ cd "$REPO"
 status=0
 summary=()
 for version in $HOSTS; do
-  folder="$(python3 "$REPO/scripts/hosts.py" get "$version" folder)"
+  folder="$(python3 "$REPO/devkit/hosts.py" get "$version" folder)"
   echo "================ ComfyUI host $version ($folder) ================"
   start=$SECONDS
   LORARAR_COMFY="$folder/ComfyUI" LORARAR_PYTHON="$folder/venv/bin/python" "$folder/venv/bin/python" -m pytest "$@"

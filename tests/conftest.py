@@ -9,7 +9,7 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_WEIGHTS = Path(os.environ.get("LORARAR_SHARED_WEIGHTS", REPO.parent / "shared" / "weights"))
 sys.path.insert(0, str(REPO))
 
-from tests.support.synthetic_models import comfy_root  # noqa: E402  (needs the repo on sys.path)
+from devkit.synthetic_models import comfy_root  # noqa: E402  (needs the repo on sys.path)
 
 
 def host_version() -> str:

@@ -3,9 +3,9 @@
 import pytest
 
 from hypernet.base_models import UNetLayout
-from tests.support import synthetic_models
-from tests.support.comfy_server import ComfyServer
-from tests.support.loras import SD15, random_lora, write_lora
+from devkit import synthetic_models
+from devkit.comfy_server import ComfyServer
+from devkit.loras import SD15, random_lora, write_lora
 
 SUBJECT, STYLE = "e2e_subject_kohya.safetensors", "e2e_style_reference.safetensors"
 SD15_LORA = "e2e_sd15_subject.safetensors"

@@ -1,7 +1,7 @@
 """The served ComfyUI web UI, in a real headless Chromium, knows every node type the pack's example
 workflows use (issue 3, requirement 5).
 
-A real ComfyUI server (tests/support/comfy_server.py) serves its frontend (comfyui-frontend-package);
+A real ComfyUI server (devkit/comfy_server.py) serves its frontend (comfyui-frontend-package);
 Debian's /usr/bin/chromium opens it headless and is driven over the Chrome DevTools protocol by the
 small client below (aiohttp, which ComfyUI itself requires: no Playwright, no browser download).
 Each workflow is loaded with the frontend's own ``app.loadGraphData``; missing node types are taken
@@ -40,8 +40,8 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.support.comfy_server import ComfyServer
-from tests.support.synthetic_models import ensure_models
+from devkit.comfy_server import ComfyServer
+from devkit.synthetic_models import ensure_models
 
 pytestmark = pytest.mark.e2e
 
@@ -469,8 +469,8 @@ def workflow_files(root: Path, workflows: dict[str, dict]) -> Path:
 
 def _a_lora(root: Path) -> Path:
     from hypernet.base_models import UNetLayout
-    from tests.support.loras import random_lora, write_lora
-    from tests.support.synthetic_models import UNET_CONFIG
+    from devkit.loras import random_lora, write_lora
+    from devkit.synthetic_models import UNET_CONFIG
 
     layout = UNetLayout.from_unet_config("synthetic", UNET_CONFIG)
     return write_lora(root / "source_lora.safetensors", random_lora(layout, rank=4, seed=7))

@@ -8,7 +8,7 @@ from PIL import Image
 
 from tests.e2e.conftest import JUDGE_KEY
 from tests.support.fake_judge import FakeJudge
-from tests.support.workflows import ui_to_api
+from devkit.workflows import ui_to_api
 
 pytestmark = pytest.mark.e2e
 

@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from tests.e2e.conftest import SD15_LORA, STYLE, SUBJECT
-from tests.support.synthetic_models import CHECKPOINT_NAME
-from tests.support.workflows import ui_to_api
+from devkit.synthetic_models import CHECKPOINT_NAME
+from devkit.workflows import ui_to_api
 
 pytestmark = pytest.mark.e2e
 
@@ -106,7 +106,7 @@ def test_committed_workflows_match_the_generator(pack_server):
     """example_workflows/*.json are what scripts/build_example_workflows.py makes from the live node definitions."""
     import importlib.util
 
-    from tests.support.workflows import build_ui_workflow
+    from devkit.workflows import build_ui_workflow
 
     spec = importlib.util.spec_from_file_location("build_example_workflows", REPO / "scripts" / "build_example_workflows.py")
     builder = importlib.util.module_from_spec(spec)

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.support.comfy_server import free_port
-from tests.support.synthetic_models import host_python
+from devkit.comfy_server import free_port
+from devkit.synthetic_models import host_python
 
 pytestmark = pytest.mark.e2e
 

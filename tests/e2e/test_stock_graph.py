@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import pytest
 
-from tests.support.comfy_server import ComfyServer, PromptRejected
-from tests.support.synthetic_models import CHECKPOINT_NAME, ensure_models
+from devkit.comfy_server import ComfyServer, PromptRejected
+from devkit.synthetic_models import CHECKPOINT_NAME, ensure_models
 
 pytestmark = pytest.mark.e2e
 

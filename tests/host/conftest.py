@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import synthetic_models
+from devkit import synthetic_models
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -162,7 +162,7 @@ def test_a_workflow_cannot_send_other_server_secrets(node, monkeypatch):
 
 
 def test_unreachable_judge_fails_with_one_line(node):
-    from tests.support.comfy_server import free_port
+    from devkit.comfy_server import free_port
 
     url = f"http://127.0.0.1:{free_port()}/v1"
     with pytest.raises(ValueError, match=f"judge {url}/chat/completions unreachable after 1 attempt: cannot connect"):

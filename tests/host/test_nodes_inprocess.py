@@ -6,7 +6,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from tests.support.loras import SD15, random_lora, write_lora
+from devkit.loras import SD15, random_lora, write_lora
 
 pytestmark = pytest.mark.host
 

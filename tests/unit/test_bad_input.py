@@ -11,7 +11,7 @@ from hypernet.errors import LoraRarError
 from hypernet.lora_io import read_lora, save_lora
 from hypernet.merge import merge_loras
 from hypernet.model import LoraRarHypernet
-from tests.support.loras import SD15, random_lora, write_lora
+from devkit.loras import SD15, random_lora, write_lora
 
 Q = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 

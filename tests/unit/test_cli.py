@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from safetensors import safe_open
 
-from tests.support.loras import random_lora, write_lora
+from devkit.loras import random_lora, write_lora
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_k",

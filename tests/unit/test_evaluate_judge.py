@@ -9,7 +9,7 @@ from PIL import Image
 
 from hypernet.judge import ChatCompletionsJudge, JudgeError, chat_completions_url, check_key_destination
 from tests.support.fake_judge import FakeJudge
-from tests.support.comfy_server import free_port
+from devkit.comfy_server import free_port
 
 KEY = "sk-test-0123456789-secret"
 

@@ -6,7 +6,7 @@ import torch
 from hypernet.base_models import KOALA_700M, SDXL
 from hypernet.keys import canonical_name
 from hypernet.lora_io import LowRankLayer, read_lora
-from tests.support.loras import FORMATS, random_lora, write_lora
+from devkit.loras import FORMATS, random_lora, write_lora
 
 
 @pytest.mark.parametrize("layout", [SDXL, KOALA_700M], ids=lambda l: l.name)

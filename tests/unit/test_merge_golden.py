@@ -8,8 +8,8 @@ from hypernet.keys import attention_role, sgm_to_canonical
 from hypernet.lora_io import read_lora
 from hypernet.merge import Strengths, lorarar_coefficients, merge_loras
 from hypernet.model import LoraRarHypernet
-from tests.support.dense_rule import dense_rule, dense_update
-from tests.support.loras import random_lora, write_lora
+from devkit.dense_rule import dense_rule, dense_update
+from devkit.loras import random_lora, write_lora
 
 CHECKPOINTS = {"sdxl": ("lorarar_sdxl_hypernet.pth", SDXL), "koala-700m": ("lorarar_koala_700m_hypernet.pth", KOALA_700M)}
 

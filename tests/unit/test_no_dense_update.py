@@ -13,7 +13,7 @@ from hypernet.base_models import SDXL
 from hypernet.lora_io import read_lora
 from hypernet.merge import lorarar_coefficients, lorarar_coefficients_batched, merge_loras, merge_many
 from hypernet.model import LoraRarHypernet
-from tests.support.loras import random_lora, write_lora
+from devkit.loras import random_lora, write_lora
 
 HIDDEN = 128
 

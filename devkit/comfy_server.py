@@ -1,7 +1,7 @@
 """Start a real ComfyUI server (the host installed by scripts/setup_host.sh) for end-to-end tests.
 
-    from tests.support.comfy_server import ComfyServer
-    from tests.support.synthetic_models import ensure_models
+    from devkit.comfy_server import ComfyServer
+    from devkit.synthetic_models import ensure_models
 
     with ComfyServer(ensure_models()) as srv:
         pid = srv.queue_prompt(graph)            # raises PromptRejected on HTTP 400
@@ -17,8 +17,8 @@ The process (and its process group) is always killed on ``stop()``/exit, and at 
 
 Standard library only (urllib, subprocess, socket).
 
-Paths: ComfyUI at env ``LORARAR_COMFY`` or ``<repo>/.host/ComfyUI``; python at env
-``LORARAR_PYTHON`` or ``<repo>/.host/venv/bin/python``.
+Paths: ComfyUI at env ``LORARAR_COMFY``, python at env ``LORARAR_PYTHON``; by default the host whose python
+runs this code, else the default host of devkit/hosts.json (see synthetic_models.comfy_root).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ import urllib.request
 import uuid
 from pathlib import Path
 
-from tests.support.synthetic_models import comfy_root, host_python  # one place for the host's paths
+from devkit.synthetic_models import comfy_root, host_python  # one place for the host's paths
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
 
 # Model folder types mapped to the same-named subfolder of every models root.
 STANDARD_FOLDERS = (

@@ -25,7 +25,7 @@ subprocess with the host venv's python so the calling process never imports ``co
 
 CLI::
 
-    .host/venv/bin/python tests/support/synthetic_models.py [--dir D] [--force] [--verify]
+    .host/0.33.0/venv/bin/python devkit/synthetic_models.py [--dir D] [--force] [--verify]
 """
 
 from __future__ import annotations
@@ -42,7 +42,9 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # run as a script (ensure_models builds in a subprocess): devkit must import
+    sys.path.insert(0, str(REPO))
 
 # Bump when the recipe changes: cached files made by another version are rebuilt.
 RECIPE_VERSION = 1
@@ -100,12 +102,9 @@ def _running_host() -> Path | None:
 
 
 def _default_host() -> Path:
-    sys.path.insert(0, str(REPO / "scripts"))
-    try:
-        import hosts
-    finally:
-        sys.path.pop(0)
-    return hosts.host_folder()
+    from devkit.hosts import host_folder
+
+    return host_folder()
 
 
 def comfy_root() -> Path:
@@ -117,6 +116,36 @@ def comfy_root() -> Path:
 def host_python() -> Path:
     env = os.environ.get("LORARAR_PYTHON")
     return Path(env) if env else (_running_host() or _default_host()) / "venv" / "bin" / "python"
+
+
+# The SDXL base UNet's configuration as ComfyUI detects it (2.6 B parameters), for full-size speed rows.
+SDXL_UNET_CONFIG = {
+    "use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
+    "num_classes": "sequential", "adm_in_channels": 2816, "in_channels": 4, "model_channels": 320,
+    "num_res_blocks": [2, 2, 2], "transformer_depth": [0, 0, 2, 2, 10, 10], "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": 10, "use_linear_in_transformer": True, "context_dim": 2048, "num_head_channels": 64,
+    "transformer_depth_output": [0, 0, 0, 2, 2, 2, 10, 10, 10], "use_temporal_attention": False,
+    "use_temporal_resblock": False,
+}
+
+
+def sdxl_unet_patcher():
+    """A ModelPatcher around an SDXL-architecture UNet built with ComfyUI's classes, float16, weights zeroed
+    (resident like a loaded checkpoint; their values do not change the timings). Needs comfy imported."""
+    import torch
+
+    import comfy.model_detection
+    import comfy.model_management
+    import comfy.model_patcher
+
+    config = comfy.model_detection.model_config_from_unet_config(dict(SDXL_UNET_CONFIG))
+    config.set_inference_dtype(torch.float16, None)
+    model = config.get_model({}, device="cpu")
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=comfy.model_management.unet_offload_device())
 
 
 def checkpoint_path(root: str | os.PathLike | None = None) -> Path:

@@ -1,7 +1,7 @@
-"""The ComfyUI hosts of scripts/hosts.json: where each lives and how to run its python (standard library only).
+"""The ComfyUI hosts of devkit/hosts.json: where each lives and how to run its python (standard library only).
 
-    python3 scripts/hosts.py list              # versions, default first
-    python3 scripts/hosts.py get 0.33.0 folder # one field (absolute for 'folder')
+    python3 devkit/hosts.py list              # versions, default first
+    python3 devkit/hosts.py get 0.33.0 folder # one field (absolute for 'folder')
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-HOSTS_FILE = REPO / "scripts" / "hosts.json"
+HOSTS_FILE = Path(__file__).resolve().with_name("hosts.json")
 
 
 def _data() -> dict:
@@ -33,7 +33,7 @@ def host(version: str | None = None) -> dict:
     data = _data()
     version = version or data["default"]
     if version not in data["hosts"]:
-        raise SystemExit(f"unknown ComfyUI host {version!r}; known: {', '.join(versions())} (scripts/hosts.json)")
+        raise SystemExit(f"unknown ComfyUI host {version!r}; known: {', '.join(versions())} (devkit/hosts.json)")
     return {"version": version, **data["hosts"][version]}
 
 
