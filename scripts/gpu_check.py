@@ -1,0 +1,328 @@
+"""The pack's GPU path, checked in one command (under 8 minutes on one GPU); on a machine without one it says so.
+
+    python scripts/gpu_check.py                       # on a CUDA machine: every check, a table at the end
+    python scripts/gpu_check.py --simulate-on-cpu     # the same code with the CPU standing in (the suite runs this)
+
+Checks, each PASS / FAIL / SKIP with its numbers:
+1. golden: LoRA.rar merge of two random rank-64 SDXL attention LoRAs (560 layers) with the published SDXL
+   hypernet on the GPU (same-shape layers batched through H) against the CPU result (per-layer loop);
+2. merge time on the GPU against two stock LoraLoaders patching the same LoRAs (ratio, same run);
+3. one sampling step of the synthetic SDXL-family model with the merged patch under the host's default
+   GPU settings (0.33: dynamic VRAM) and under --lowvram, each against the same patch on the CPU
+   (separate processes, since ComfyUI's memory mode is fixed per process);
+4. ComfyUI's LoRA arithmetic in float16 (lora_compute_dtype on fp16-capable GPUs) on the merged layers with
+   strengths that stretch LoRA.rar's unbounded coefficients: no Inf/NaN, close to float32.
+
+The GPU machines lent to this project reach no package registry: scripts/gpu_bundle.sh packs what the check
+needs (ComfyUI at the pinned commit, the published hypernets, missing wheels) into .gpu/ to carry along.
+Synthetic models are built on the machine. Exit status: 0 when no check FAILs (or no GPU is present).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+GOLDEN_TOLERANCE = 1e-4  # float32 on both sides, TF32 off: only summation order differs
+SAMPLE_TOLERANCE = 5e-2  # fp16/bf16 GPU model against a float32 CPU model, one step, relative to the output's scale
+FP16_TOLERANCE = 2e-2  # float16 LoRA arithmetic against float32, relative to the patched weight's scale
+
+
+def log(message: str) -> None:
+    print(f"[gpu_check] {message}", flush=True)
+
+
+def weights_dir(given: str | None) -> Path:
+    for candidate in (given, os.environ.get("LORARAR_SHARED_WEIGHTS"), REPO / ".gpu" / "weights",
+                      REPO.parent / "shared" / "weights", REPO / "weights"):
+        if candidate and (Path(candidate) / "lorarar_sdxl_hypernet.pth").is_file():
+            return Path(candidate)
+    raise SystemExit("gpu_check: no lorarar_sdxl_hypernet.pth found (--weights DIR, or run scripts/gpu_bundle.sh)")
+
+
+# ------------------------------------------------------------------ 1. golden merge
+
+def random_sdxl_lora(rank: int, seed: int, path: Path):
+    from devkit.loras import random_lora
+    from hypernet.base_models import SDXL
+    from hypernet.lora_io import lora_from_tensors
+
+    return lora_from_tensors(random_lora(SDXL, rank=rank, seed=seed), path)
+
+
+def check_golden(device: str, weights: Path) -> dict:
+    import torch
+
+    from hypernet.merge import merge_loras
+    from hypernet.model import LoraRarHypernet
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    hypernet = LoraRarHypernet.load(weights / "lorarar_sdxl_hypernet.pth")
+    subject, style = random_sdxl_lora(64, 1, Path("subject")), random_sdxl_lora(64, 2, Path("style"))
+    reference = merge_loras(subject, style, hypernet.to("cpu"), dtype=torch.float32, device="cpu")
+    on_device = merge_loras(subject, style, hypernet.to(device), dtype=torch.float32, device=device)
+    worst = 0.0
+    for name, layer in reference.layers.items():
+        other = on_device.layers[name]
+        for ours, ref in ((other.down, layer.down), (other.up, layer.up)):
+            worst = max(worst, float((ours.float().cpu() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)))
+    return {"check": "golden merge on the device vs CPU", "layers": len(reference.layers),
+            "max_relative_error": worst, "ok": worst <= GOLDEN_TOLERANCE}
+
+
+# ------------------------------------------------------------------ 2-4 need ComfyUI: each in its own process
+
+def run_worker(task: str, args: argparse.Namespace, extra: list[str], timeout: float = 300) -> dict:
+    """Run ``task`` in a fresh python (ComfyUI's memory mode is set once per process); its last line is JSON."""
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", task, "--weights", str(args.weights),
+               "--work", str(args.work), *(["--comfy", args.comfy] if args.comfy else []), *extra]
+    process = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    lines = [line for line in process.stdout.splitlines() if line.startswith("RESULT ")]
+    if process.returncode != 0 or not lines:
+        tail = " | ".join((process.stderr or process.stdout).strip().splitlines()[-6:])
+        return {"error": f"{task} exited {process.returncode}: {tail}"}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def comfy_in_process(comfy: str | None, work: Path, weights: Path, mode: str):
+    """Import ComfyUI with the pack loaded; mode 'cpu', 'default' or 'lowvram'. Returns the nodes module."""
+    import asyncio
+
+    from devkit.synthetic_models import comfy_root
+
+    root = Path(comfy) if comfy else comfy_root()
+    sys.path.insert(0, str(root))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = mode == "cpu"
+    comfy.cli_args.args.lowvram = mode == "lowvram"
+    import utils.extra_config  # noqa: F401  (before nodes, as main.py does)
+    import folder_paths
+    import nodes
+
+    pack = root / "custom_nodes" / "ComfyUI-LoRA.rar"
+    if not pack.exists():
+        pack.parent.mkdir(parents=True, exist_ok=True)
+        pack.symlink_to(REPO)
+    folder_paths.add_model_folder_path("loras", str(work / "loras"), is_default=True)
+    folder_paths.add_model_folder_path("lorarar", str(weights))
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    if "LoraRarMerge" not in nodes.NODE_CLASS_MAPPINGS:
+        raise SystemExit("the pack did not load into ComfyUI")
+    return nodes
+
+
+def _write_loras(work: Path, layout, rank: int) -> tuple[str, str]:
+    from devkit.loras import random_lora, write_lora
+
+    names = ("gpu_subject.safetensors", "gpu_style.safetensors")
+    for name, seed in zip(names, (1, 2)):
+        if not (work / "loras" / name).is_file():
+            write_lora(work / "loras" / name, random_lora(layout, rank=rank, seed=seed, std=0.05))
+    return names
+
+
+def _merge(nodes, model, names, strength: float = 1.0):
+    (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto")
+    return nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]().merge(
+        model, hypernet, names[0], names[1], strength, strength, 1.0, 1.0, "lorarar", "sum")
+
+
+def _synthetic_model():
+    import comfy.sd
+    from devkit.synthetic_models import checkpoint_path, ensure_models
+
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(checkpoint_path(ensure_models(in_process=True))), output_vae=False, output_clip=False)
+    return model
+
+
+def worker_speed(args) -> dict:
+    """Merge node (files to weights on the device) vs two stock LoraLoaders: SDXL-architecture UNet with rank-64
+    LoRAs on a GPU; the synthetic model with rank-8 LoRAs when the CPU stands in."""
+    nodes = comfy_in_process(args.comfy, args.work, args.weights, args.mode)
+
+    import torch
+
+    import comfy.model_management
+    from devkit.synthetic_models import sdxl_unet_patcher
+    from hypernet.base_models import UNetLayout
+
+    model = sdxl_unet_patcher() if args.mode != "cpu" else _synthetic_model()
+    layout = UNetLayout.from_unet_config("speed", model.model.model_config.unet_config)
+    names = _write_loras(args.work, layout, 64 if args.mode != "cpu" else 8)
+    device = comfy.model_management.get_torch_device()
+
+    def stock():
+        patched = model
+        for name in names:
+            patched, _ = nodes.LoraLoader().load_lora(patched, None, name, 1.0, 1.0)
+        return patched
+
+    def ours():
+        return _merge(nodes, model, names)[0]
+
+    times = {}
+    for label, function in (("stock", stock), ("ours", ours)) * 4:
+        merge_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__]
+        merge_module._MERGES.clear()  # cold merge each time; the files stay in the page cache for both
+        nodes.LoraLoader.loaded_lora = None
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        start = time.perf_counter()
+        patched = function()
+        patched.patch_model(device_to=device)  # every patched weight computed on the device
+        torch.cuda.synchronize() if device.type == "cuda" else None
+        times.setdefault(label, []).append(time.perf_counter() - start)
+        patched.unpatch_model(device_to=comfy.model_management.unet_offload_device())
+    # the first of each is a warm-up (imports, hypernet load, kernels)
+    ours_s, stock_s = statistics.median(times["ours"][1:]), statistics.median(times["stock"][1:])
+    return {"check": "merge node vs two stock LoraLoaders (files to patched weights)", "device": str(device),
+            "model": type(model.model.model_config).__name__, "layers": len(layout.attention_linears()),
+            "ours_s": ours_s, "stock_s": stock_s, "ratio": ours_s / stock_s, "ok": True}
+
+
+def worker_sample(args) -> dict:
+    """One Euler step of the synthetic model with the merged patch; the output latent goes to a file."""
+    nodes = comfy_in_process(args.comfy, args.work, args.weights, args.mode)
+
+    import torch
+
+    import comfy.model_management
+    from devkit.synthetic_models import UNET_CONFIG
+    from hypernet.base_models import UNetLayout
+
+    model = _synthetic_model()
+    names = _write_loras(args.work, UNetLayout.from_unet_config("synthetic", UNET_CONFIG), 16)
+    patched = _merge(nodes, model, names)[0]
+    generator = torch.Generator().manual_seed(0)
+    cond = [[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+    uncond = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
+    latent = {"samples": torch.zeros(1, 4, 64, 64)}
+    (out,) = nodes.common_ksampler(patched, 0, 1, 5.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
+    path = args.work / f"sample_{args.mode}.pt"
+    torch.save(out["samples"].float().cpu(), path)
+    return {"patcher": type(patched).__name__, "device": str(comfy.model_management.get_torch_device()),
+            "dtype": str(patched.model.get_dtype()), "path": str(path)}
+
+
+def worker_fp16(args) -> dict:
+    """ComfyUI's LoRA arithmetic with float16 intermediates on the merged layers, strengths up to 10."""
+    nodes = comfy_in_process(args.comfy, args.work, args.weights, args.mode)
+
+    import torch
+
+    import comfy.lora
+    import comfy.model_management
+    from devkit.synthetic_models import UNET_CONFIG
+    from hypernet.base_models import UNetLayout
+
+    model = _synthetic_model()
+    names = _write_loras(args.work, UNetLayout.from_unet_config("synthetic", UNET_CONFIG), 16)
+    device = comfy.model_management.get_torch_device()
+    compute = getattr(comfy.model_management, "lora_compute_dtype", lambda d: torch.float32)(device)
+    worst, finite, layers = 0.0, True, 0
+    for strength in (1.0, 10.0):
+        patched = _merge(nodes, model, names, strength)[0]
+        state = patched.model.state_dict()
+        for key, patches in patched.patches.items():
+            weight = state[key].to(device)
+            half = comfy.lora.calculate_weight(patches, weight.to(torch.float16), key, intermediate_dtype=torch.float16)
+            full = comfy.lora.calculate_weight(patches, weight.float(), key, intermediate_dtype=torch.float32)
+            finite &= bool(torch.isfinite(half).all())
+            worst = max(worst, float((half.float() - full).abs().max() / full.abs().max().clamp_min(1e-30)))
+            layers += 1
+    return {"check": "float16 LoRA arithmetic on merged layers (strength 1 and 10)", "device": str(device),
+            "host_lora_compute_dtype": str(compute), "layers": layers, "finite": finite,
+            "max_relative_error": worst, "ok": finite and worst <= FP16_TOLERANCE}
+
+
+WORKERS = {"speed": worker_speed, "sample": worker_sample, "fp16": worker_fp16}
+
+
+def check_sampling(args, device_modes: list[str]) -> list[dict]:
+    import torch
+
+    reference = run_worker("sample", args, ["--mode", "cpu"], timeout=600)
+    if "error" in reference:
+        return [{"check": "one sampling step", "error": reference["error"], "ok": False}]
+    expected = torch.load(reference["path"], weights_only=True)
+    results = []
+    for mode in device_modes:
+        result = run_worker("sample", args, ["--mode", mode], timeout=600)
+        if "error" in result:
+            results.append({"check": f"one sampling step ({mode})", "error": result["error"], "ok": False})
+            continue
+        got = torch.load(result["path"], weights_only=True)
+        error = float((got - expected).abs().max() / expected.abs().max().clamp_min(1e-30))
+        results.append({"check": f"one sampling step ({mode}) vs CPU", "patcher": result["patcher"],
+                        "model_dtype": result["dtype"], "finite": bool(torch.isfinite(got).all()),
+                        "max_relative_error": error, "ok": bool(torch.isfinite(got).all()) and error <= SAMPLE_TOLERANCE})
+    return results
+
+
+def table(results: list[dict]) -> str:
+    lines = ["| check | result | numbers |", "|---|---|---|"]
+    for result in results:
+        status = "FAIL" if not result.get("ok") else "PASS"
+        numbers = {k: (f"{v:.3g}" if isinstance(v, float) else v) for k, v in result.items() if k not in ("check", "ok")}
+        lines.append(f"| {result['check']} | {status} | {', '.join(f'{k}={v}' for k, v in numbers.items())} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
+    parser.add_argument("--simulate-on-cpu", action="store_true", help="run every check with the CPU as the device")
+    parser.add_argument("--comfy", help="ComfyUI folder (default: the host of devkit/hosts.json, or .gpu/ComfyUI)")
+    parser.add_argument("--weights", help="folder with the published hypernets")
+    parser.add_argument("--work", help="scratch folder for LoRAs, models and outputs (default: a temp folder)")
+    parser.add_argument("--skip", action="append", default=[], choices=["golden", "speed", "sample", "fp16"])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="default", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    args.weights = weights_dir(args.weights)
+    args.work = Path(args.work or tempfile.mkdtemp(prefix="lorarar-gpu-check-"))
+    if args.comfy is None and (REPO / ".gpu" / "ComfyUI" / "main.py").is_file():
+        args.comfy = str(REPO / ".gpu" / "ComfyUI")
+    if args.worker:
+        print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
+        return 0
+
+    import torch
+
+    if not torch.cuda.is_available() and not args.simulate_on_cpu:
+        log(f"no CUDA GPU on this machine (torch {torch.__version__}): nothing to check")
+        return 0
+    device = "cuda" if torch.cuda.is_available() and not args.simulate_on_cpu else "cpu"
+    name = torch.cuda.get_device_name() if device == "cuda" else "CPU (simulated device)"
+    log(f"device: {name}; torch {torch.__version__}; work folder {args.work}")
+    start, results = time.perf_counter(), []
+    if "golden" not in args.skip:
+        results.append(check_golden(device, args.weights))
+    device_mode = "default" if device == "cuda" else "cpu"
+    if "speed" not in args.skip:
+        speed = run_worker("speed", args, ["--mode", device_mode], timeout=600)
+        results.append(speed if "error" not in speed else {"check": "merge speed", **speed, "ok": False})
+    if "sample" not in args.skip:
+        results += check_sampling(args, ["default", "lowvram"] if device == "cuda" else ["cpu"])
+    if "fp16" not in args.skip:
+        fp16 = run_worker("fp16", args, ["--mode", device_mode])
+        results.append(fp16 if "error" not in fp16 else {"check": "float16 LoRA arithmetic", **fp16, "ok": False})
+    print(f"\nLoRA.rar GPU check on {name} ({time.perf_counter() - start:.0f} s)\n\n{table(results)}")
+    return 0 if all(result.get("ok") for result in results) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
