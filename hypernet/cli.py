@@ -12,7 +12,7 @@ from . import __version__, evaluate
 from .base_models import LAYOUTS, SDXL
 from .checkpoints import WEIGHTS_DIR, env_weight_dirs, load_hypernet, load_manifest
 from .errors import LoraRarError
-from .judge import DEFAULT_API_KEY_ENV, ChatCompletionsJudge
+from .judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
 from .lora_io import SAVE_DTYPES as DTYPES, read_lora, save_lora
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, Strengths, merge_loras
 
@@ -50,9 +50,10 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, type=Path, help="folder for results.json, results.csv, pairs.csv, summary.png")
     evaluate.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1")
     evaluate.add_argument("--judge-model", required=True, help="model name served there (the paper used LLaVA-Critic-7B)")
-    evaluate.add_argument("--api-key-env", default=DEFAULT_API_KEY_ENV, help="name of the environment variable holding the API key, if any (must start with LORARAR_)")
+    evaluate.add_argument("--api-key-env", default=DEFAULT_API_KEY_ENV, help="name of the environment variable holding the API key, if any (must start with LORARAR_); "
+                          f"the key is sent only to URLs listed in ${PINNED_URL_ENV} (spaces or commas between them), or to a loopback judge when that is unset")
     evaluate.add_argument("--style-names", type=Path, help="JSON {style folder: style name}; default: folder name, _ as space, trailing digits dropped")
-    evaluate.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
+    evaluate.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request in all: connect, headers and the whole answer")
     evaluate.add_argument("--retries", type=int, default=3, help="extra attempts on 5xx, timeouts and refused connections (exponential backoff)")
     evaluate.add_argument("--restart", action="store_true", help="ignore results saved by an earlier run in --out and ask everything again")
     evaluate.add_argument("--json", action="store_true", help="print the per-pair and mean scores as JSON")
@@ -82,6 +83,13 @@ def run_merge(args: argparse.Namespace) -> int:
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    try:
+        return _evaluate(args)
+    except OSError as error:  # a folder or file the checks above did not foresee: still one line, exit 2
+        raise LoraRarError(f"{error.filename or args.out}: {error.strerror or type(error).__name__}") from None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     jobs = evaluate.find_pairs(args.generated, args.subjects, args.styles, evaluate.load_style_names(args.style_names),
                                skip=[args.out])
     judge = ChatCompletionsJudge(args.judge_url, args.judge_model, args.api_key_env, timeout=args.timeout, retries=args.retries)
