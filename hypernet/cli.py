@@ -11,7 +11,8 @@ from pathlib import Path
 from . import __version__, evaluate
 from .base_models import LAYOUTS, SDXL
 from .checkpoints import WEIGHTS_DIR, env_weight_dirs, load_hypernet, load_manifest
-from .errors import LoraRarError
+from .errors import LoraRarError, unforeseen_as_error
+from .files import check_target, refuse_replacing
 from .judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
 from .lora_io import SAVE_DTYPES as DTYPES, read_lora, save_lora
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, Strengths, merge_loras
@@ -23,8 +24,15 @@ def _search_dirs() -> list[Path]:
     return [*env_weight_dirs(), WEIGHTS_DIR]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line and exit 2, like every other error of this CLI (argparse prints the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hypernet", description="LoRA.rar: merge a subject LoRA and a style LoRA.")
+    parser = _OneLineParser(prog="python -m hypernet", description="LoRA.rar: merge a subject LoRA and a style LoRA.")
     parser.add_argument("--version", action="version", version=f"ComfyUI-LoRA.rar {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="merge two LoRA files into one kohya-format LoRA")
@@ -60,23 +68,35 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def run_merge(args: argparse.Namespace) -> int:
+def _check_out(args: argparse.Namespace) -> dict[str, str]:
+    """Refuse a bad --out before any work; returns the inputs --out must never replace, --overwrite or not."""
+    inputs = {"subject LoRA": str(args.subject), "style LoRA": str(args.style)}
+    if Path(args.hypernet).is_file():
+        inputs["hypernet"] = args.hypernet
+    refuse_replacing(check_target(args.out), inputs)
     if args.out.exists() and not args.overwrite:
         raise LoraRarError(f"{args.out}: file exists; choose another name or pass --overwrite")
+    return inputs
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
+    inputs = _check_out(args)
     manifest = load_manifest()
     info = manifest.get(args.hypernet)
     hypernet, base = (None, None)
     if args.method == "lorarar" and info is None:  # a file: local, so load it first and learn its base model
         hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
     layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else base or SDXL)
-    # the LoRAs before a published hypernet: a bad input file is named before any download is tried
-    subject = read_lora(args.subject, layout)
-    style = read_lora(args.style, layout)
-    if args.method == "lorarar" and hypernet is None:
-        hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
-    strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
-    merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, base=base)
-    save_lora(args.out, merged.kohya_state_dict(DTYPES[args.dtype]), merged.metadata(__version__), overwrite=args.overwrite)
+    with unforeseen_as_error(f"{args.subject} + {args.style}"):
+        # the LoRAs before a published hypernet: a bad input file is named before any download is tried
+        subject = read_lora(args.subject, layout)
+        style = read_lora(args.style, layout)
+        if args.method == "lorarar" and hypernet is None:
+            hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
+        merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, base=base)
+    save_lora(args.out, merged.kohya_state_dict(DTYPES[args.dtype]), merged.metadata(__version__), overwrite=args.overwrite,
+              protect={**inputs, **merged.source_paths})
     print(json.dumps(merged.report.as_dict(), indent=2) if args.json else merged.report.to_text())
     print(f"wrote {args.out}")
     return 0
@@ -113,4 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"merge": run_merge, "evaluate": run_evaluate}[args.command](args)
     except LoraRarError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permission denied, ...: the user can act on it; a traceback helps no one
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}".replace("\n", " "), file=sys.stderr)
         return 2
