@@ -12,7 +12,7 @@ import time
 import pytest
 
 from tests.support.comfy_server import ComfyServer
-from tests.support.fake_judge import FakeJudge
+from tests.support.fake_judge import FakeJudge, key_stretches
 
 pytestmark = pytest.mark.e2e
 
@@ -21,10 +21,8 @@ ENV = {"LORARAR_JUDGE_API_KEY": KEY, "LORARAR_JUDGE_URL": "",  # no operator lis
        "LORARAR_CRLF_KEY": KEY + "\r\nX-Injected: 1", "LORARAR_SPACE_KEY": KEY[:9] + " " + KEY[9:]}
 
 
-def windows(text: str, width: int = 8) -> list[str]:
-    """Every ``width``-character stretch of the key found in ``text`` (any case): must be empty."""
-    lowered = text.lower()
-    return [KEY[i:i + width] for i in range(len(KEY) - width + 1) if KEY[i:i + width].lower() in lowered]
+def windows(text: str) -> list[str]:
+    return key_stretches(text, KEY)
 
 
 @pytest.fixture(scope="module")

@@ -46,6 +46,12 @@ from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
+def key_stretches(text: str, key: str, width: int = 8) -> list[str]:
+    """Every ``width``-character stretch of ``key`` found in ``text`` (any case): a leak check, must be empty."""
+    lowered = text.lower()
+    return [key[i:i + width] for i in range(len(key) - width + 1) if key[i:i + width].lower() in lowered]
+
+
 HOSTILE = ("hang", "drip", "drip_headers", "huge", "huge_chunked", "echo", "echo_part", "echo_escaped", "echo_reason",
            "echo_status", "echo_header", "nested", "nested_body", "object", "number", "parts")
 

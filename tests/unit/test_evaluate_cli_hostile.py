@@ -11,16 +11,14 @@ import pytest
 from PIL import Image
 
 from hypernet.cli import main
-from tests.support.fake_judge import FakeJudge
+from tests.support.fake_judge import FakeJudge, key_stretches
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "sk-cli-hostile-9d4e2a7b6c1f"
 
 
-def windows(text: str, width: int = 8) -> list[str]:
-    """Every ``width``-character stretch of the key found in ``text`` (any case): must be empty."""
-    lowered = text.lower()
-    return [KEY[i:i + width] for i in range(len(KEY) - width + 1) if KEY[i:i + width].lower() in lowered]
+def windows(text: str) -> list[str]:
+    return key_stretches(text, KEY)
 
 
 @pytest.fixture

@@ -10,7 +10,7 @@ from PIL import Image
 
 from hypernet.evaluate import Vote, parse_answer
 from hypernet.judge import ChatCompletionsJudge, JudgeCancelled, JudgeError, chat_completions_url, redact
-from tests.support.fake_judge import FakeJudge
+from tests.support.fake_judge import FakeJudge, key_stretches
 
 KEY = "sk-hostile-3f9a7c1e5b2d8f40"
 
@@ -21,10 +21,8 @@ def _key(monkeypatch):
     monkeypatch.setenv("LORARAR_JUDGE_API_KEY", KEY)
 
 
-def windows(text: str, width: int = 8) -> list[str]:
-    """Every ``width``-character stretch of the key found in ``text`` (any case): must be empty."""
-    lowered = text.lower()
-    return [KEY[i:i + width] for i in range(len(KEY) - width + 1) if KEY[i:i + width].lower() in lowered]
+def windows(text: str) -> list[str]:
+    return key_stretches(text, KEY)
 
 
 def _judge(server, **kwargs):
