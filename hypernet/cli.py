@@ -11,8 +11,9 @@ from pathlib import Path
 from . import __version__, evaluate
 from .base_models import LAYOUTS, SDXL
 from .checkpoints import WEIGHTS_DIR, env_weight_dirs, load_hypernet, load_manifest
-from .errors import LoraRarError
-from .judge import DEFAULT_API_KEY_ENV, ChatCompletionsJudge
+from .errors import LoraRarError, unforeseen_as_error
+from .files import check_target, refuse_replacing
+from .judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
 from .lora_io import SAVE_DTYPES as DTYPES, read_lora, save_lora
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, Strengths, merge_loras
 
@@ -23,8 +24,15 @@ def _search_dirs() -> list[Path]:
     return [*env_weight_dirs(), WEIGHTS_DIR]
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """Usage mistakes as one line and exit 2, like every other error of this CLI (argparse prints the usage block)."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {' '.join(message.split())} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m hypernet", description="LoRA.rar: merge a subject LoRA and a style LoRA.")
+    parser = _OneLineParser(prog="python -m hypernet", description="LoRA.rar: merge a subject LoRA and a style LoRA.")
     parser.add_argument("--version", action="version", version=f"ComfyUI-LoRA.rar {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     merge = commands.add_parser("merge", help="merge two LoRA files into one kohya-format LoRA")
@@ -50,38 +58,58 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--out", required=True, type=Path, help="folder for results.json, results.csv, pairs.csv, summary.png")
     evaluate.add_argument("--judge-url", required=True, help="OpenAI-compatible base URL, e.g. http://127.0.0.1:11434/v1")
     evaluate.add_argument("--judge-model", required=True, help="model name served there (the paper used LLaVA-Critic-7B)")
-    evaluate.add_argument("--api-key-env", default=DEFAULT_API_KEY_ENV, help="name of the environment variable holding the API key, if any (must start with LORARAR_)")
+    evaluate.add_argument("--api-key-env", default=DEFAULT_API_KEY_ENV, help="name of the environment variable holding the API key, if any (must start with LORARAR_); "
+                          f"the key is sent only to URLs listed in ${PINNED_URL_ENV} (spaces or commas between them), or to a loopback judge when that is unset")
     evaluate.add_argument("--style-names", type=Path, help="JSON {style folder: style name}; default: folder name, _ as space, trailing digits dropped")
-    evaluate.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request")
+    evaluate.add_argument("--timeout", type=float, default=120.0, help="seconds per judge request in all: connect, headers and the whole answer")
     evaluate.add_argument("--retries", type=int, default=3, help="extra attempts on 5xx, timeouts and refused connections (exponential backoff)")
     evaluate.add_argument("--restart", action="store_true", help="ignore results saved by an earlier run in --out and ask everything again")
     evaluate.add_argument("--json", action="store_true", help="print the per-pair and mean scores as JSON")
     return parser
 
 
-def run_merge(args: argparse.Namespace) -> int:
+def _check_out(args: argparse.Namespace) -> dict[str, str]:
+    """Refuse a bad --out before any work; returns the inputs --out must never replace, --overwrite or not."""
+    inputs = {"subject LoRA": str(args.subject), "style LoRA": str(args.style)}
+    if Path(args.hypernet).is_file():
+        inputs["hypernet"] = args.hypernet
+    refuse_replacing(check_target(args.out), inputs)
     if args.out.exists() and not args.overwrite:
         raise LoraRarError(f"{args.out}: file exists; choose another name or pass --overwrite")
+    return inputs
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
+    inputs = _check_out(args)
     manifest = load_manifest()
     info = manifest.get(args.hypernet)
     hypernet, base = (None, None)
     if args.method == "lorarar" and info is None:  # a file: local, so load it first and learn its base model
         hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
     layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else base or SDXL)
-    # the LoRAs before a published hypernet: a bad input file is named before any download is tried
-    subject = read_lora(args.subject, layout)
-    style = read_lora(args.style, layout)
-    if args.method == "lorarar" and hypernet is None:
-        hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
-    strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
-    merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, base=base)
-    save_lora(args.out, merged.kohya_state_dict(DTYPES[args.dtype]), merged.metadata(__version__), overwrite=args.overwrite)
+    with unforeseen_as_error(f"{args.subject} + {args.style}"):
+        # the LoRAs before a published hypernet: a bad input file is named before any download is tried
+        subject = read_lora(args.subject, layout)
+        style = read_lora(args.style, layout)
+        if args.method == "lorarar" and hypernet is None:
+            hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
+        merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, base=base)
+    save_lora(args.out, merged.kohya_state_dict(DTYPES[args.dtype]), merged.metadata(__version__), overwrite=args.overwrite,
+              protect={**inputs, **merged.source_paths})
     print(json.dumps(merged.report.as_dict(), indent=2) if args.json else merged.report.to_text())
     print(f"wrote {args.out}")
     return 0
 
 
 def run_evaluate(args: argparse.Namespace) -> int:
+    try:
+        return _evaluate(args)
+    except OSError as error:  # a folder or file the checks above did not foresee: still one line, exit 2
+        raise LoraRarError(f"{error.filename or args.out}: {error.strerror or type(error).__name__}") from None
+
+
+def _evaluate(args: argparse.Namespace) -> int:
     jobs = evaluate.find_pairs(args.generated, args.subjects, args.styles, evaluate.load_style_names(args.style_names),
                                skip=[args.out])
     judge = ChatCompletionsJudge(args.judge_url, args.judge_model, args.api_key_env, timeout=args.timeout, retries=args.retries)
@@ -105,4 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         return {"merge": run_merge, "evaluate": run_evaluate}[args.command](args)
     except LoraRarError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full, permission denied, ...: the user can act on it; a traceback helps no one
+        print(f"error: {exc.filename or ''}: {exc.strerror or exc}".replace("\n", " "), file=sys.stderr)
         return 2

@@ -59,10 +59,15 @@ _NO = re.compile(r"\bno\b", re.IGNORECASE)
 
 
 def parse_answer(text: str) -> str:
-    """'yes', 'no' or 'unparsed'. A "yes" anywhere wins (the paper's rule); whole words only."""
-    if _YES.search(text or ""):
+    """'yes', 'no' or 'unparsed'. A "yes" anywhere wins (the paper's rule); whole words only.
+
+    Anything but a string (a judge's JSON object, a number) is unparsed: ``str({"yes": 1})`` must not approve.
+    """
+    if not isinstance(text, str):
+        return "unparsed"
+    if _YES.search(text):
         return "yes"
-    if _NO.search(text or ""):
+    if _NO.search(text):
         return "no"
     return "unparsed"
 
@@ -97,7 +102,13 @@ class Vote:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Vote":
-        return cls(list(data["verdicts"]), list(data.get("answers", [""] * len(data["verdicts"]))))
+        """The vote saved by :meth:`as_dict`; ValueError when ``data`` has another shape."""
+        verdicts, answers = data["verdicts"], data.get("answers", [""] * len(data["verdicts"]))
+        if not (isinstance(verdicts, list) and verdicts and set(verdicts) <= {"yes", "no", "unparsed"}
+                and isinstance(answers, list) and len(answers) == len(verdicts)
+                and all(isinstance(a, str) for a in answers)):
+            raise ValueError("not a saved vote")
+        return cls(list(verdicts), list(answers))
 
 
 def majority(verdicts: Sequence[str]) -> bool:
@@ -136,8 +147,11 @@ class ImageResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ImageResult":
-        return cls(data["image"], Vote.from_dict(data["subject"]), Vote.from_dict(data["style"]),
-                   data.get("clip_i_subject"), data.get("clip_i_style"))
+        """The result saved by :meth:`as_dict`; ValueError when ``data`` has another shape."""
+        clip = [data.get("clip_i_subject"), data.get("clip_i_style")]
+        if not isinstance(data["image"], str) or not all(c is None or type(c) in (int, float) for c in clip):
+            raise ValueError("not a saved image result")
+        return cls(data["image"], Vote.from_dict(data["subject"]), Vote.from_dict(data["style"]), *clip)
 
 
 # ------------------------------------------------------------------ asking
@@ -341,8 +355,28 @@ def summary_chart(pairs: Sequence[Score], mean: Score) -> Image.Image:
 
 def atomic_write(path: Path, data: str | bytes) -> None:
     """Write ``data`` to ``path`` through a temp file in the same folder, flushed and renamed."""
-    with atomic_file(path) as temp:
-        temp.write_bytes(data.encode() if isinstance(data, str) else data)
+    try:
+        with atomic_file(path) as temp:
+            temp.write_bytes(data.encode() if isinstance(data, str) else data)
+    except OSError as error:
+        raise LoraRarError(f"{path}: cannot write it ({error.strerror or type(error).__name__}); "
+                           "check that the output folder is a writable folder") from None
+
+
+def prepare_out_dir(out_dir: Path) -> Path:
+    """``out_dir``, created if missing; a one-line error when it is a file, lies inside one, or cannot be made."""
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise LoraRarError(f"{out_dir}: is a file, not a folder; give --out a folder for the result files")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise LoraRarError(f"{out_dir}: cannot create the output folder ({error.strerror or type(error).__name__}); "
+                           "is a part of the path a file?") from None
+    for name in ("results.json", "results.csv", "pairs.csv", "summary.png"):
+        if (out_dir / name).is_dir():
+            raise LoraRarError(f"{out_dir / name}: is a folder; remove it or choose another --out")
+    return out_dir
 
 
 def _csv_text(header: Sequence[str], rows: Iterable[Sequence]) -> str:
@@ -391,6 +425,8 @@ def load_style_names(path: Path | None) -> dict[str, str]:
         return {}
     try:
         names = json.loads(Path(path).read_text())
+    except RecursionError:
+        raise LoraRarError(f"{path}: cannot read the style-name mapping (JSON nested too deeply)") from None
     except (OSError, ValueError) as error:
         raise LoraRarError(f"{path}: cannot read the style-name mapping ({error})") from None
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
@@ -447,7 +483,10 @@ def find_pairs(generated: Path, subjects: Path, styles: Path, style_names: dict[
 
 
 def _sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as error:
+        raise LoraRarError(f"{path}: cannot read it ({error.strerror or type(error).__name__})") from None
 
 
 @dataclass
@@ -467,20 +506,43 @@ class BatchState:
         self.path = Path(out_dir) / "results.json"
         self.protocol = protocol
         self.records: dict[str, dict] = {}
-        if resume and self.path.is_file():
+        self.finished: dict[str, ImageResult] = {}
+        if resume and self.path.exists():
+            self._load()
+
+    def _load(self) -> None:
+        """Read every saved record now, so a corrupt file stops the run before any question is asked."""
+        fix = "delete it or pass --restart"
+        try:
+            saved = json.loads(self.path.read_text(encoding="utf-8"))
+        except RecursionError:
+            raise LoraRarError(f"{self.path}: cannot resume from it (JSON nested too deeply); {fix}") from None
+        except (OSError, ValueError) as error:
+            reason = getattr(error, "strerror", None) or type(error).__name__
+            raise LoraRarError(f"{self.path}: cannot resume from it (not readable JSON: {reason}); {fix}") from None
+        if not isinstance(saved, dict) or not isinstance(saved.get("images", {}), dict):
+            raise LoraRarError(f"{self.path}: cannot resume from it (expected a JSON object with an 'images' "
+                               f"object, as this tool writes); {fix}")
+        if saved.get("version") != STATE_VERSION:
+            return  # another version's state: asked again, then overwritten
+        for key, record in saved.get("images", {}).items():
             try:
-                saved = json.loads(self.path.read_text())
-                if saved.get("version") == STATE_VERSION:
-                    self.records = dict(saved.get("images", {}))
-            except (OSError, ValueError) as error:
-                raise LoraRarError(f"{self.path}: cannot resume from it ({error}); delete it or pass --restart") from None
+                self.finished[key] = ImageResult.from_dict(record)
+                fingerprint = record["fingerprint"]
+                if not isinstance(fingerprint, str):
+                    raise TypeError
+            except (KeyError, TypeError, ValueError, AttributeError):
+                raise LoraRarError(f"{self.path}: cannot resume from it (record {key[:200]!r} is not a result this "
+                                   f"tool wrote); {fix}") from None
+            self.records[key] = record
 
     def done(self, key: str, fingerprint: str) -> ImageResult | None:
         record = self.records.get(key)
-        return ImageResult.from_dict(record) if record and record.get("fingerprint") == fingerprint else None
+        return self.finished[key] if record and record.get("fingerprint") == fingerprint else None
 
     def save(self, key: str, fingerprint: str, result: ImageResult) -> None:
         self.records[key] = {**result.as_dict(), "fingerprint": fingerprint}
+        self.finished[key] = result
         self.write()
 
     def write(self, **extra) -> None:
@@ -496,7 +558,7 @@ def evaluate_folders(jobs: Sequence[PairJob], judge: Judge, out_dir: Path, model
     Files in ``out_dir``: results.json (state + per image + per pair + mean), results.csv,
     pairs.csv, summary.png. Partial results survive any interruption (each image is saved as it ends).
     """
-    out_dir = Path(out_dir)
+    out_dir = prepare_out_dir(out_dir)
     protocol = {"judge_model": model, "judge_endpoint": public_url(endpoint) if endpoint else "",
                 "max_side": max_side, "subject_question": SUBJECT_QUESTION,
                 "style_question": style_question("<style>"), "vote": "yes fraction > 0.5"}

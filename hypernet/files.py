@@ -5,13 +5,19 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from .errors import LoraRarFileExists
+from .errors import LoraRarError, LoraRarFileExists
 
 _SHA256_CACHE: dict[tuple, str] = {}
+# atomic_file's temp name is ".{name}." + 8 random characters + ".tmp": 14 bytes more than the name itself
+_TEMP_NAME_EXTRA = 14
+# control characters (NUL, CR, LF, ...), invisible format characters (bidi overrides), line/paragraph
+# separators and lone surrogates: no file system or log line shows them for what they are
+_UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
@@ -32,6 +38,64 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     return _SHA256_CACHE[key]
 
 
+def check_name_characters(name: str) -> None:
+    """Refuse a file name holding a character that would hide in a listing or split a log line (NUL, CR, LF, ...)."""
+    bad = next((c for c in str(name) if unicodedata.category(c) in _UNSAFE_CATEGORIES), None)
+    if bad is not None:
+        raise LoraRarError(f"{str(name)!r}: the file name holds the control character U+{ord(bad):04X}; "
+                           f"use a name of printable characters")
+
+
+def _existing_ancestor(path: Path) -> Path:
+    """The nearest folder (or file) on the way up from ``path`` that exists."""
+    for parent in path.parents:
+        if os.path.lexists(parent):
+            return parent
+    return Path(os.curdir)
+
+
+def _limit(folder: Path, name: str, default: int) -> int:
+    try:
+        return os.pathconf(folder, name)
+    except (OSError, ValueError):
+        return default
+
+
+def check_target(path: str | Path) -> Path:
+    """Refuse, before anything is written, a target atomic_file cannot write: a name with control characters,
+    no file name, a name or path too long once the temp suffix is added, a folder, or a parent that is a file."""
+    check_name_characters(str(path))
+    path = Path(path)
+    if path.name in ("", ".", ".."):
+        raise LoraRarError(f"{path}: no file name; give the name of the file to write")
+    ancestor = _existing_ancestor(path)
+    name_bytes, name_max = len(os.fsencode(path.name)), _limit(ancestor, "PC_NAME_MAX", 255)
+    if name_bytes + _TEMP_NAME_EXTRA > name_max:
+        raise LoraRarError(f"{path.name[:40]}...: file name of {name_bytes} bytes is too long for this file system "
+                           f"(at most {name_max - _TEMP_NAME_EXTRA}); choose a shorter name")
+    full_bytes, path_max = len(os.fsencode(os.path.abspath(path))), _limit(ancestor, "PC_PATH_MAX", 4096)
+    if full_bytes + _TEMP_NAME_EXTRA >= path_max:
+        raise LoraRarError(f"{path.name}: the full path of {full_bytes} bytes is too long for this file system "
+                           f"(at most {path_max - _TEMP_NAME_EXTRA - 1}); choose a shorter folder or name")
+    if os.path.isdir(path):
+        raise LoraRarError(f"{path}: is a folder; give the name of the file to write inside it")
+    if not os.path.isdir(ancestor):
+        raise LoraRarError(f"{path}: {ancestor} is a file, not a folder; choose another place to write")
+    return path
+
+
+def refuse_replacing(target: str | Path, inputs: dict[str, str]) -> None:
+    """Refuse a target that is one of the inputs ({role: path}): the same file by path, symlink or hard link."""
+    for role, source in inputs.items():
+        try:
+            same = os.path.samefile(target, source)
+        except (OSError, ValueError):  # either file missing: they cannot be the same file
+            same = False
+        if same:
+            raise LoraRarError(f"{target}: is the {role} of this merge ({source}); writing there would destroy "
+                               f"an input, choose another file name")
+
+
 @contextmanager
 def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``path``; when the block succeeds, move the finished file onto ``path``.
@@ -40,11 +104,14 @@ def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     With overwrite=False an existing ``path`` is never replaced, even one that appears meanwhile
     (LoraRarFileExists). On any failure the temp file is removed and ``path`` is untouched.
     """
-    path = Path(path)
+    path = check_target(path)
     if not overwrite and path.exists():
         raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:  # read-only folder, no permission, disk full: one line naming the file
+        raise LoraRarError(f"{path}: cannot write the file ({exc.strerror or exc})") from None
     os.close(handle)
     try:
         yield Path(temp)

@@ -3,41 +3,49 @@
 Ollama, vLLM, LM Studio and llama.cpp's server all speak it: POST <base>/chat/completions with
 the images as base64 ``data:`` URLs and greedy decoding (temperature 0). The API key, when one is
 needed, is read from an environment variable at call time; it goes into the Authorization header
-and nowhere else (never into errors, logs or results). Since workflows are shared, the key rules
-hold for whoever wrote the URL and variable name: only ``LORARAR_*`` variables are read, a key is
-sent over plain http only to a loopback host, only to ``$LORARAR_JUDGE_URL`` when the operator set
-it, and redirects are never followed.
+and nowhere else. Since workflows are shared, the key rules hold whoever wrote the URL and the
+variable name: only ``LORARAR_*`` variables are read; a key is sent only to the judge URLs the
+server's operator listed in ``$LORARAR_JUDGE_URL``, or, with none listed, only to a loopback host;
+never over plain http to another host; redirects are never followed. Whatever the judge sends back
+(error bodies, answers) has every stretch of 8 or more characters of the key cut out before it is
+shown or stored. Each request has one deadline and a size cap (see ``judge_http``).
 """
 
 from __future__ import annotations
 
 import base64
-import http.client
 import io
 import ipaddress
 import json
+import math
 import os
 import re
-import socket
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from typing import Callable, Protocol, Sequence
 
 from PIL import Image
 
+from . import judge_http
 from .errors import LoraRarError
 
 DEFAULT_API_KEY_ENV = "LORARAR_JUDGE_API_KEY"
 KEY_ENV_PREFIX = "LORARAR_"  # the only variables ever read as keys: a workflow cannot name AWS_SECRET_ACCESS_KEY
-PINNED_URL_ENV = "LORARAR_JUDGE_URL"  # set by the server's operator: keys go to this judge URL and no other
+PINNED_URL_ENV = "LORARAR_JUDGE_URL"  # set by the server's operator: the judge URLs that may receive keys
 _KEY_ENV_NAME = re.compile(rf"^{KEY_ENV_PREFIX}[A-Za-z0-9_]*$")
+_HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e]+")  # visible ASCII: nothing http.client would refuse or split
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
+KEY_WINDOW = 8  # any run of this many characters shared with the key is cut out of what the judge says
+ANSWER_CHARS = 1000  # a yes/no answer is a few words; longer ones are cut (after redaction) before storing
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class JudgeError(LoraRarError):
     """The judge endpoint failed or answered something unusable (one line, names the endpoint)."""
+
+
+class JudgeCancelled(JudgeError):
+    """The caller's ``cancelled()`` turned true during a request or a wait between attempts."""
 
 
 class Judge(Protocol):
@@ -46,16 +54,22 @@ class Judge(Protocol):
 
 
 def chat_completions_url(base_url: str) -> str:
-    """``http://host:port/v1`` -> ``.../v1/chat/completions``; a bare ``http://host:port`` gets ``/v1``."""
-    url = base_url.strip().rstrip("/")
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    """``http://host:port/v1`` -> ``.../v1/chat/completions``; a bare ``http://host:port`` gets ``/v1``.
+
+    A query (Azure's ``?api-version=...``) stays on the final URL; a fragment is dropped.
+    """
+    text = base_url.strip()
+    parts = urllib.parse.urlsplit(text)
+    try:
+        parts.port  # noqa: B018 - raises on a port that is not a number
+    except ValueError:
+        parts = parts._replace(scheme="")
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not text.isprintable() or " " in text:
         raise JudgeError(f"judge URL {base_url!r}: expected http(s)://host:port/v1 (an OpenAI-compatible base URL)")
-    if url.endswith("/chat/completions"):
-        return url
-    if parts.path in ("", "/"):
-        url += "/v1"
-    return url + "/chat/completions"
+    path = parts.path.rstrip("/")
+    if not path.endswith("/chat/completions"):
+        path = (path or "/v1") + "/chat/completions"
+    return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, ""))
 
 
 def check_key_env(name: str) -> str:
@@ -68,37 +82,87 @@ def check_key_env(name: str) -> str:
 
 
 def _normalised(url: str) -> str:
+    """The chat-completions URL compared for the key rule: scheme and host in lower case, no user, no default port."""
     parts = urllib.parse.urlsplit(chat_completions_url(url))
-    return urllib.parse.urlunsplit(parts._replace(scheme=parts.scheme.lower(), netloc=parts.netloc.lower()))
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = parts.port if parts.port not in (None, _DEFAULT_PORTS[parts.scheme]) else None
+    netloc = f"{host}:{port}" if port else host
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+
+
+def allowed_key_urls() -> list[str]:
+    """The operator's ``$LORARAR_JUDGE_URL``: base or full URLs separated by whitespace or commas, normalised."""
+    entries = [e for e in re.split(r"[\s,]+", os.environ.get(PINNED_URL_ENV, "")) if e]
+    allowed = []
+    for number, entry in enumerate(entries, 1):
+        try:
+            allowed.append(_normalised(entry))
+        except JudgeError:  # not echoed: an operator may have put credentials in it
+            raise JudgeError(f"${PINNED_URL_ENV}: entry {number} is not an http(s) URL; "
+                             "no key is sent until it is fixed") from None
+    return allowed
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def check_key_destination(url: str) -> None:
-    """Raise unless an API key may be sent to the chat-completions ``url`` (https, or http to loopback; the pin)."""
+    """Raise unless an API key may be sent to the chat-completions ``url``.
+
+    Allowed: a URL in ``$LORARAR_JUDGE_URL``; with that unset, a loopback host. Never plain http to another host.
+    """
     parts = urllib.parse.urlsplit(url)
     host = (parts.hostname or "").lower()
-    try:
-        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = False
-    if parts.scheme.lower() != "https" and not loopback:
+    if parts.scheme.lower() != "https" and not _is_loopback(host):
         raise JudgeError(f"judge {public_url(url)}: refusing to send the API key over plain http to a non-loopback "
                          "host; use https (or a judge on 127.0.0.1), or leave the key variable unset")
-    pinned = os.environ.get(PINNED_URL_ENV, "").strip()
-    try:
-        pinned = pinned and _normalised(pinned)
-    except JudgeError:
-        raise JudgeError(f"${PINNED_URL_ENV} is not an http(s) URL; no key is sent until it is fixed") from None
-    if pinned and _normalised(url) != pinned:
+    allowed = allowed_key_urls()
+    if allowed and _normalised(url) not in allowed:
         raise JudgeError(f"judge {public_url(url)}: refusing to send the API key: this server sends keys only to "
-                         f"the judge URL in ${PINNED_URL_ENV}")
+                         f"the judge URLs in ${PINNED_URL_ENV}")
+    if not allowed and not _is_loopback(host):
+        raise JudgeError(f"judge {public_url(url)}: refusing to send the API key to a host the server's operator "
+                         f"did not list; to allow it, start the server with {PINNED_URL_ENV} set to this URL "
+                         "(several: separated by spaces or commas), or leave the key variable unset")
 
 
-class _NoRedirect(urllib.request.HTTPRedirectHandler):
-    def redirect_request(self, *args, **kwargs):  # urllib would forward the Authorization header anywhere
-        return None
+def check_key_value(key: str, variable: str) -> None:
+    """Raise (without showing the key) unless ``key`` can travel in an HTTP header as it is."""
+    if not _HEADER_SAFE_KEY.fullmatch(key):
+        raise JudgeError(f"${variable} holds characters an HTTP header cannot carry (line breaks, spaces, control "
+                         "or non-ASCII characters); set it to the key alone. The value is not shown")
 
 
-_OPENER = urllib.request.build_opener(_NoRedirect)
+def redact(text: str, key: str, window: int = KEY_WINDOW) -> str:
+    """``text`` with every stretch sharing ``window`` consecutive characters with ``key`` (any case) replaced.
+
+    A key shorter than ``window`` is matched whole. Catches the key echoed whole, in part or upper-cased.
+    """
+    if not key or not text:
+        return text
+    width = min(window, len(key))
+    lowered, key = text.translate(_ASCII_LOWER), key.translate(_ASCII_LOWER)  # same length: indices stay aligned
+    pieces = {key[i:i + width] for i in range(len(key) - width + 1)}
+    hidden = bytearray(len(text))
+    for i in range(len(text) - width + 1):
+        if lowered[i:i + width] in pieces:
+            hidden[i:i + width] = b"\x01" * width
+    out, i = [], 0
+    while i < len(text):
+        j = i
+        while j < len(text) and hidden[j] == hidden[i]:
+            j += 1
+        out.append("[redacted]" if hidden[i] else text[i:j])
+        i = j
+    return "".join(out)
+
+
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
 
 def public_url(url: str) -> str:
@@ -115,28 +179,51 @@ def image_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+def answer_text(reply: dict) -> str:
+    """The text of a chat completion's first choice; anything else is described in words that parse as
+    neither yes nor no (a JSON object holding "yes" must not count as a yes)."""
+    try:
+        content = reply["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError):
+        return "[unreadable answer: no choices[0].message.content]"
+    if isinstance(content, list):  # some servers return content parts
+        texts = [part.get("text") for part in content if isinstance(part, dict)]
+        texts = [text for text in texts if isinstance(text, str)]
+        return " ".join(texts) if texts else "[unreadable answer: content parts without text]"
+    if content is None or isinstance(content, str):
+        return content or ""
+    kind = {dict: "an object", bool: "a boolean", int: "a number", float: "a number"}.get(type(content), "a value")
+    return f"[unreadable answer: content is {kind}, expected text]"
+
+
 class ChatCompletionsJudge:
-    """Asks one question with images per request; retries 5xx/429, timeouts and refused connections.
+    """Asks one question with images per request; retries 5xx/429, timeouts and failed connections.
 
     base_url: e.g. ``http://127.0.0.1:11434/v1`` (Ollama). model: the served model's name.
     api_key_env: the *name* of the environment variable holding the key (unset or empty: no key sent);
     it must start with ``LORARAR_``, and a key is only sent where :func:`check_key_destination` allows.
-    timeout: seconds per request. retries: extra attempts after the first; the wait before attempt
-    k+1 is ``backoff * 2**k`` seconds, capped at ``max_backoff``.
+    timeout: seconds per request, covering connect, headers and the whole body. retries: extra attempts
+    after the first; the wait before attempt k+1 is ``backoff * 2**k`` seconds, capped at ``max_backoff``.
+    cancelled: polled during requests and waits; when it returns True, ask() raises JudgeCancelled
+    within about 0.1 s. max_bytes: the largest answer read; a longer one is an error.
     """
 
     def __init__(self, base_url: str, model: str, api_key_env: str = DEFAULT_API_KEY_ENV,
                  timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
-                 max_tokens: int = 16, sleep: Callable[[float], None] = time.sleep):
+                 max_tokens: int = 16, sleep: Callable[[float], None] | None = None,
+                 cancelled: Callable[[], bool] | None = None, max_bytes: int = judge_http.MAX_RESPONSE_BYTES):
         if not model.strip():
             raise JudgeError(f"judge {public_url(base_url)}: no model name given")
         self.url = chat_completions_url(base_url)
         self.model = model.strip()
         self.api_key_env = check_key_env(api_key_env)
+        if not (math.isfinite(timeout) and timeout > 0):
+            raise JudgeError(f"judge {self.endpoint}: timeout must be a positive number of seconds, not {timeout}")
         self.timeout, self.retries = float(timeout), max(0, int(retries))
         self.backoff, self.max_backoff, self.max_tokens = backoff, max_backoff, max_tokens
-        self.sleep = sleep
+        self.sleep, self.cancelled, self.max_bytes = sleep, cancelled, max_bytes
         self.requests_sent = 0
+        self._headers()  # a bad key or destination fails here, before any image is prepared
 
     @property
     def endpoint(self) -> str:
@@ -145,10 +232,19 @@ class ChatCompletionsJudge:
     def _api_key(self) -> str:
         return os.environ.get(self.api_key_env, "") if self.api_key_env else ""
 
-    def _redact(self, text: str) -> str:
-        key, text = self._api_key(), str(text)
-        text = text.replace(key, "[redacted]") if key else text  # before truncating: no partial key survives
-        return " ".join(text.split())[:300]
+    def _headers(self) -> dict:
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        key = self._api_key()
+        if key:
+            check_key_value(key, self.api_key_env)
+            check_key_destination(self.url)
+            headers["Authorization"] = f"Bearer {key}"
+        return headers
+
+    def _redact(self, text: str, limit: int = 300) -> str:
+        """One line of at most ``limit`` characters with no part of the key (cut after redacting)."""
+        text = redact(str(text)[:limit + 4 * len(self._api_key()) + 64], self._api_key())
+        return " ".join(text.split())[:limit]
 
     def payload(self, question: str, images: Sequence[Image.Image]) -> dict:
         content = [{"type": "image_url", "image_url": {"url": image_data_url(image)}} for image in images]
@@ -158,49 +254,70 @@ class ChatCompletionsJudge:
 
     def ask(self, question: str, images: Sequence[Image.Image]) -> str:
         body = json.dumps(self.payload(question, images)).encode()
-        headers = {"Content-Type": "application/json", "Accept": "application/json"}
-        key = self._api_key()
-        if key:
-            check_key_destination(self.url)
-            headers["Authorization"] = f"Bearer {key}"
+        headers = self._headers()
         last = ""
         for attempt in range(self.retries + 1):
             if attempt:
-                self.sleep(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
-            request = urllib.request.Request(self.url, data=body, headers=headers, method="POST")
+                self._pause(min(self.max_backoff, self.backoff * 2 ** (attempt - 1)))
+            self._raise_if_cancelled()
             self.requests_sent += 1
             try:
-                with _OPENER.open(request, timeout=self.timeout) as response:
-                    raw = response.read()
-                return self._answer(raw)
-            except urllib.error.HTTPError as error:
-                detail = self._redact(error.read().decode("utf-8", "replace"))
-                if error.code not in RETRYABLE_STATUS:
-                    hint = {401: "; check the key in $" + (self.api_key_env or "<api_key_env>"), 403: "; check the key's permissions",
-                            404: "; check the base URL (usually ends in /v1) and the model name"}.get(
-                        error.code, "; redirects are not followed: give the final URL" if error.code < 400 else "")
-                    raise JudgeError(f"judge {self.endpoint} answered HTTP {error.code}: {detail}{hint}") from None
-                last = f"HTTP {error.code}: {detail}"
-            except (TimeoutError, socket.timeout):
-                last = f"no answer within {self.timeout:g} s"
-            except urllib.error.URLError as error:
-                if isinstance(error.reason, (TimeoutError, socket.timeout)):
-                    last = f"no answer within {self.timeout:g} s"
-                else:
-                    last = f"cannot connect ({self._redact(error.reason)})"
-            except (ConnectionError, http.client.HTTPException) as error:
-                last = f"connection failed ({type(error).__name__})"
-        raise JudgeError(f"judge {self.endpoint} unreachable after {self.retries + 1} attempt{'s' if self.retries else ''}: {last}; "
-                         f"is the server running and serving model {self.model!r}?")
+                reply = judge_http.post(self.url, body, headers, timeout=self.timeout, max_bytes=self.max_bytes,
+                                        cancelled=self.cancelled)
+            except judge_http.TransferError as failure:
+                if failure.kind == "cancelled":
+                    raise JudgeCancelled(f"judge {self.endpoint}: cancelled") from None
+                if failure.kind == "too_large":
+                    raise JudgeError(f"judge {self.endpoint}: refused an answer over {self.max_bytes} bytes "
+                                     f"({failure.detail}); is this a chat-completions endpoint?") from None
+                last = failure.detail
+                continue
+            if 200 <= reply.status < 300:
+                return self._answer(reply.body)
+            last = f"HTTP {reply.status}: {self._error_detail(reply.body)}"
+            if reply.status not in RETRYABLE_STATUS:
+                raise JudgeError(f"judge {self.endpoint} answered {last}{self._hint(reply.status)}")
+        raise JudgeError(f"judge {self.endpoint} unreachable after {self.retries + 1} attempt{'s' if self.retries else ''}: "
+                         f"{last}; is the server running and serving model {self.model!r}?")
+
+    def _hint(self, status: int) -> str:
+        return {401: "; check the key in $" + (self.api_key_env or "<api_key_env>"), 403: "; check the key's permissions",
+                404: "; check the base URL (usually ends in /v1) and the model name"}.get(
+            status, "; redirects are not followed: give the final URL" if status < 400 else "")
+
+    def _raise_if_cancelled(self) -> None:
+        if self.cancelled is not None and self.cancelled():
+            raise JudgeCancelled(f"judge {self.endpoint}: cancelled")
+
+    def _pause(self, seconds: float) -> None:
+        """Wait before a retry; without an injected ``sleep``, in short slices so a cancel ends it."""
+        if self.sleep is not None:
+            return self.sleep(seconds)
+        until = time.monotonic() + seconds
+        while (left := until - time.monotonic()) > 0:
+            self._raise_if_cancelled()
+            time.sleep(min(0.05, left))
+
+    def _error_detail(self, body: bytes) -> str:
+        """An error body as one short line: its JSON ``error.message`` when there is one, decoded, key cut out."""
+        text = body[:65536].decode("utf-8", "replace")
+        try:
+            data = json.loads(text)
+            message = data.get("error", data) if isinstance(data, dict) else data
+            message = message.get("message", message) if isinstance(message, dict) else message
+            text = message if isinstance(message, str) else json.dumps(message, ensure_ascii=False)
+        except (ValueError, RecursionError):
+            pass
+        return self._redact(text)
 
     def _answer(self, raw: bytes) -> str:
         try:
-            message = json.loads(raw)["choices"][0]["message"]
-            content = message["content"]
-        except (ValueError, KeyError, IndexError, TypeError):
-            raise JudgeError(f"judge {self.endpoint}: answer is not a chat completion: "
-                             f"{self._redact(raw.decode('utf-8', 'replace'))[:120]!r}") from None
-        if isinstance(content, list):  # some servers return content parts
-            content = " ".join(part.get("text", "") for part in content if isinstance(part, dict))
-        return str(content or "")
-
+            reply = json.loads(raw)
+        except RecursionError:  # a hostile judge's nesting: an answer nobody can read, not a crash
+            return "[unreadable answer: JSON nested too deeply]"
+        except ValueError:
+            reply = None
+        if not isinstance(reply, dict) or "choices" not in reply:
+            snippet = self._redact(raw[:4096].decode("utf-8", "replace"), 120)
+            raise JudgeError(f"judge {self.endpoint}: answer is not a chat completion: {snippet!r}")
+        return self._redact(answer_text(reply), ANSWER_CHARS)

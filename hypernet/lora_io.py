@@ -8,6 +8,7 @@ Writing produces a kohya-format .safetensors atomically (temp file in the same f
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import torch
 
 from .base_models import SDXL, UNetLayout
 from .errors import LoraRarError
-from .files import atomic_file, file_sha256
+from .files import atomic_file, check_target, file_sha256, refuse_replacing
 from .keys import canonical_name, split_key
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # file tensor types offered
@@ -47,6 +48,28 @@ class LowRankLayer:
     def d_in(self) -> int:
         return self.down.shape[1]
 
+    @property
+    def conv_kernel(self) -> tuple[int, ...]:
+        """The kernel, with 1x1 counted as linear: ComfyUI applies both to a weight the same way."""
+        return self.kernel if math.prod(self.kernel) != 1 else ()
+
+    def misfit(self, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> str | None:
+        """Why this update cannot patch a model weight of ``weight_shape`` as meant, or None when it fits.
+
+        ComfyUI reshapes up @ down to the weight's shape whenever the element counts agree, so transposed
+        factors or a 3x3 kernel on a linear layer would be applied scrambled: the shapes must agree exactly.
+        """
+        weight_kernel = tuple(weight_shape[2:]) if math.prod(weight_shape[2:]) != 1 else ()
+        fits = (len(weight_shape) >= 1 and self.d_out == weight_shape[0] and self.d_in == math.prod(weight_shape[1:])
+                and self.conv_kernel in ((), weight_kernel))
+        if not fits:
+            kernel = f" with a {self.kernel} kernel" if self.conv_kernel else ""
+            return f"update of shape ({self.d_out}, {self.d_in}){kernel} does not fit the model's weight {tuple(weight_shape)}"
+        if self.bias is not None and (bias_shape is None or tuple(bias_shape) != (self.d_out,)):
+            found = f"a bias of shape {tuple(bias_shape)}" if bias_shape is not None else "no bias"
+            return f"bias difference of {self.d_out} values but the model's layer has {found}"
+        return None
+
 
 @dataclass
 class OtherLayer:
@@ -62,6 +85,7 @@ class LoraFile:
     sha256: str
     layers: dict[str, LowRankLayer | OtherLayer]
     ignored_keys: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what reading changed on purpose, e.g. fp8 widened
 
     @property
     def name(self) -> str:
@@ -78,6 +102,8 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     finite (a NaN/Inf, or huge finite values overflowing) does the exact element check run."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
+    if tensor.element_size() == 1:  # fp8 has no isfinite kernel; widening to float32 is exact
+        tensor = tensor.float()
     if torch.isfinite(tensor.sum(dtype=torch.float32)):
         return True
     return bool(torch.isfinite(tensor).all())
@@ -101,6 +127,63 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
     if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
         raise LoraRarError(f"{path}: not a LoRA: expected a dict of tensors")
     return data
+
+
+def _is_float8(tensor: torch.Tensor) -> bool:
+    return tensor.is_floating_point() and tensor.element_size() == 1
+
+
+def _dtype_name(tensor: torch.Tensor) -> str:
+    return str(tensor.dtype).removeprefix("torch.")
+
+
+def _usable(path: Path, key: str, tensor: torch.Tensor, number: bool = False) -> torch.Tensor:
+    """A factor (or, with number=True, an alpha) as the merge uses it: fp8 widened to float32, which is exact;
+    integer, bool and complex tensors refused, as the merge could not use them as the file means them."""
+    real = tensor.is_floating_point() or (number and not tensor.is_complex() and tensor.dtype != torch.bool)
+    if not real:
+        raise LoraRarError(f"{path}: tensor {key} is {_dtype_name(tensor)}; LoRA tensors must be floating point "
+                           f"(fp32, fp16, bf16 or fp8): convert the file")
+    return tensor.float() if _is_float8(tensor) else tensor
+
+
+def _layer(path: Path, stem: str, roles: dict[str, torch.Tensor], keys: dict[str, str]) -> LowRankLayer | OtherLayer:
+    """One layer's tensors (by role: up, down, alpha, bias, ...) as a LowRankLayer, or an OtherLayer for adapters
+    that are no plain up @ down product; refuses factors whose shapes, types or alpha do not make a LoRA."""
+    other = [role[len("other:"):] for role in roles if role.startswith("other:")]
+    if other:
+        return OtherLayer(kind=other[0], keys=list(keys.values()))
+    if "up" not in roles and "down" not in roles and "bias" in roles:
+        return OtherLayer(kind="bias difference without factors", keys=list(keys.values()))
+    if "up" not in roles or "down" not in roles:
+        raise LoraRarError(f"{path}: layer {stem} has no {'down' if 'up' in roles else 'up'} factor")
+    if "dora_scale" in roles:
+        return OtherLayer(kind="DoRA", keys=list(keys.values()))
+    if "mid" in roles:
+        return OtherLayer(kind="LoCon (Tucker mid)", keys=list(keys.values()))
+    up, down = (_usable(path, keys[role], roles[role]) for role in ("up", "down"))
+    if up.ndim not in (2, 4) or down.ndim not in (2, 4) or (up.ndim == 4 and up.shape[2:] != (1, 1)):
+        raise LoraRarError(f"{path}: layer {stem} has factors of shapes {tuple(up.shape)} and {tuple(down.shape)}, expected (out, rank) and (rank, in)")
+    if up.shape[1] != down.shape[0]:
+        raise LoraRarError(f"{path}: layer {stem}: up has rank {up.shape[1]} but down has rank {down.shape[0]}")
+    if up.numel() == 0 or down.numel() == 0:
+        raise LoraRarError(f"{path}: layer {stem} has empty factors (shapes {tuple(up.shape)} and {tuple(down.shape)}); "
+                           f"rank, input and output width must be at least 1")
+    rank = down.shape[0]
+    bias = _usable(path, keys["bias"], roles["bias"]).reshape(-1) if "bias" in roles else None
+    if bias is not None and bias.numel() != up.shape[0]:
+        raise LoraRarError(f"{path}: layer {stem}: bias difference has {bias.numel()} values for an output width of {up.shape[0]}")
+    return LowRankLayer(up=up.reshape(up.shape[0], rank), down=down.reshape(rank, -1),
+                        scale=_alpha(path, keys, roles) / rank if "alpha" in roles else 1.0,
+                        kernel=tuple(down.shape[2:]), bias=bias)
+
+
+def _alpha(path: Path, keys: dict[str, str], roles: dict[str, torch.Tensor]) -> float:
+    alpha = _usable(path, keys["alpha"], roles["alpha"], number=True)
+    if alpha.numel() != 1:
+        raise LoraRarError(f"{path}: tensor {keys['alpha']} holds {alpha.numel()} values of shape {tuple(alpha.shape)}; "
+                           f"alpha must be one number")
+    return float(alpha.double().item())
 
 
 def read_lora(path: str | Path, layout: UNetLayout = SDXL) -> LoraFile:
@@ -141,43 +224,18 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256
         )
 
     layers: dict[str, LowRankLayer | OtherLayer] = {}
+    widened: dict[str, int] = {}
     for name, parts in grouped.items():
         roles = {tag.split("|", 1)[0]: tensor for tag, tensor in parts.items()}
-        keys = [tag.split("|", 1)[1] for tag in parts]
-        for key, tensor in zip(keys, parts.values()):
+        keys = {tag.split("|", 1)[0]: tag.split("|", 1)[1] for tag in parts}
+        for role, tensor in roles.items():
             if not _all_finite(tensor):
-                raise LoraRarError(f"{path}: tensor {key} holds NaN or Inf values")
-        other = [role[len("other:"):] for role in roles if role.startswith("other:")]
-        if other:
-            layers[name] = OtherLayer(kind=other[0], keys=keys)
-            continue
-        if "up" not in roles and "down" not in roles and "bias" in roles:
-            layers[name] = OtherLayer(kind="bias difference without factors", keys=keys)
-            continue
-        if "up" not in roles or "down" not in roles:
-            missing = "down" if "up" in roles else "up"
-            raise LoraRarError(f"{path}: layer {stems[name]} has no {missing} factor")
-        if "dora_scale" in roles:
-            layers[name] = OtherLayer(kind="DoRA", keys=keys)
-            continue
-        if "mid" in roles:
-            layers[name] = OtherLayer(kind="LoCon (Tucker mid)", keys=keys)
-            continue
-        up, down = roles["up"], roles["down"]
-        if up.ndim not in (2, 4) or down.ndim not in (2, 4) or (up.ndim == 4 and up.shape[2:] != (1, 1)):
-            raise LoraRarError(f"{path}: layer {stems[name]} has factors of shapes {tuple(up.shape)} and {tuple(down.shape)}, expected (out, rank) and (rank, in)")
-        if up.shape[1] != down.shape[0]:
-            raise LoraRarError(f"{path}: layer {stems[name]}: up has rank {up.shape[1]} but down has rank {down.shape[0]}")
-        rank = down.shape[0]
-        scale = float(roles["alpha"].float().item()) / rank if "alpha" in roles else 1.0
-        layers[name] = LowRankLayer(
-            up=up.reshape(up.shape[0], rank),
-            down=down.reshape(rank, -1),
-            scale=scale,
-            kernel=tuple(down.shape[2:]),
-            bias=roles["bias"].reshape(-1) if "bias" in roles else None,
-        )
-    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored)
+                raise LoraRarError(f"{path}: tensor {keys[role]} holds NaN or Inf values")
+        layers[name] = _layer(path, stems[name], roles, keys)
+        for dtype in {_dtype_name(roles[role]) for role in ("up", "down") if role in roles and _is_float8(roles[role])}:
+            widened[dtype] = widened.get(dtype, 0) + 1
+    notes = [f"{dtype} factors of {n} layers widened to float32 (exact)" for dtype, n in sorted(widened.items())]
+    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored, notes=notes)
 
 
 def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
@@ -206,11 +264,14 @@ def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype | No
     return state_dict
 
 
-def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, object], overwrite: bool = False) -> Path:
-    """Write a .safetensors file atomically; refuses to replace an existing file unless overwrite=True."""
+def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, object], overwrite: bool = False,
+              protect: dict[str, str] | None = None) -> Path:
+    """Write a .safetensors file atomically; refuses to replace an existing file unless overwrite=True, and
+    never replaces one of ``protect`` ({role: path}, the merge's own inputs), whatever overwrite says."""
     from safetensors.torch import save_file
 
     text_metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
+    refuse_replacing(check_target(path), protect or {})
     with atomic_file(path, overwrite) as temp:
         save_file(state_dict, str(temp), metadata=text_metadata)
     return path

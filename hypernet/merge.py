@@ -15,7 +15,9 @@ a * m_s * dW_s + b * m_t * dW_t; strengths 1 and 1 give the published rule exact
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -36,6 +38,11 @@ LAYER_POLICY_HELP = (
     "DoRA/LoHa/LoKr layers are never merged and are listed in the report."
 )
 
+STRENGTH_LIMIT = 10.0  # |strength| at most this: the node's slider range and the CLI's, one place
+_STRENGTH_NAMES = {"subject_model": "subject strength", "style_model": "style strength",
+                   "subject_clip": "subject clip strength", "style_clip": "style clip strength"}
+_FLOAT32_MAX = torch.finfo(torch.float32).max
+
 
 @dataclass(frozen=True)
 class Strengths:
@@ -43,6 +50,14 @@ class Strengths:
     style_model: float = 1.0
     subject_clip: float = 1.0
     style_clip: float = 1.0
+
+    def __post_init__(self):
+        # ComfyUI's min/max validation lets NaN through (every comparison with NaN is false)
+        for name, label in _STRENGTH_NAMES.items():
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and abs(value) <= STRENGTH_LIMIT):
+                raise LoraRarError(f"{label} {value!r}: strengths must be finite numbers between "
+                                   f"-{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}")
 
     def for_layer(self, name: str) -> tuple[float, float]:
         if name.startswith("lora_te"):
@@ -61,6 +76,7 @@ class MergeReport:
     reasons: dict[str, str] = field(default_factory=dict)  # layer -> why it was summed / kept / skipped
     coefficient_means: list[tuple[float, float]] = field(default_factory=list)
     ignored: dict[str, list[str]] = field(default_factory=dict)  # "subject"/"style" -> tensor keys that are no LoRA tensor
+    notes: list[str] = field(default_factory=list)  # what was changed on purpose, e.g. fp8 factors widened
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -79,6 +95,8 @@ class MergeReport:
         result = {"method": self.method, "layer_policy": self.policy, "subject": self.subject,
                   "style": self.style, "hypernet": self.hypernet, "layers": summary,
                   "reasons": {k: len(v) for k, v in sorted(reasons.items())}}
+        if self.notes:
+            result["notes"] = list(self.notes)
         if self.ignored:
             result["ignored_tensors"] = {side: len(keys) for side, keys in self.ignored.items()}
         if self.coefficient_means:
@@ -99,6 +117,7 @@ class MergeReport:
             lines.append(f"  {n} x {reason}")
         for side, keys in self.ignored.items():
             lines.append(f"ignored {len(keys)} tensors of the {side} LoRA that are no LoRA layer of this model type, e.g. {keys[0]}")
+        lines.extend(f"note: {note}" for note in self.notes)
         if "coefficients" in data:
             c = data["coefficients"]
             lines.append(f"mean coefficients: subject {c['subject_mean']:.3f}, style {c['style_mean']:.3f}")
@@ -111,6 +130,22 @@ class MergedLora:
     report: MergeReport
     sources: dict[str, str]  # "subject"/"style"/"hypernet" -> sha256
     strengths: Strengths = Strengths()
+    source_paths: dict[str, str] = field(default_factory=dict)  # "subject LoRA"/... -> the input file, never to be overwritten
+
+    def files_of(self, name: str) -> list[str]:
+        """The input LoRAs (report names) that layer ``name`` came from."""
+        action = self.report.actions.get(name, "")
+        if action.startswith("kept ("):
+            return [self.report.subject if "subject" in action else self.report.style]
+        return [self.report.subject, self.report.style]
+
+    def without(self, dropped: dict[str, str]) -> "MergedLora":
+        """A copy without the layers in ``dropped`` (layer -> why), which the report lists as skipped."""
+        report = dataclasses.replace(self.report, actions=dict(self.report.actions), reasons=dict(self.report.reasons))
+        for name, why in dropped.items():
+            report.actions[name], report.reasons[name] = "skipped", why
+        layers = {name: layer for name, layer in self.layers.items() if name not in dropped}
+        return dataclasses.replace(self, layers=layers, report=report)
 
     def kohya_state_dict(self, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
         return to_kohya_state_dict(self.layers, dtype)
@@ -325,9 +360,7 @@ def merge_many(
     if method == "lorarar":
         hypernet_for_report = f"{hypernet.source} (sha256 {hypernet.sha256})" if hypernet.sha256 else str(hypernet.source)
     factored = _FactoredHypernet(hypernet, device) if method == "lorarar" else None
-    reports = [MergeReport(method, policy, subject.name, style.name, hypernet_for_report,
-                           ignored={side: lora.ignored_keys for side, lora in (("subject", subject), ("style", style)) if lora.ignored_keys})
-               for style in styles]
+    reports = [_new_report(method, policy, subject, style, hypernet_for_report) for style in styles]
     merged: list[dict[str, LowRankLayer]] = [{} for _ in styles]
     dtypes = [dtype or _merged_dtype(subject, style) for style in styles]
     # accelerators: same-shape layers go through H together (per-layer kernel launches are what costs there)
@@ -358,10 +391,7 @@ def merge_many(
                     merged[k][name] = _concat([(layer, s_weight if which == "subject" else t_weight)], device, dtypes[k])
                     report.actions[name] = f"kept ({which})"
                 continue
-            if s_layer is not None and t_layer is not None and (s_layer.d_out, s_layer.d_in) != (t_layer.d_out, t_layer.d_in):
-                raise LoraRarError(
-                    f"layer {name}: {subject.name} has shape ({s_layer.d_out}, {s_layer.d_in}) but {style.name} has "
-                    f"({t_layer.d_out}, {t_layer.d_in}): the LoRAs are for different base models")
+            _check_same_shape(name, s_layer, t_layer, subject, style)
 
             role = attention_role(name)
             if s_layer is not None and t_layer is not None and method == "lorarar" and role is not None:
@@ -418,11 +448,13 @@ def merge_many(
         # each result lists its layers in the order of merge_loras(subject, style): subject's, then the style's
         order = list(dict.fromkeys([*subject.layers, *style.layers]))
         layers = {name: merged[k][name] for name in order if name in merged[k]}
+        _check_finite(layers, subject, style)
         reports[k].actions = {name: reports[k].actions[name] for name in order if name in reports[k].actions}
         sources = {"subject": subject.sha256, "style": style.sha256}
         if method == "lorarar" and hypernet.sha256:
             sources["hypernet"] = hypernet.sha256
-        results.append(MergedLora(layers=layers, report=reports[k], sources=sources, strengths=strengths))
+        results.append(MergedLora(layers=layers, report=reports[k], sources=sources, strengths=strengths,
+                                  source_paths=_source_paths(subject, style, hypernet if method == "lorarar" else None)))
     return results
 
 
@@ -431,3 +463,55 @@ def _store_hypernet_layer(merged, report, name, s_layer, t_layer, coefficients, 
     report.coefficient_means.append(tuple(coefficients.mean(0).tolist()))
     merged[name] = _concat([(s_layer, coefficients[:, 0] * s_weight, s_weight),
                             (t_layer, coefficients[:, 1] * t_weight, t_weight)], device, dtype)
+
+
+def _new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hypernet: str | None) -> MergeReport:
+    sides = (("subject", subject), ("style", style))
+    return MergeReport(method, policy, subject.name, style.name, hypernet,
+                       ignored={side: lora.ignored_keys for side, lora in sides if lora.ignored_keys},
+                       notes=[f"{side} LoRA: {note}" for side, lora in sides for note in lora.notes])
+
+
+def _source_paths(subject: LoraFile, style: LoraFile, hypernet: LoraRarHypernet | None) -> dict[str, str]:
+    paths = {"subject LoRA": subject.path, "style LoRA": style.path}
+    if hypernet is not None and hypernet.source:
+        paths["hypernet"] = str(hypernet.source)
+    return paths
+
+
+def _check_same_shape(name: str, s_layer, t_layer, subject: LoraFile, style: LoraFile) -> None:
+    """Both LoRAs' factors of one layer must describe the same update shape, kernel included."""
+    if s_layer is None or t_layer is None:
+        return
+    if (s_layer.d_out, s_layer.d_in) != (t_layer.d_out, t_layer.d_in):
+        raise LoraRarError(
+            f"layer {name}: {subject.name} has shape ({s_layer.d_out}, {s_layer.d_in}) but {style.name} has "
+            f"({t_layer.d_out}, {t_layer.d_in}): the LoRAs are for different base models")
+    if s_layer.conv_kernel != t_layer.conv_kernel:
+        raise LoraRarError(
+            f"layer {name}: {subject.name} has a {s_layer.conv_kernel or 'linear'} kernel but {style.name} has "
+            f"{t_layer.conv_kernel or 'linear'}: the same layer cannot be both; one of the files is malformed")
+
+
+def _update_bound(layer: LowRankLayer) -> float:
+    """An upper bound on |scale * up @ down| from two passes over the factors (NaN when a factor holds NaN).
+
+    |dW_ij| <= rank * max|up| * max|down| * |scale|; computed in Python floats (float64), so it does not
+    itself overflow where float32 would.
+    """
+    def largest(tensor: torch.Tensor) -> float:
+        low, high = torch.aminmax(tensor)  # one pass, no temporary; NaN propagates
+        return max(-float(low), float(high))
+    return layer.rank * largest(layer.up) * largest(layer.down) * abs(layer.scale)
+
+
+def _check_finite(layers: dict[str, LowRankLayer], subject: LoraFile, style: LoraFile) -> None:
+    """Refuse a merge with a layer that is not finite, or whose update up @ down could overflow float32
+    when ComfyUI forms it to patch the model: such a layer would turn the model's weights into NaN."""
+    for name, layer in layers.items():
+        bound = _update_bound(layer)
+        bias_ok = layer.bias is None or bool(torch.isfinite(layer.bias).all())
+        if not (math.isfinite(bound) and bound <= _FLOAT32_MAX and bias_ok):
+            raise LoraRarError(
+                f"layer {name} of {subject.name} + {style.name}: the merged update is not finite or overflows float32 "
+                f"(up to {bound:.3g}); the strengths or the files' values (alpha) are too large")

@@ -20,6 +20,14 @@ from .errors import LoraRarError
 _INPUT_KEY = re.compile(r"^(input_\d+)\.weight$")
 
 
+def _check_tensor_types(state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """H runs in float32: floating-point tensors widen exactly (fp8, fp16, bf16); others cannot mean weights."""
+    for key, tensor in state_dict.items():
+        if not tensor.is_floating_point():
+            raise LoraRarError(f"{source}: hypernet tensor {key} is {str(tensor.dtype).removeprefix('torch.')}; "
+                               f"expected floating-point weights")
+
+
 class LoraRarHypernet(nn.Module):
     """Hypernetwork H with one input layer per attention width.
 
@@ -30,8 +38,9 @@ class LoraRarHypernet(nn.Module):
     def __init__(self, input_features: dict[str, int], hidden: int = 128):
         super().__init__()
         for name, in_features in sorted(input_features.items()):
-            if in_features % 2:
-                raise LoraRarError(f"hypernet input layer {name}: {in_features} input features is not 2 x width")
+            if in_features % 2 or in_features == 0 or hidden < 1:
+                raise LoraRarError(f"hypernet input layer {name}: {in_features} input features to {hidden} hidden units "
+                                   f"is not 2 x width to at least 1")
             self.add_module(name, nn.Linear(in_features, hidden))
         self.output = nn.Sequential(nn.ReLU(), nn.Linear(hidden, 2))
         self.widths: dict[int, str] = {}
@@ -75,9 +84,13 @@ class LoraRarHypernet(nn.Module):
                 f"{source}: not a LoRA.rar hypernet (expected input_<k>.weight and output.1.weight, "
                 f"found {sorted(state_dict)[:6]})"
             )
-        if out_weight.ndim != 2 or out_weight.shape[0] != 2:
+        if out_weight.ndim != 2 or out_weight.shape[0] != 2 or out_weight.shape[1] == 0:
             raise LoraRarError(f"{source}: output.1.weight has shape {tuple(out_weight.shape)}, expected (2, hidden)")
-        net = cls(inputs, hidden=out_weight.shape[1])
+        _check_tensor_types(state_dict, source)
+        try:
+            net = cls(inputs, hidden=out_weight.shape[1])
+        except LoraRarError as error:  # the layer-level checks do not know the file
+            raise LoraRarError(f"{source}: {error}") from None
         expected = {k: tuple(v.shape) for k, v in net.state_dict().items()}
         found = {k: tuple(v.shape) for k, v in state_dict.items()}
         if expected != found:
@@ -85,7 +98,7 @@ class LoraRarHypernet(nn.Module):
             detail = ", ".join(f"{k}: expected {expected.get(k)}, found {found.get(k)}" for k in diff[:3])
             raise LoraRarError(f"{source}: hypernet tensors do not fit together ({detail})")
         for key, tensor in state_dict.items():
-            if not torch.isfinite(tensor).all():
+            if not torch.isfinite(tensor.float()).all():
                 raise LoraRarError(f"{source}: hypernet tensor {key} holds NaN or Inf values")
         net.load_state_dict({k: v.float() for k, v in state_dict.items()})
         net.source = source

@@ -12,7 +12,7 @@ from PIL import Image
 
 from ..hypernet import evaluate
 from ..hypernet.errors import LoraRarError
-from ..hypernet.judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
+from ..hypernet.judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge, JudgeCancelled
 from .common import CATEGORY
 
 
@@ -56,8 +56,10 @@ class LoraRarEvaluate:
         "LM Studio, llama.cpp) the LoRA.rar paper's yes/no questions: for every generated image and subject reference, "
         "'same subject?'; for every style reference, 'in this style?'. Images are sent at most 512 px, decoding is greedy, "
         "and an image passes when strictly more than half of the answers are yes. The API key is read at run time from "
-        "the named environment variable (LORARAR_* only) and never stored in the workflow; it is sent only over https "
-        f"or to a loopback host, and only to ${PINNED_URL_ENV} when the server sets it. Optional CLIP-I similarities "
+        "the named environment variable (LORARAR_* only) and never stored in the workflow; it is sent only to the judge "
+        f"URLs the server's operator listed in ${PINNED_URL_ENV} (or, with none listed, to a loopback judge), never "
+        "over plain http to another host, and never echoed. Each request has one deadline and a size cap; Cancel "
+        "stops it within a second. Optional CLIP-I similarities "
         "with a CLIP vision model."
     )
 
@@ -71,28 +73,39 @@ class LoraRarEvaluate:
                 "style_name": ("STRING", {"default": "watercolor painting", "tooltip": "The style's name as the judge should read it, e.g. 'watercolor painting', '3d rendering'."}),
                 "judge_url": ("STRING", {"default": "http://127.0.0.1:11434/v1", "tooltip": "Base URL of an OpenAI-compatible chat-completions server that accepts images (Ollama: http://127.0.0.1:11434/v1)."}),
                 "judge_model": ("STRING", {"default": "llava-critic", "tooltip": "Model name on that server; the paper used LLaVA-Critic-7B."}),
-                "api_key_env": ("STRING", {"default": DEFAULT_API_KEY_ENV, "tooltip": "NAME of the environment variable that holds the API key, starting with LORARAR_ (not the key itself; local servers need none). The key never enters the workflow and is sent only over https or to 127.0.0.1/localhost."}),
+                "api_key_env": ("STRING", {"default": DEFAULT_API_KEY_ENV, "tooltip": "NAME of the environment variable that holds the API key, starting with LORARAR_ (not the key itself; local servers need none). The key never enters the workflow and is sent only to the judge URLs in the server's $LORARAR_JUDGE_URL, or to 127.0.0.1/localhost when that is unset."}),
             },
             "optional": {
                 "clip_vision": ("CLIP_VISION", {"tooltip": "Optional CLIP vision model (Load CLIP Vision) for CLIP-I: cosine similarity to the subject and style references, reported in the table."}),
-                "timeout_s": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": "Seconds to wait for each answer before retrying."}),
+                "timeout_s": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": "Seconds allowed for each request in all (connect, headers and the whole answer) before retrying."}),
                 "retries": ("INT", {"default": 3, "min": 0, "max": 10, "tooltip": "Extra attempts on server errors (5xx), timeouts and refused connections, waiting 1, 2, 4 ... s between them."}),
             },
         }
+
+    @staticmethod
+    def _ask_all(judge, generated, subject_refs, style_refs, style_name) -> list:
+        bar = comfy.utils.ProgressBar(evaluate.question_count(len(generated), len(subject_refs), len(style_refs)))
+        try:
+            return [evaluate.judge_image(judge, f"#{index}", picture, subject_refs, style_refs, style_name,
+                                         before_question=comfy.model_management.throw_exception_if_processing_interrupted,
+                                         after_question=lambda: bar.update(1))
+                    for index, picture in enumerate(generated)]
+        except JudgeCancelled:
+            pass  # outside the except block: ComfyUI's interrupt exception should not chain to ours
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        raise comfy.model_management.InterruptProcessingException()
 
     def evaluate(self, images, subject_references, style_references, style_name, judge_url, judge_model,
                  api_key_env, clip_vision=None, timeout_s=120.0, retries=3):
         if not style_name.strip():
             raise LoraRarError("style_name is empty: name the style, e.g. 'watercolor painting'")
-        judge = ChatCompletionsJudge(judge_url, judge_model, api_key_env, timeout=timeout_s, retries=retries)
+        # Cancel is polled during each request and each wait between retries, not only between questions
+        judge = ChatCompletionsJudge(judge_url, judge_model, api_key_env, timeout=timeout_s, retries=retries,
+                                     cancelled=comfy.model_management.processing_interrupted)
         generated = [evaluate.resize_long_side(p) for p in to_pil(images)]
         subject_refs = [evaluate.resize_long_side(p) for p in to_pil(subject_references)]
         style_refs = [evaluate.resize_long_side(p) for p in to_pil(style_references)]
-        bar = comfy.utils.ProgressBar(evaluate.question_count(len(generated), len(subject_refs), len(style_refs)))
-        results = [evaluate.judge_image(judge, f"#{index}", picture, subject_refs, style_refs, style_name.strip(),
-                                        before_question=comfy.model_management.throw_exception_if_processing_interrupted,
-                                        after_question=lambda: bar.update(1))
-                   for index, picture in enumerate(generated)]
+        results = self._ask_all(judge, generated, subject_refs, style_refs, style_name.strip())
         if clip_vision is not None:
             for result, subject_sim, style_sim in zip(results, *clip_i(clip_vision, images, subject_references, style_references)):
                 result.clip_i_subject, result.clip_i_style = subject_sim, style_sim

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import folder_paths
 
 from .. import hypernet as hypernet_pkg
 from ..hypernet.errors import LoraRarError, LoraRarFileExists
+from ..hypernet.files import check_name_characters, check_target
 from ..hypernet.lora_io import SAVE_DTYPES as DTYPES, save_lora
 from .common import CATEGORY, MERGED_TYPE
 
@@ -18,20 +20,22 @@ IF_EXISTS = ("add number", "error", "overwrite")
 
 
 def target_path(name: str) -> Path:
-    """The file for ``name`` inside the first loras folder; refuses names that leave that folder.
+    """The file for ``name`` inside the first loras folder; refuses names that leave that folder, names with
+    control characters, no file name (``folder/``, ``.``, ``..``) and names too long for the file system.
 
     The check is lexical (no symlink resolution), so subfolders the user linked into loras stay usable.
     """
+    check_name_characters(name)  # before strip(): a trailing newline is refused, not quietly dropped
     root = Path(os.path.abspath(folder_paths.get_folder_paths("loras")[0]))
     name = name.strip()
-    if not name:
-        raise LoraRarError("empty file name for the merged LoRA")
-    if not name.endswith(".safetensors"):
-        name += ".safetensors"
+    stem = name.removesuffix(".safetensors")
+    if not re.split(r"[\\/]", stem)[-1].strip(" ."):
+        raise LoraRarError(f"{name or repr(name)}: no file name for the merged LoRA; give a name such as lorarar/merged")
+    name = stem + ".safetensors"
     path = Path(os.path.normpath(root / name))
     if os.path.isabs(name) or root not in path.parents:
         raise LoraRarError(f"{name}: the merged LoRA must be saved inside the loras folder {root}")
-    return path
+    return check_target(path)
 
 
 class LoraRarSaveMergedLora:
@@ -68,7 +72,8 @@ class LoraRarSaveMergedLora:
             if if_exists == "add number" and candidate.exists():
                 continue
             try:
-                save_lora(candidate, state_dict, metadata, overwrite=if_exists == "overwrite")
+                save_lora(candidate, state_dict, metadata, overwrite=if_exists == "overwrite",
+                          protect=merged_lora.source_paths)
             except LoraRarFileExists:
                 if if_exists != "add number":
                     raise

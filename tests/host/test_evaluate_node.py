@@ -181,3 +181,22 @@ def test_cancel_stops_between_questions(node):
             _run(node, server, _batch((1, 2, 3), (4, 5, 6)), _batch((7, 8, 9)), _batch((9, 9, 9), (8, 8, 8)))
     assert len(server.requests) == 3  # of 2 x (1 + 2) = 6
     comfy.model_management.interrupt_current_processing(False)
+
+
+def test_cancel_stops_a_request_in_flight(node):
+    """Cancel while the judge holds the request open: the node ends within a second or two, not at the timeout."""
+    import threading
+    import time
+
+    import comfy.model_management
+
+    def cancel_soon(request):
+        threading.Timer(0.3, comfy.model_management.interrupt_current_processing, args=(True,)).start()
+
+    with FakeJudge(default="hang", on_request=cancel_soon) as server:
+        started = time.monotonic()
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            _run(node, server, _batch(RED), _batch(RED), _batch(RED), timeout_s=600.0, retries=3)
+        elapsed = time.monotonic() - started
+    assert elapsed < 3 and len(server.requests) == 1
+    assert not comfy.model_management.processing_interrupted()  # the flag is consumed: the next prompt runs

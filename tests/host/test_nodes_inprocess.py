@@ -1,6 +1,8 @@
 """The pack's nodes called as ComfyUI calls them, on a real ComfyUI model."""
 
 import hashlib
+import os
+import re
 
 import pytest
 import torch
@@ -176,3 +178,41 @@ def test_text_encoder_layers_patch_the_clip_or_are_reported(comfy_host, syntheti
     assert len(model_out.patches) == attention and not clip.patcher.patches  # the inputs stay untouched
     _, clip_none, _, report = _merge(comfy_host, model, None, "te_subject.safetensors", "te_style.safetensors")
     assert clip_none is None and "2 text-encoder layers: connect a CLIP" in report
+
+
+def test_save_node_refuses_bad_names_and_never_replaces_an_input(comfy_host, synthetic_model, layout):
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    write_lora(loras / "input_subject.safetensors", random_lora(layout, rank=2, seed=91))
+    write_lora(loras / "input_style.safetensors", random_lora(layout, rank=2, seed=92))
+    merged = _merge(comfy_host, model, clip, "input_subject.safetensors", "input_style.safetensors", method="direct")[2]
+    save = nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]()
+    before = sorted(p.name for p in loras.rglob("*"))
+    originals = {name: (loras / name).read_bytes() for name in ("input_subject.safetensors", "input_style.safetensors")}
+    bad_names = {"evil\nname": "control character U+000A", "evil\r": "control character U+000D", "nul\x00": "U+0000",
+                 "bidi\u202egpj": "U+202E", "folder/": "no file name", ".": "no file name", "..": "no file name",
+                 " ": "no file name", "sub/ . ": "no file name", "x" * 250: "too long"}
+    for name, expected in bad_names.items():
+        for if_exists in ("add number", "overwrite"):
+            with pytest.raises(ValueError, match=re.escape(expected)) as error:
+                save.save(merged, name, "fp16", if_exists)
+            assert "\n" not in str(error.value)
+    for name in ("input_subject", "input_style.safetensors"):
+        with pytest.raises(ValueError, match="of this merge"):
+            save.save(merged, name, "fp16", "overwrite")
+    (loras / "linked").mkdir()
+    os.link(loras / "input_style.safetensors", loras / "linked" / "hard.safetensors")
+    with pytest.raises(ValueError, match="is the style LoRA of this merge"):
+        save.save(merged, "linked/hard", "fp16", "overwrite")
+    assert {name: (loras / name).read_bytes() for name in originals} == originals
+    assert sorted(p.name for p in loras.rglob("*")) == sorted([*before, "linked", "hard.safetensors"])
+
+
+@pytest.mark.parametrize("strength", [float("nan"), float("inf")])
+def test_merge_node_refuses_non_finite_strengths(comfy_host, synthetic_model, layout, strength):
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    write_lora(loras / "strength_subject.safetensors", random_lora(layout, rank=2, seed=93))
+    with pytest.raises(ValueError, match="subject clip strength .*finite numbers between -10 and 10"):
+        _merge(comfy_host, model, clip, "strength_subject.safetensors", "strength_subject.safetensors",
+               subject_clip_strength=strength)

@@ -13,6 +13,23 @@ Actions (one consumed per POST /v1/chat/completions, then ``default``):
                      Authorization header, as careless servers do, to test that clients redact it)
     "badjson"        HTTP 200 with a body that is not JSON
     "redirect:URL"   HTTP 302 to URL (a client must not follow it with the key)
+Hostile ones (a judge nobody should trust; "the key" is the request's Authorization header):
+    "hang"           read the request, never answer (until the client leaves or the server stops)
+    "drip"           a valid "yes" answer, its body sent one byte every ``drip_s`` seconds
+    "drip_headers"   a status line, then header bytes one every ``drip_s`` seconds, never ending
+    "huge"           HTTP 200 declaring ``huge_bytes`` in Content-Length, streaming them
+    "huge_chunked"   HTTP 200, chunked, streaming ``huge_bytes`` with no length given up front
+    "echo"           a successful answer "yes, your key is <key>"
+    "echo_part"      a successful answer with the key's middle part, and the key upper-cased
+    "echo_escaped"   HTTP 400 whose JSON error message holds the key, every character JSON-escaped
+    "echo_reason"    HTTP 500 with the key as the reason phrase
+    "echo_status"    a status line that is the key (not HTTP at all)
+    "echo_header"    HTTP 401 with the key in a response header
+    "nested"         a chat completion whose content is a list nested ``nesting`` deep
+    "nested_body"    a body of ``nesting`` opening brackets (RecursionError in json.loads)
+    "object"         content {"yes": true}: a JSON object where text belongs
+    "number"         content 1
+    "parts"          content ["yes"]: parts that are not objects
     anything else    answered verbatim
 ``responder(request) -> action`` replaces the script when given (e.g. answer by question kind).
 ``on_request(request)`` runs before answering (e.g. to cancel a ComfyUI prompt mid-run).
@@ -23,10 +40,20 @@ from __future__ import annotations
 
 import json
 import threading
+import urllib.parse
 import time
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
+
+def key_stretches(text: str, key: str, width: int = 8) -> list[str]:
+    """Every ``width``-character stretch of ``key`` found in ``text`` (any case): a leak check, must be empty."""
+    lowered = text.lower()
+    return [key[i:i + width] for i in range(len(key) - width + 1) if key[i:i + width].lower() in lowered]
+
+
+HOSTILE = ("hang", "drip", "drip_headers", "huge", "huge_chunked", "echo", "echo_part", "echo_escaped", "echo_reason",
+           "echo_status", "echo_header", "nested", "nested_body", "object", "number", "parts")
 
 
 @dataclass
@@ -48,12 +75,16 @@ class Request:
 
 class FakeJudge:
     def __init__(self, script=(), default: str = "yes", responder: Callable[[Request], str] | None = None,
-                 on_request: Callable[[Request], None] | None = None, slow_s: float = 1.0):
+                 on_request: Callable[[Request], None] | None = None, slow_s: float = 1.0,
+                 drip_s: float = 0.5, huge_bytes: int = 100 * 1024 * 1024, nesting: int = 100_000):
         self.script = list(script)
         self.default = default
         self.responder = responder
         self.on_request = on_request
         self.slow_s = slow_s
+        self.drip_s, self.huge_bytes, self.nesting = drip_s, huge_bytes, nesting
+        self.sent_bytes = 0  # body bytes written by "huge" answers: the client must stop reading early
+        self._stopping = threading.Event()  # ends "hang" and the drips when the server stops
         self.requests: list[Request] = []
         self.raw_bytes: list[bytes] = []  # everything received, headers and bodies, for leak checks
         self._lock = threading.Lock()
@@ -91,6 +122,7 @@ class FakeJudge:
         return self
 
     def stop(self) -> None:
+        self._stopping.set()
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()
@@ -120,7 +152,7 @@ class FakeJudge:
         raw = handler.rfile.read(int(handler.headers.get("Content-Length", 0)))
         with self._lock:
             self.raw_bytes.append(bytes(handler.requestline, "latin-1") + b"\n" + bytes(str(handler.headers), "latin-1") + raw)
-        if handler.path != "/v1/chat/completions":
+        if not urllib.parse.urlsplit(handler.path).path.endswith("/chat/completions"):
             return self._send(handler, 404, {"error": {"message": f"no route {handler.path}"}})
         try:
             body = json.loads(raw)
@@ -132,6 +164,8 @@ class FakeJudge:
         if self.on_request is not None:
             self.on_request(request)
         action = self._next_action(request)
+        if action in HOSTILE:
+            return getattr(self, "_" + action)(handler, handler.headers.get("Authorization", ""))
         if action == "slow":
             time.sleep(self.slow_s)
             action = "yes"
@@ -148,6 +182,100 @@ class FakeJudge:
             "model": body.get("model", ""),
             "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
         })
+
+    # ------------------------------------------------------------ hostile answers
+
+    @staticmethod
+    def _completion(content) -> dict:
+        return {"id": "chatcmpl-x", "object": "chat.completion", "model": "m",
+                "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": content}}]}
+
+    def _raw(self, handler, *parts: bytes) -> None:
+        try:
+            for part in parts:
+                handler.wfile.write(part)
+        except OSError:  # the client left
+            pass
+
+    def _hang(self, handler, key) -> None:
+        self._stopping.wait()
+
+    def _drip(self, handler, key) -> None:
+        body = json.dumps(self._completion("yes")).encode()
+        self._raw(handler, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n",
+                  f"Content-Length: {len(body)}\r\n\r\n".encode())
+        for byte in body:
+            if self._stopping.wait(self.drip_s):
+                return
+            try:
+                handler.wfile.write(bytes([byte]))
+            except OSError:
+                return
+
+    def _drip_headers(self, handler, key) -> None:
+        self._raw(handler, b"HTTP/1.1 200 OK\r\nX-Slow: ")
+        while not self._stopping.wait(self.drip_s):
+            try:
+                handler.wfile.write(b"a")
+            except OSError:
+                return
+
+    def _stream(self, handler, head: bytes, chunked: bool) -> None:
+        block = b"0" * 65536
+        try:
+            handler.wfile.write(head)
+            while self.sent_bytes < self.huge_bytes and not self._stopping.is_set():
+                handler.wfile.write(b"%x\r\n%s\r\n" % (len(block), block) if chunked else block)
+                self.sent_bytes += len(block)
+        except OSError:
+            pass
+        handler.close_connection = True
+
+    def _huge(self, handler, key) -> None:
+        self._stream(handler, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % self.huge_bytes, chunked=False)
+
+    def _huge_chunked(self, handler, key) -> None:
+        self._stream(handler, b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n", chunked=True)
+
+    def _echo(self, handler, key) -> None:
+        self._send(handler, 200, self._completion(f"yes, your key is {key}"))
+
+    def _echo_part(self, handler, key) -> None:
+        secret = key.removeprefix("Bearer ")
+        self._send(handler, 200, self._completion(f"yes {secret[3:-3]} and {secret.upper()}"))
+
+    def _echo_escaped(self, handler, key) -> None:
+        escaped = "".join(f"\\u{ord(c):04x}" for c in key)
+        self._send(handler, 400, b'{"error": {"message": "bad key ' + escaped.encode() + b'"}}')
+
+    def _echo_reason(self, handler, key) -> None:
+        body = b'{"error": "overloaded"}'
+        self._raw(handler, f"HTTP/1.1 500 {key}\r\nContent-Length: {len(body)}\r\n\r\n".encode("latin-1"), body)
+
+    def _echo_status(self, handler, key) -> None:
+        self._raw(handler, f"{key}\r\n\r\n".encode("latin-1"))
+        handler.close_connection = True
+
+    def _echo_header(self, handler, key) -> None:
+        self._send(handler, 401, {"error": {"message": "unauthorised"}}, {"X-Your-Key": key})
+
+    def _nested(self, handler, key) -> None:
+        content = b"[" * self.nesting + b"]" * self.nesting
+        self._send(handler, 200, b'{"choices": [{"message": {"content": ' + content + b"}}]}")
+
+    def _nested_body(self, handler, key) -> None:
+        self._send(handler, 200, b"[" * self.nesting)
+
+    def _object(self, handler, key) -> None:
+        self._send(handler, 200, self._completion({"yes": True}))
+
+    def _number(self, handler, key) -> None:
+        self._send(handler, 200, self._completion(1))
+
+    def _parts(self, handler, key) -> None:
+        self._send(handler, 200, self._completion(["yes"]))
 
     @staticmethod
     def _send(handler: BaseHTTPRequestHandler, status: int, payload, headers: dict | None = None) -> None:

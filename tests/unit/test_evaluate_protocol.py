@@ -147,7 +147,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "fsync", disk_full)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(LoraRarError, match=r"results.json: cannot write it \(No space left on device\)"):
         evaluate.atomic_write(target, "third, never complete")
     assert target.read_text() == "second" and os.listdir(target.parent) == ["results.json"]
 
