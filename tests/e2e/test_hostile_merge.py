@@ -10,8 +10,8 @@ import torch
 
 from tests.e2e.conftest import STYLE, SUBJECT
 from tests.e2e.test_example_workflows import execution_error, for_this_machine
-from tests.support.loras import lora_keys, write_lora
-from tests.support.workflows import ui_to_api
+from devkit.loras import lora_keys, write_lora
+from devkit.workflows import ui_to_api
 
 pytestmark = pytest.mark.e2e
 

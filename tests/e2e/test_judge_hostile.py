@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.support.comfy_server import ComfyServer
+from devkit.comfy_server import ComfyServer
 from tests.support.fake_judge import FakeJudge, key_stretches
 
 pytestmark = pytest.mark.e2e

@@ -4,7 +4,7 @@ ComfyUI really changes when it loads the patched model for sampling (ModelPatche
 import pytest
 import torch
 
-from tests.support.loras import lora_keys, random_lora, write_lora
+from devkit.loras import lora_keys, random_lora, write_lora
 
 pytestmark = pytest.mark.host
 

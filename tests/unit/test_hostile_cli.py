@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from tests.support.loras import random_lora, write_lora
+from devkit.loras import random_lora, write_lora
 from tests.unit.test_cli import MODULES, run_cli
 
 Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
