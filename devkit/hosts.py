@@ -1,6 +1,7 @@
 """The ComfyUI hosts of devkit/hosts.json: where each lives and how to run its python (standard library only).
 
     python3 devkit/hosts.py list              # versions, default first
+    python3 devkit/hosts.py default           # the default (current) version
     python3 devkit/hosts.py get 0.33.0 folder # one field (absolute for 'folder')
 """
 
@@ -46,6 +47,9 @@ def host_folder(version: str | None = None) -> Path:
 def main(argv: list[str]) -> int:
     if argv[:1] == ["list"]:
         print("\n".join(versions()))
+        return 0
+    if argv[:1] == ["default"]:
+        print(default_version())
         return 0
     if len(argv) == 3 and argv[0] == "get":
         if argv[2] == "folder":

@@ -11,7 +11,7 @@
 set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-HOST="${LORARAR_HOST:-$(python3 "$REPO/devkit/hosts.py" get "$(python3 "$REPO/devkit/hosts.py" list | head -1)" folder)}"
+HOST="${LORARAR_HOST:-$(python3 "$REPO/devkit/hosts.py" get "$(python3 "$REPO/devkit/hosts.py" default)" folder)}"
 PY="$HOST/venv/bin/python"
 CHROMIUM="${LORARAR_CHROMIUM:-/usr/bin/chromium}"
 log() { echo "[install_browser] $*"; }

@@ -5,7 +5,7 @@
 # --style, --port, --output-dir, --models-dir).
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-VERSION="$(python3 "$REPO/devkit/hosts.py" list | head -1)"
+VERSION="$(python3 "$REPO/devkit/hosts.py" default)"
 args=()
 while [ $# -gt 0 ]; do
   case "$1" in

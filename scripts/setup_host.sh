@@ -13,7 +13,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOSTS="python3 $REPO/devkit/hosts.py"
-WANT="${1:-$($HOSTS list | head -1)}"
+WANT="${1:-$($HOSTS default)}"
 if [ "$WANT" = all ]; then
   for version in $($HOSTS list); do LORARAR_HOST= bash "$0" "$version"; done
   exit 0
