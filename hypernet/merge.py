@@ -1,16 +1,10 @@
-"""Merging a subject LoRA and a style LoRA, kept low-rank.
+"""Merging a subject LoRA and a style LoRA into one low-rank LoRA: the public entry points.
 
-LoRA.rar rule (arXiv 2412.05148), per UNet attention projection present in both LoRAs:
-- to_q, to_out.0: H reads [dW_subject[:, j] ; dW_style[:, j]] for every input column j and returns
-  (m_subject[j], m_style[j]); merged dW = dW_subject * m_subject + dW_style * m_style (column scaling).
-- to_k, to_v: merged dW = dW_subject + dW_style.
-H's first layer is linear, so its hidden layer is computed from the factors,
-W_in @ [dW_s; dW_t] = (W_subject @ up_s) @ down_s + (W_style @ up_t) @ down_t, and the merged update is a
-LoRA of rank r_subject + r_style: up = [up_s | up_t], down = [down_s * m_s ; down_t * m_t].
-No dense d_out x d_in update is ever formed.
-
-Strengths scale each LoRA's contribution after H: with strengths (a, b) the merged update is
-a * m_s * dW_s + b * m_t * dW_t; strengths 1 and 1 give the published rule exactly.
+``merge_loras`` / ``merge_many`` check the request, plan every layer and compute it through the pipeline
+(hypernet/pipeline.py) with a merge method from the registry (hypernet/methods/: ``lorarar``, ``direct``, ...),
+then check the result (finite, no float32 overflow) and describe it (``MergeReport``, file metadata).
+Strengths scale each LoRA's contribution: with strengths (a, b) a method's merged update uses a * dW_subject
+and b * dW_style; strengths 1 and 1 give each published rule exactly.
 """
 
 from __future__ import annotations
@@ -23,14 +17,16 @@ from typing import Callable
 
 import torch
 
+from . import methods
 from .base_models import UNetLayout
 from .errors import LoraRarError
-from .keys import attention_role
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
+from .methods import MergeContext, MergedLayer, MergeMethod, resolve_params
+from .methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched  # noqa: F401  (public API)
 from .model import LoraRarHypernet
+from .pipeline import LAYER_POLICIES, LayerPlan, compute, plan_layer, use_batched
 
-METHODS = ("lorarar", "direct")
-LAYER_POLICIES = ("sum", "subject", "style", "skip")
+METHODS = methods.names()  # what the node and the CLI offer, in registry order
 LAYER_POLICY_HELP = (
     "Layers LoRA.rar does not cover (non-attention layers, text encoders, layers in only one LoRA, "
     "widths the hypernet has no input for): sum = strength-weighted sum kept low-rank (default); "
@@ -77,6 +73,7 @@ class MergeReport:
     coefficient_means: list[tuple[float, float]] = field(default_factory=list)
     ignored: dict[str, list[str]] = field(default_factory=dict)  # "subject"/"style" -> tensor keys that are no LoRA tensor
     notes: list[str] = field(default_factory=list)  # what was changed on purpose, e.g. fp8 factors widened
+    params: dict[str, float] = field(default_factory=dict)  # the method's own parameters (e.g. NP-LoRA's mu)
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -95,6 +92,8 @@ class MergeReport:
         result = {"method": self.method, "layer_policy": self.policy, "subject": self.subject,
                   "style": self.style, "hypernet": self.hypernet, "layers": summary,
                   "reasons": {k: len(v) for k, v in sorted(reasons.items())}}
+        if self.params:
+            result["params"] = dict(self.params)
         if self.notes:
             result["notes"] = list(self.notes)
         if self.ignored:
@@ -108,7 +107,8 @@ class MergeReport:
 
     def to_text(self) -> str:
         data = self.as_dict()
-        lines = [f"LoRA.rar merge: method={self.method}, layer policy={self.policy}",
+        params = "".join(f", {name}={value:g}" for name, value in self.params.items())
+        lines = [f"LoRA.rar merge: method={self.method}{params}, layer policy={self.policy}",
                  f"subject: {self.subject}", f"style: {self.style}"]
         if self.hypernet:
             lines.append(f"hypernet: {self.hypernet}")
@@ -167,124 +167,6 @@ class MergedLora:
         }
 
 
-class _FactoredHypernet:
-    """H's layers in float32 on the merge device, the input layer split into subject and style halves.
-
-    Built once per merge call, so the per-layer loop converts no hypernet weight (H may still be training
-    elsewhere: nothing is cached across calls).
-    """
-
-    def __init__(self, hypernet: LoraRarHypernet, device: torch.device):
-        self.hypernet, self.device = hypernet, device
-        out = hypernet.output[1]
-        self.out_weight_t = out.weight.to(device, torch.float32).T  # (hidden, 2)
-        self.out_bias = out.bias.to(device, torch.float32)
-        self._inputs: dict[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
-
-    def input_halves(self, width: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(W_subject (hidden, width), W_style (hidden, width), bias (hidden, 1)) for attention width ``width``."""
-        if width not in self._inputs:
-            layer = self.hypernet.input_layer(width)
-            if layer is None:
-                raise LoraRarError(f"hypernet has no input layer for attention width {width}")
-            weight = layer.weight.to(self.device, torch.float32)
-            self._inputs[width] = (weight[:, :width], weight[:, width:], layer.bias.to(self.device, torch.float32)[:, None])
-        return self._inputs[width]
-
-    def side_product(self, half: torch.Tensor, layer: LowRankLayer) -> torch.Tensor:
-        """(hidden, rank) = scale * W_half @ up: the small factor the hidden layer needs from one LoRA."""
-        # the scale multiplies the small product, not the (rank, d_in) factor
-        return (half @ layer.up.to(self.device, torch.float32)).mul_(layer.scale)
-
-    def subject_hidden(self, subject: LowRankLayer) -> torch.Tensor:
-        """(hidden, d_in) = bias + W_subject @ dW_subject: the subject's share of H's hidden layer, reusable."""
-        w_subject, _, bias = self.input_halves(subject.d_out)
-        return torch.addmm(bias, self.side_product(w_subject, subject), subject.down.to(self.device, torch.float32))
-
-    def coefficients(self, subject_hidden: torch.Tensor, style: LowRankLayer) -> torch.Tensor:
-        """(d_in, 2) column coefficients from the subject's share of the hidden layer and the style's factors."""
-        _, w_style, _ = self.input_halves(style.d_out)
-        hidden = torch.addmm(subject_hidden, self.side_product(w_style, style), style.down.to(self.device, torch.float32))
-        return torch.addmm(self.out_bias, hidden.relu_().T, self.out_weight_t)
-
-
-@torch.no_grad()
-def lorarar_coefficients(hypernet: LoraRarHypernet, subject: LowRankLayer, style: LowRankLayer, device=None) -> torch.Tensor:
-    """Column coefficients (d_in, 2) = H([dW_subject ; dW_style]) computed from the factors.
-
-    Cost O(hidden * d_out * (r_s + r_t) + hidden * (r_s + r_t) * d_in): never d_out x d_in.
-    """
-    layer = hypernet.input_layer(subject.d_out)
-    if layer is None:
-        raise LoraRarError(f"hypernet has no input layer for attention width {subject.d_out}")
-    factored = _FactoredHypernet(hypernet, torch.device(device) if device is not None else layer.weight.device)
-    return factored.coefficients(factored.subject_hidden(subject), style)
-
-
-@torch.no_grad()
-def lorarar_coefficients_batched(hypernet: LoraRarHypernet, pairs: list[tuple[LowRankLayer, LowRankLayer]],
-                                 device=None) -> list[torch.Tensor]:
-    """lorarar_coefficients for many layer pairs, layers of the same shapes stacked through H in one call.
-
-    Stacking copies the factors and holds a (layers, hidden, d_in) hidden layer: on a 2-core CPU it is
-    slower than the per-layer loop (bench/merge_bench.py measures both), so merge_loras uses it only on
-    accelerators, where one kernel launch per layer is what costs.
-    """
-    if not pairs:
-        return []
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    factored = _FactoredHypernet(hypernet, device)
-    groups: dict[tuple, list[int]] = {}
-    for index, (subject, style) in enumerate(pairs):
-        key = (subject.d_out, subject.d_in, subject.rank, style.rank)
-        groups.setdefault(key, []).append(index)
-    results: list[torch.Tensor | None] = [None] * len(pairs)
-    for (width, _, _, _), indices in groups.items():
-        w_subject, w_style, bias = factored.input_halves(width)
-        hidden = None
-        for side, half in ((0, w_subject), (1, w_style)):
-            layers = [pairs[i][side] for i in indices]
-            # (hidden, n * rank) in one product, then per layer (n, hidden, rank) with each layer's scale
-            ups = torch.cat([layer.up.to(device, torch.float32) for layer in layers], dim=1)
-            products = (half @ ups).view(half.shape[0], len(layers), -1).transpose(0, 1)
-            products = products * torch.tensor([layer.scale for layer in layers], device=device)[:, None, None]
-            downs = torch.stack([layer.down.to(device, torch.float32) for layer in layers])
-            hidden = torch.baddbmm(bias, products, downs) if hidden is None else hidden.baddbmm_(products, downs)
-        coefficients = torch.baddbmm(factored.out_bias, hidden.relu_().transpose(1, 2), factored.out_weight_t.expand(len(indices), -1, -1))
-        for position, index in enumerate(indices):
-            results[index] = coefficients[position]
-    return results
-
-
-def _concat(parts: list[tuple], device, dtype: torch.dtype) -> LowRankLayer:
-    """Sum of updates weight_i * dW_i (weight a scalar or a per-column vector) as one low-rank layer.
-
-    parts: (layer, weight) or (layer, weight, strength); bias differences are summed with the scalar
-    strength (the weight itself when it is a scalar). The weights are applied in float32 and the factors
-    stored in ``dtype`` on the CPU, each output factor written once; a float16 factor that would overflow
-    (the coefficients are unbounded) is kept in float32 instead.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    down = torch.empty(sum(part[0].rank for part in parts), parts[0][0].d_in, dtype=dtype, device=device)
-    row = 0
-    for layer, weight, *_ in parts:
-        if isinstance(weight, torch.Tensor):
-            column_weight = weight.to(device, torch.float32) * layer.scale
-        else:
-            # one element but not 0-dim, so type promotion computes in float32 for bf16/fp16 factors too
-            column_weight = torch.full((1,), float(weight) * layer.scale, dtype=torch.float32, device=device)
-        # float32 product (the weight is float32), rounded once into the output dtype
-        torch.mul(layer.down.to(device), column_weight, out=down[row:row + layer.rank])
-        row += layer.rank
-    if dtype == torch.float16 and not torch.isfinite(down).all():
-        return _concat(parts, device, torch.float32)
-    up = torch.cat([part[0].up.to(dtype) for part in parts], dim=1)
-    biases = [(part[0].bias, part[2] if len(part) > 2 else part[1]) for part in parts if part[0].bias is not None]
-    bias = sum(b.to(torch.float32) * float(w) for b, w in biases).to(dtype) if biases else None
-    kernel = next((part[0].kernel for part in parts if part[0].kernel), ())
-    return LowRankLayer(up=up, down=down.to("cpu"), scale=1.0, kernel=kernel, bias=bias)
-
-
 def check_compatible(subject: LoraFile, style: LoraFile, base: UNetLayout | None) -> None:
     """Refuse pairs made for different base models, or for another base model than ``base`` (the model's layout)."""
     subject_ctx, style_ctx = subject.context_dims(), style.context_dims()
@@ -312,13 +194,17 @@ def merge_loras(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
+    params: dict[str, float] | None = None,
+    batched: bool | None = None,
 ) -> MergedLora:
     """Merge two LoRAs layer by layer; the result's layers are low-rank (rank r_subject + r_style at most).
 
-    device: where the hypernet runs (the model's device); dtype: of the merged factors (default: the
-    inputs' common type, float32 when they differ); progress(done, total) is called per layer.
+    device: where the method's math runs (the model's device); dtype: of the merged factors (default: the
+    inputs' common type, float32 when they differ); progress(done, total) is called per layer; params and
+    batched: see :func:`merge_many`.
     """
-    return merge_many(subject, [style], hypernet, method, policy, strengths, base, device, dtype, progress)[0]
+    return merge_many(subject, [style], hypernet, method, policy, strengths, base, device, dtype, progress,
+                      params, batched)[0]
 
 
 def _merged_dtype(subject: LoraFile, style: LoraFile) -> torch.dtype:
@@ -338,131 +224,72 @@ def merge_many(
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
+    params: dict[str, float] | None = None,
+    batched: bool | None = None,
 ) -> list[MergedLora]:
     """One subject merged with each of several styles: ``merge_loras(subject, style)`` for every style.
 
-    Layer by layer, the subject's share of H's hidden layer (bias + W_subject @ dW_subject) is computed
-    once and reused for every style, so n styles cost about (n + 1) / 2n of n separate merges' H work.
-    progress(done, total) counts layers of the union of all inputs.
+    Layer by layer, a method may reuse the subject's share of its work for every style (LoRA.rar computes
+    bias + W_subject @ dW_subject once), so n styles cost about (n + 1) / 2n of n separate merges' H work.
+    params: the method's own parameters by name (defaults otherwise); batched: force the compute branch
+    (default: :func:`hypernet.pipeline.use_batched`). progress(done, total) counts layers of all inputs.
     """
-    if method not in METHODS:
-        raise LoraRarError(f"unknown merge method {method!r}; choose one of {', '.join(METHODS)}")
-    if policy not in LAYER_POLICIES:
-        raise LoraRarError(f"unknown layer policy {policy!r}; choose one of {', '.join(LAYER_POLICIES)}")
-    if method == "lorarar" and hypernet is None:
-        raise LoraRarError("method lorarar needs a hypernet")
-    if not styles:
-        raise LoraRarError("merge_many needs at least one style LoRA")
+    rule = _checked_method(method, policy, hypernet, styles)
     for style in styles:
         check_compatible(subject, style, base)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    hypernet_for_report = None
-    if method == "lorarar":
-        hypernet_for_report = f"{hypernet.source} (sha256 {hypernet.sha256})" if hypernet.sha256 else str(hypernet.source)
-    factored = _FactoredHypernet(hypernet, device) if method == "lorarar" else None
-    reports = [_new_report(method, policy, subject, style, hypernet_for_report) for style in styles]
-    merged: list[dict[str, LowRankLayer]] = [{} for _ in styles]
-    dtypes = [dtype or _merged_dtype(subject, style) for style in styles]
-    # accelerators: same-shape layers go through H together (per-layer kernel launches are what costs there)
-    batched = factored is not None and device.type != "cpu"
+    ctx = MergeContext(hypernet, device, resolve_params(rule, params), use_batched(device, batched))
+    plans = [_plan(subject, style, rule, policy, strengths, dtype or _merged_dtype(subject, style), ctx)
+             for style in styles]
+    computed = compute(plans, rule, ctx, progress)
+    return [_result(subject, style, hypernet, rule, policy, strengths, ctx.params, plan, layers)
+            for style, plan, layers in zip(styles, plans, computed)]
 
-    names = list(dict.fromkeys([*subject.layers, *(name for style in styles for name in style.layers)]))
-    deferred: list[tuple[int, str, LowRankLayer, LowRankLayer, float, float]] = []
-    for index, name in enumerate(names):
-        if progress is not None:
-            progress(index, len(names))
-        s_layer = subject.layers.get(name)
-        s_weight, t_weight = strengths.for_layer(name)
-        subject_hidden = None
-        for k, style in enumerate(styles):
-            t_layer = style.layers.get(name)
-            if s_layer is None and t_layer is None:
-                continue
-            report = reports[k]
-            present = [(which, layer) for which, layer in (("subject", s_layer), ("style", t_layer)) if layer is not None]
-            other = [(which, layer) for which, layer in present if isinstance(layer, OtherLayer)]
-            if other:
-                report.reasons[name] = "; ".join(f"{layer.kind} adapter in the {which} LoRA cannot be merged" for which, layer in other)
-                plain = [(which, layer) for which, layer in present if not isinstance(layer, OtherLayer)]
-                report.actions[name] = "skipped"
-                if plain and (method == "direct" or policy in ("sum", plain[0][0])):
-                    # the plain LoRA side of a mixed layer is kept as the policy says; the other adapter is reported
-                    which, layer = plain[0]
-                    merged[k][name] = _concat([(layer, s_weight if which == "subject" else t_weight)], device, dtypes[k])
-                    report.actions[name] = f"kept ({which})"
-                continue
+
+def _checked_method(method: str, policy: str, hypernet, styles) -> MergeMethod:
+    rule = methods.get(method)
+    if policy not in LAYER_POLICIES:
+        raise LoraRarError(f"unknown layer policy {policy!r}; choose one of {', '.join(LAYER_POLICIES)}")
+    if rule.needs_hypernet and hypernet is None:
+        raise LoraRarError(f"method {method} needs a hypernet")
+    if not styles:
+        raise LoraRarError("merge_many needs at least one style LoRA")
+    return rule
+
+
+def _plan(subject: LoraFile, style: LoraFile, rule: MergeMethod, policy: str, strengths: Strengths,
+          dtype: torch.dtype, ctx: MergeContext) -> dict[str, LayerPlan]:
+    """Every layer of either LoRA, in the order subject's then style's, with what will happen to it."""
+    plans = {}
+    for name in dict.fromkeys([*subject.layers, *style.layers]):
+        s_layer, t_layer = subject.layers.get(name), style.layers.get(name)
+        if not isinstance(s_layer, OtherLayer) and not isinstance(t_layer, OtherLayer):
             _check_same_shape(name, s_layer, t_layer, subject, style)
-
-            role = attention_role(name)
-            if s_layer is not None and t_layer is not None and method == "lorarar" and role is not None:
-                if role in ("to_k", "to_v"):
-                    merged[k][name] = _concat([(s_layer, s_weight), (t_layer, t_weight)], device, dtypes[k])
-                    report.actions[name] = "summed"
-                    report.reasons[name] = "to_k/to_v (the published rule sums them)"
-                    continue
-                if hypernet.input_layer(s_layer.d_out) is not None:
-                    report.actions[name] = "hypernet"
-                    if batched:
-                        deferred.append((k, name, s_layer, t_layer, s_weight, t_weight))
-                        merged[k][name] = None  # keeps the layer order; filled after the batched pass
-                        continue
-                    if subject_hidden is None:
-                        subject_hidden = factored.subject_hidden(s_layer)
-                    coefficients = factored.coefficients(subject_hidden, t_layer)
-                    _store_hypernet_layer(merged[k], report, name, s_layer, t_layer, coefficients, s_weight, t_weight, device, dtypes[k])
-                    continue
-                reason = f"width {s_layer.d_out}: the hypernet has no input layer for it"
-            elif method == "direct":
-                reason = "direct method"
-            elif s_layer is None or t_layer is None:
-                reason = f"only in the {present[0][0]} LoRA"
-            elif name.startswith("lora_te"):
-                reason = "text encoder layer"
-            else:
-                reason = "not an attention projection"
-
-            if method == "direct" or policy == "sum":
-                parts = [(layer, s_weight if which == "subject" else t_weight) for which, layer in present]
-                merged[k][name] = _concat(parts, device, dtypes[k])
-                report.actions[name] = "summed" if len(parts) == 2 else f"kept ({present[0][0]})"
-            elif policy in ("subject", "style") and (policy == "subject" and s_layer or policy == "style" and t_layer):
-                layer = s_layer if policy == "subject" else t_layer
-                merged[k][name] = _concat([(layer, s_weight if policy == "subject" else t_weight)], device, dtypes[k])
-                report.actions[name] = f"kept ({policy})"
-            else:
-                report.actions[name] = "skipped"
-                reason += f"; layer policy {policy}"
-            report.reasons[name] = reason
-
-    if deferred:
-        all_coefficients = lorarar_coefficients_batched(hypernet, [(s, t) for _, _, s, t, _, _ in deferred], device)
-        for (k, name, s_layer, t_layer, s_weight, t_weight), coefficients in zip(deferred, all_coefficients):
-            _store_hypernet_layer(merged[k], reports[k], name, s_layer, t_layer, coefficients, s_weight, t_weight, device, dtypes[k])
-
-    if progress is not None:
-        progress(len(names), len(names))
-    results = []
-    for k, style in enumerate(styles):
-        if not merged[k]:
-            raise LoraRarError(f"{subject.name} + {style.name}: no layer could be merged ({reports[k].to_text()})")
-        # each result lists its layers in the order of merge_loras(subject, style): subject's, then the style's
-        order = list(dict.fromkeys([*subject.layers, *style.layers]))
-        layers = {name: merged[k][name] for name in order if name in merged[k]}
-        _check_finite(layers, subject, style)
-        reports[k].actions = {name: reports[k].actions[name] for name in order if name in reports[k].actions}
-        sources = {"subject": subject.sha256, "style": style.sha256}
-        if method == "lorarar" and hypernet.sha256:
-            sources["hypernet"] = hypernet.sha256
-        results.append(MergedLora(layers=layers, report=reports[k], sources=sources, strengths=strengths,
-                                  source_paths=_source_paths(subject, style, hypernet if method == "lorarar" else None)))
-    return results
+        s_weight, t_weight = strengths.for_layer(name)
+        plans[name] = plan_layer(name, s_layer, t_layer, rule, policy, {"subject": s_weight, "style": t_weight}, dtype, ctx)
+    return plans
 
 
-def _store_hypernet_layer(merged, report, name, s_layer, t_layer, coefficients, s_weight, t_weight, device, dtype) -> None:
-    """The merged layer [up_s | up_t], [down_s * m_s * a ; down_t * m_t * b] from a layer's (d_in, 2) coefficients."""
-    report.coefficient_means.append(tuple(coefficients.mean(0).tolist()))
-    merged[name] = _concat([(s_layer, coefficients[:, 0] * s_weight, s_weight),
-                            (t_layer, coefficients[:, 1] * t_weight, t_weight)], device, dtype)
+def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, policy: str, strengths: Strengths,
+            params: dict[str, float], plan: dict[str, LayerPlan], computed: dict[str, MergedLayer]) -> MergedLora:
+    """The merged LoRA of one (subject, style) pair, its report made from the plan."""
+    described = None
+    if rule.needs_hypernet:
+        described = f"{hypernet.source} (sha256 {hypernet.sha256})" if hypernet.sha256 else str(hypernet.source)
+    report = _new_report(rule.name, policy, subject, style, described)
+    report.params = dict(params)
+    report.actions = {name: layer.action for name, layer in plan.items()}
+    report.reasons = {name: layer.reason for name, layer in plan.items() if layer.reason}
+    report.coefficient_means = [tuple(m.coefficients.mean(0).tolist()) for m in computed.values() if m.coefficients is not None]
+    if not computed:
+        raise LoraRarError(f"{subject.name} + {style.name}: no layer could be merged ({report.to_text()})")
+    layers = {name: computed[name].layer for name in plan if name in computed}
+    _check_finite(layers, subject, style)
+    sources = {"subject": subject.sha256, "style": style.sha256}
+    if rule.needs_hypernet and hypernet.sha256:
+        sources["hypernet"] = hypernet.sha256
+    return MergedLora(layers=layers, report=report, sources=sources, strengths=strengths,
+                      source_paths=_source_paths(subject, style, hypernet if rule.needs_hypernet else None))
 
 
 def _new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hypernet: str | None) -> MergeReport:

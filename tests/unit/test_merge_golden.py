@@ -18,8 +18,14 @@ def relative_error(actual, expected):
     return float((actual - expected).norm() / expected.norm())
 
 
+# Both compute branches: layer by layer (the CPU's), and same-shape layers through H together (what runs on
+# an accelerator; hypernet.pipeline.use_batched decides), forced here on the CPU.
+BRANCHES = pytest.mark.parametrize("batched", [False, True], ids=["per-layer", "batched"])
+
+
+@BRANCHES
 @pytest.mark.parametrize("checkpoint", sorted(CHECKPOINTS))
-def test_every_layer_matches_dense_rule(checkpoint, shared_weights, tmp_path):
+def test_every_layer_matches_dense_rule(checkpoint, batched, shared_weights, tmp_path):
     file_name, layout = CHECKPOINTS[checkpoint]
     hypernet_path = shared_weights / file_name
     hypernet = LoraRarHypernet.load(hypernet_path)
@@ -30,7 +36,7 @@ def test_every_layer_matches_dense_rule(checkpoint, shared_weights, tmp_path):
     subject = read_lora(write_lora(tmp_path / "subject.safetensors", subject_sd), layout)
     style = read_lora(write_lora(tmp_path / "style.safetensors", style_sd), layout)
 
-    merged = merge_loras(subject, style, hypernet, base=layout)
+    merged = merge_loras(subject, style, hypernet, base=layout, batched=batched)
 
     linears = layout.attention_linears()
     assert len(merged.layers) == len(linears)
@@ -46,8 +52,9 @@ def test_every_layer_matches_dense_rule(checkpoint, shared_weights, tmp_path):
     assert worst <= 1e-5, worst
 
 
+@BRANCHES
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
-def test_low_precision_and_conv_shaped_inputs(dtype, shared_weights, tmp_path):
+def test_low_precision_and_conv_shaped_inputs(dtype, batched, shared_weights, tmp_path):
     """fp16/bf16 factors and 1x1-conv-shaped tensors: same rule, computed in float32 from the stored values."""
     state = torch.load(shared_weights / "lorarar_sdxl_hypernet.pth", weights_only=True, map_location="cpu")
     hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
@@ -56,7 +63,7 @@ def test_low_precision_and_conv_shaped_inputs(dtype, shared_weights, tmp_path):
     style_sd = random_lora(rank=4, seed=4, dtype=dtype, modules=modules)
     subject = read_lora(write_lora(tmp_path / "s.safetensors", subject_sd))
     style = read_lora(write_lora(tmp_path / "t.safetensors", style_sd))
-    merged = merge_loras(subject, style, hypernet, dtype=torch.float32)
+    merged = merge_loras(subject, style, hypernet, dtype=torch.float32, batched=batched)
     assert merged.report.hypernet_layers == len(modules) // 2
     for module in modules:
         stem = sgm_to_canonical(module)
@@ -66,14 +73,15 @@ def test_low_precision_and_conv_shaped_inputs(dtype, shared_weights, tmp_path):
         assert relative_error(layer.up.double() @ layer.down.double(), expected) <= 1e-5
 
 
-def test_strengths_scale_each_side_after_the_hypernet(shared_weights, tmp_path):
+@BRANCHES
+def test_strengths_scale_each_side_after_the_hypernet(batched, shared_weights, tmp_path):
     hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
     modules = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_k"]
     subject = read_lora(write_lora(tmp_path / "s.safetensors", random_lora(rank=4, seed=5, modules=modules)))
     style = read_lora(write_lora(tmp_path / "t.safetensors", random_lora(rank=4, seed=6, modules=modules)))
     q = sgm_to_canonical(modules[0])
     coefficients = lorarar_coefficients(hypernet, subject.layers[q], style.layers[q])
-    merged = merge_loras(subject, style, hypernet, strengths=Strengths(subject_model=0.5, style_model=2.0))
+    merged = merge_loras(subject, style, hypernet, strengths=Strengths(subject_model=0.5, style_model=2.0), batched=batched)
     dw_s = subject.layers[q].up @ subject.layers[q].down
     dw_t = style.layers[q].up @ style.layers[q].down
     expected = 0.5 * dw_s * coefficients[:, 0] + 2.0 * dw_t * coefficients[:, 1]

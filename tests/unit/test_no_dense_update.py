@@ -87,6 +87,30 @@ def test_merge_many_reuses_the_subject_and_matches_separate_merges(sdxl_hypernet
             torch.testing.assert_close(merged.layers[name].down, layer.down, rtol=1e-6, atol=1e-9)
 
 
+def test_merge_many_batched_glue_matches_per_layer_merges(sdxl_hypernet, tmp_path):
+    """The accelerator branch's glue in merge_many, forced on the CPU: deferred hypernet layers, several styles,
+    mixed ranks (per layer too), layers in one LoRA only, summed to_k/to_v, and a text-encoder layer."""
+    modules = [m for m, _, _ in SDXL.attention_linears() if m.startswith(("input_blocks.4.", "output_blocks.2.", "middle_block"))]
+    subject_sd = random_lora(rank=8, seed=1, modules=modules)
+    subject_sd.update(random_lora(rank=3, seed=2, modules=modules[:4], fmt="kohya"))  # other ranks on some layers
+    subject_sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_up.weight"] = torch.randn(3072, 2) * 0.02
+    subject_sd["lora_te1_text_model_encoder_layers_0_mlp_fc1.lora_down.weight"] = torch.randn(2, 768) * 0.02
+    subject = read_lora(write_lora(tmp_path / "s.safetensors", subject_sd))
+    styles = [read_lora(write_lora(tmp_path / f"t{i}.safetensors",
+                                   random_lora(rank=4 + 3 * i, seed=10 + i, modules=modules[i:len(modules) - i])))
+              for i in range(3)]
+    together = merge_many(subject, styles, sdxl_hypernet, batched=True)
+    for style, merged in zip(styles, together):
+        alone = merge_loras(subject, style, sdxl_hypernet, batched=False)
+        assert list(merged.layers) == list(alone.layers)
+        assert merged.report.actions == alone.report.actions and merged.report.hypernet_layers > 0
+        assert {"summed", "kept (subject)"} <= set(alone.report.actions.values())
+        assert merged.report.as_dict()["coefficients"] == pytest.approx(alone.report.as_dict()["coefficients"], rel=1e-5)
+        for name, layer in alone.layers.items():
+            torch.testing.assert_close(merged.layers[name].up, layer.up, rtol=0, atol=0)
+            torch.testing.assert_close(merged.layers[name].down, layer.down, rtol=1e-5, atol=1e-7)
+
+
 def test_batched_coefficients_match_the_per_layer_path(sdxl_hypernet, tmp_path):
     subject, style = _pair(tmp_path, 6, style_rank=3)
     pairs = [(subject.layers[name], style.layers[name]) for name in subject.layers

@@ -1,0 +1,36 @@
+"""Sums of low-rank updates kept low-rank: the one arithmetic every merge rule ends in."""
+
+from __future__ import annotations
+
+import torch
+
+from .lora_io import LowRankLayer
+
+
+def weighted_sum(parts: list[tuple], device=None, dtype: torch.dtype = torch.float32) -> LowRankLayer:
+    """sum_i weight_i * dW_i as one low-rank layer: up = [up_1 | up_2 | ...], down = [down_1 * w_1 ; ...].
+
+    parts: (layer, weight) or (layer, weight, strength), weight a scalar or a per-column (d_in,) vector;
+    bias differences are summed with the scalar strength (the weight itself when it is a scalar). Weights are
+    applied in float32 and the factors stored in ``dtype`` on the CPU, each output factor written once; a
+    float16 factor that would overflow (LoRA.rar's coefficients are unbounded) is kept in float32 instead.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    down = torch.empty(sum(part[0].rank for part in parts), parts[0][0].d_in, dtype=dtype, device=device)
+    row = 0
+    for layer, weight, *_ in parts:
+        if isinstance(weight, torch.Tensor):
+            column_weight = weight.to(device, torch.float32) * layer.scale
+        else:
+            # one element but not 0-dim, so type promotion computes in float32 for bf16/fp16 factors too
+            column_weight = torch.full((1,), float(weight) * layer.scale, dtype=torch.float32, device=device)
+        # float32 product (the weight is float32), rounded once into the output dtype
+        torch.mul(layer.down.to(device), column_weight, out=down[row:row + layer.rank])
+        row += layer.rank
+    if dtype == torch.float16 and not torch.isfinite(down).all():
+        return weighted_sum(parts, device, torch.float32)
+    up = torch.cat([part[0].up.to(dtype) for part in parts], dim=1)
+    biases = [(part[0].bias, part[2] if len(part) > 2 else part[1]) for part in parts if part[0].bias is not None]
+    bias = sum(b.to(torch.float32) * float(w) for b, w in biases).to(dtype) if biases else None
+    kernel = next((part[0].kernel for part in parts if part[0].kernel), ())
+    return LowRankLayer(up=up, down=down.to("cpu"), scale=1.0, kernel=kernel, bias=bias)

@@ -1,0 +1,94 @@
+"""What a merge method is: one rule that merges a layer's subject and style factors into one low-rank layer.
+
+A method is one module holding one :class:`MergeMethod` subclass, registered in ``hypernet.methods``. The
+pipeline (hypernet/pipeline.py) asks :meth:`MergeMethod.claim` about every layer while planning, then calls
+:meth:`MergeMethod.merge` (or :meth:`MergeMethod.merge_batch`) for the layers the method claimed; every other
+layer follows the layer policy. No method knows about files, reports or ComfyUI.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..lora_io import LowRankLayer
+
+
+@dataclass(frozen=True)
+class Param:
+    """A number a method takes (e.g. NP-LoRA's mu); the node shows it as ``<method>_<name>``, the CLI as
+    ``--<method>-<name>``, both with ``help`` as tooltip."""
+
+    name: str
+    default: float
+    minimum: float
+    maximum: float
+    help: str
+    step: float = 0.01
+
+
+@dataclass(frozen=True)
+class Claim:
+    """The method merges this layer: ``action`` is what the report counts ("hypernet", "summed", ...),
+    ``reason`` the one line it gives (empty: the method's own rule needs none)."""
+
+    action: str
+    reason: str = ""
+
+
+@dataclass
+class LayerJob:
+    """One layer to merge: the two sides' factors (one may be None for methods that keep single layers),
+    the strengths that scale them, and the merged factors' dtype."""
+
+    name: str
+    subject: LowRankLayer | None
+    style: LowRankLayer | None
+    subject_weight: float
+    style_weight: float
+    dtype: torch.dtype
+    action: str = ""
+
+
+@dataclass
+class MergedLayer:
+    layer: LowRankLayer
+    coefficients: torch.Tensor | None = None  # (d_in, 2) subject/style column coefficients, when the rule has them
+
+
+@dataclass
+class MergeContext:
+    """What a merge call shares with its method: the hypernet (if any), the device the math runs on, the
+    method's parameters, whether same-shape layers go through the method together, and a per-layer scratch
+    the pipeline empties before each new layer (e.g. the subject's share of H, reused across styles)."""
+
+    hypernet: object | None
+    device: torch.device
+    params: dict[str, float] = field(default_factory=dict)
+    batched: bool = False
+    memo: dict = field(default_factory=dict)  # emptied before each layer
+    state: dict = field(default_factory=dict)  # kept for the whole call (e.g. H converted to float32 once)
+
+
+class MergeMethod:
+    """Base class: subclasses set ``name``/``help`` (and ``params``, ``needs_hypernet``) and implement
+    :meth:`claim` and :meth:`merge`."""
+
+    name: str = ""
+    help: str = ""
+    params: tuple[Param, ...] = ()
+    needs_hypernet: bool = False
+
+    def claim(self, name: str, subject: LowRankLayer | None, style: LowRankLayer | None,
+              ctx: MergeContext) -> Claim | str | None:
+        """Claim the layer, or decline: a string says why (the report shows it), None leaves the pipeline's
+        generic reason (only in one LoRA, text encoder, not an attention projection)."""
+        raise NotImplementedError
+
+    def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:
+        raise NotImplementedError
+
+    def merge_batch(self, jobs: list[LayerJob], ctx: MergeContext) -> list[MergedLayer]:
+        """Many claimed layers at once (used when ``ctx.batched``); the default merges them one by one."""
+        return [self.merge(job, ctx) for job in jobs]
