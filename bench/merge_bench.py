@@ -120,7 +120,7 @@ def row_math(spec: dict) -> dict:
     stems = [(sgm_to_canonical(m), attention_role(sgm_to_canonical(m))) for m, _, _ in linears]
 
     def factored():
-        return merge_loras(subject, style, hypernet, base=layout)
+        return merge_loras(subject, style, hypernet, layout=layout)
 
     def dense(precision=torch.float32):
         # the plain rule, layer by layer; each merged dW is dropped (holding them all would cost far more)
@@ -138,7 +138,7 @@ def row_math(spec: dict) -> dict:
     if spec.get("dense64_runs"):  # float64: how the golden tests run the reference
         result["dense64_s"], _, _ = _timed(lambda: dense(torch.float64), spec["dense64_runs"])
     if spec.get("batched"):
-        from hypernet.merge import _FactoredHypernet, lorarar_coefficients_batched
+        from hypernet.methods.lorarar import _FactoredHypernet, lorarar_coefficients_batched
 
         pairs = [(subject.layers[s], style.layers[s]) for s, role in stems if role in ("to_q", "to_out")]
         h = _FactoredHypernet(hypernet, torch.device("cpu"))
@@ -163,8 +163,8 @@ def row_many(spec: dict) -> dict:
     subject = lora_from_tensors(random_lora(layout, rank=spec["rank"], seed=1), "subject", layout=layout)
     styles = [lora_from_tensors(random_lora(layout, rank=spec["rank"], seed=10 + i), f"style{i}", layout=layout)
               for i in range(spec["styles"])]
-    separate = lambda: [merge_loras(subject, style, hypernet, base=layout) for style in styles]  # noqa: E731
-    together = lambda: merge_many(subject, styles, hypernet, base=layout)  # noqa: E731
+    separate = lambda: [merge_loras(subject, style, hypernet, layout=layout) for style in styles]  # noqa: E731
+    together = lambda: merge_many(subject, styles, hypernet, layout=layout)  # noqa: E731
     separate(), together()
     result = {}
     result["separate_s"], _, _ = _timed(separate, spec["runs"])
@@ -185,7 +185,7 @@ def row_save(spec: dict) -> dict:
     hypernet = LoraRarHypernet.load(SHARED_WEIGHTS / HYPERNETS[spec["layout"]])
     subject_sd, style_sd = _random_pair(layout, spec["rank"], torch.float16)
     merged = merge_loras(lora_from_tensors(subject_sd, "s", layout=layout), lora_from_tensors(style_sd, "t", layout=layout),
-                         hypernet, base=layout)
+                         hypernet, layout=layout)
     file_dtype = {"fp16": torch.float16, "fp32": torch.float32}[spec["file_dtype"]]
     with tempfile.TemporaryDirectory(dir=REPO / ".cache") as folder:
         counter = iter(range(1000))

@@ -15,7 +15,8 @@ from .errors import LoraRarError, unforeseen_as_error
 from .files import check_target, refuse_replacing
 from .judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
 from .lora_io import SAVE_DTYPES as DTYPES, read_lora, save_lora
-from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, Strengths, merge_loras
+from . import methods
+from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, Strengths, merge_loras
 
 
 
@@ -40,9 +41,18 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--style", required=True, type=Path, help="style LoRA file")
     merge.add_argument("--out", required=True, type=Path, help="merged LoRA to write (.safetensors)")
     merge.add_argument("--hypernet", default="sdxl", help=f"published name ({', '.join(load_manifest())}) or a checkpoint path")
-    merge.add_argument("--method", choices=METHODS, default="lorarar")
+    merge.add_argument("--method", choices=methods.names(), default="lorarar",
+                       help="; ".join(f"{m.name}: {m.help}" for m in methods.all_methods()))
+    for method in methods.all_methods():  # each method's own parameters, e.g. --np-lora-mu
+        for param in method.params:
+            merge.add_argument(f"--{methods.param_key(method, param).replace('_', '-')}", type=float, default=None,
+                               dest=methods.param_key(method, param), metavar=param.name.upper(),
+                               help=f"{method.name} only: {param.help} (default {param.default:g}, "
+                                    f"{param.minimum:g} to {param.maximum:g})")
     merge.add_argument("--layer-policy", choices=LAYER_POLICIES, default="sum", help=LAYER_POLICY_HELP)
-    merge.add_argument("--base", choices=sorted(LAYOUTS), help="base model of the LoRAs (default: the hypernet's, else sdxl)")
+    merge.add_argument("--base", choices=sorted(LAYOUTS), help="the base model the LoRAs are for: they are checked "
+                       "against its layout, as the node checks them against its model (default: the hypernet's "
+                       "training model, else sdxl)")
     merge.add_argument("--subject-strength", type=float, default=1.0)
     merge.add_argument("--style-strength", type=float, default=1.0)
     merge.add_argument("--subject-clip-strength", type=float, default=1.0)
@@ -82,24 +92,42 @@ def _check_out(args: argparse.Namespace) -> dict[str, str]:
 def run_merge(args: argparse.Namespace) -> int:
     strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
     inputs = _check_out(args)
+    rule, params = methods.get(args.method), _method_params(args)
     manifest = load_manifest()
     info = manifest.get(args.hypernet)
-    hypernet, base = (None, None)
-    if args.method == "lorarar" and info is None:  # a file: local, so load it first and learn its base model
-        hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
-    layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else base or SDXL)
+    hypernet, trained_on = (None, None)
+    if rule.needs_hypernet and info is None:  # a file: local, so load it first and learn its training model
+        hypernet, trained_on = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
+    # the layout the LoRAs must fit, as the node uses its model's: named, else the hypernet's training model
+    layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else trained_on or SDXL)
     with unforeseen_as_error(f"{args.subject} + {args.style}"):
         # the LoRAs before a published hypernet: a bad input file is named before any download is tried
         subject = read_lora(args.subject, layout)
         style = read_lora(args.style, layout)
-        if args.method == "lorarar" and hypernet is None:
-            hypernet, base = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
-        merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, base=base)
+        if rule.needs_hypernet and hypernet is None:
+            hypernet, trained_on = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
+        merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, layout=layout,
+                             params=params)
     save_lora(args.out, merged.kohya_state_dict(DTYPES[args.dtype]), merged.metadata(__version__), overwrite=args.overwrite,
               protect={**inputs, **merged.source_paths})
     print(json.dumps(merged.report.as_dict(), indent=2) if args.json else merged.report.to_text())
     print(f"wrote {args.out}")
     return 0
+
+
+def _method_params(args: argparse.Namespace) -> dict[str, float]:
+    """The chosen method's parameters given on the command line; another method's are refused, not ignored."""
+    given = {}
+    for method in methods.all_methods():
+        for param in method.params:
+            value = getattr(args, methods.param_key(method, param))
+            if value is None:
+                continue
+            if method.name != args.method:
+                raise LoraRarError(f"--{methods.param_key(method, param).replace('_', '-')} belongs to method "
+                                   f"{method.name}, not {args.method}")
+            given[param.name] = value
+    return given
 
 
 def run_evaluate(args: argparse.Namespace) -> int:

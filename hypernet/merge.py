@@ -26,7 +26,6 @@ from .methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched 
 from .model import LoraRarHypernet
 from .pipeline import LAYER_POLICIES, LayerPlan, compute, plan_layer, use_batched
 
-METHODS = methods.names()  # what the node and the CLI offer, in registry order
 LAYER_POLICY_HELP = (
     "Layers LoRA.rar does not cover (non-attention layers, text encoders, layers in only one LoRA, "
     "widths the hypernet has no input for): sum = strength-weighted sum kept low-rank (default); "
@@ -139,6 +138,12 @@ class MergedLora:
             return [self.report.subject if "subject" in action else self.report.style]
         return [self.report.subject, self.report.style]
 
+    def named(self, subject: str, style: str, subject_path: str, style_path: str) -> "MergedLora":
+        """A copy whose report, metadata and protected inputs name these files (same content, maybe renamed)."""
+        report = dataclasses.replace(self.report, subject=subject, style=style)
+        paths = {**self.source_paths, "subject LoRA": str(subject_path), "style LoRA": str(style_path)}
+        return dataclasses.replace(self, report=report, source_paths=paths)
+
     def without(self, dropped: dict[str, str]) -> "MergedLora":
         """A copy without the layers in ``dropped`` (layer -> why), which the report lists as skipped."""
         report = dataclasses.replace(self.report, actions=dict(self.report.actions), reasons=dict(self.report.reasons))
@@ -167,20 +172,21 @@ class MergedLora:
         }
 
 
-def check_compatible(subject: LoraFile, style: LoraFile, base: UNetLayout | None) -> None:
-    """Refuse pairs made for different base models, or for another base model than ``base`` (the model's layout)."""
+def check_compatible(subject: LoraFile, style: LoraFile, layout: UNetLayout | None) -> None:
+    """Refuse pairs made for different base models, or for another base model than ``layout`` (the layout the
+    LoRAs must fit: the node's model's, the CLI's --base)."""
     subject_ctx, style_ctx = subject.context_dims(), style.context_dims()
     if subject_ctx and style_ctx and subject_ctx != style_ctx:
         raise LoraRarError(
             f"{subject.name} (text context {sorted(subject_ctx)}) and {style.name} (text context "
             f"{sorted(style_ctx)}) are LoRAs for different base models")
-    if base is not None:
+    if layout is not None:
         for lora in (subject, style):
             ctx = lora.context_dims()
-            if ctx and ctx != {base.context_dim}:
+            if ctx and ctx != {layout.context_dim}:
                 raise LoraRarError(
-                    f"{lora.path}: cross-attention reads a {sorted(ctx)[0]}-wide text context, but {base.name} "
-                    f"uses {base.context_dim}: this LoRA is for another base model (SD1.5 uses 768)")
+                    f"{lora.path}: cross-attention reads a {sorted(ctx)[0]}-wide text context, but {layout.name} "
+                    f"uses {layout.context_dim}: this LoRA is for another base model (SD1.5 uses 768)")
 
 
 def merge_loras(
@@ -190,7 +196,7 @@ def merge_loras(
     method: str = "lorarar",
     policy: str = "sum",
     strengths: Strengths = Strengths(),
-    base: UNetLayout | None = None,
+    layout: UNetLayout | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -203,7 +209,7 @@ def merge_loras(
     inputs' common type, float32 when they differ); progress(done, total) is called per layer; params and
     batched: see :func:`merge_many`.
     """
-    return merge_many(subject, [style], hypernet, method, policy, strengths, base, device, dtype, progress,
+    return merge_many(subject, [style], hypernet, method, policy, strengths, layout, device, dtype, progress,
                       params, batched)[0]
 
 
@@ -220,7 +226,7 @@ def merge_many(
     method: str = "lorarar",
     policy: str = "sum",
     strengths: Strengths = Strengths(),
-    base: UNetLayout | None = None,
+    layout: UNetLayout | None = None,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     progress: Callable[[int, int], None] | None = None,
@@ -236,7 +242,7 @@ def merge_many(
     """
     rule = _checked_method(method, policy, hypernet, styles)
     for style in styles:
-        check_compatible(subject, style, base)
+        check_compatible(subject, style, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
     ctx = MergeContext(hypernet, device, resolve_params(rule, params), use_batched(device, batched))
     plans = [_plan(subject, style, rule, policy, strengths, dtype or _merged_dtype(subject, style), ctx)

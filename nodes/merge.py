@@ -10,59 +10,62 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 
-from ..hypernet.checkpoints import for_model_class, load_hypernet, load_manifest
+from ..hypernet import methods
+from ..hypernet.checkpoints import load_manifest
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
 from ..hypernet.lora_io import read_lora
-from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, METHODS, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
-from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, download_dir, fingerprint, hypernet_dirs, model_class, model_layout
+from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
+from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
 
-# Identical inputs (by content) reuse the last merge, e.g. when only the prompt or the model upstream changed;
-# one entry, so ComfyUI's own cache settings still bound what stays in memory.
+# The last merge, keyed by the inputs' content (files' sha256, hypernet, method, parameters, strengths, layout):
+# re-running a graph where only the prompt or the sampler changed reuses it. One entry, so ComfyUI's own
+# cache settings still bound what stays in memory.
 _MERGES: "OrderedDict[tuple, MergedLora]" = OrderedDict()
-_HYPERNETS: "OrderedDict[tuple, tuple]" = OrderedDict()
-_CACHE_SIZE = 1
+_MERGES_MAX = 1
 
 
-def _remember(cache: OrderedDict, key, value):
-    cache[key] = value
-    cache.move_to_end(key)
-    while len(cache) > _CACHE_SIZE:
-        cache.popitem(last=False)
-    return value
+def _remember(key, merged: MergedLora) -> MergedLora:
+    _MERGES[key] = merged
+    _MERGES.move_to_end(key)
+    while len(_MERGES) > _MERGES_MAX:
+        _MERGES.popitem(last=False)
+    return merged
 
 
-def _base_model_note(base, model) -> str:
+def _base_model_note(name: str | None, model) -> str:
     """A line for the report when the hypernet was trained on another member of the SDXL family."""
-    if base is None:
+    info = load_manifest().get(name) if name else None
+    if info is None or model_class(model) in info.comfy_model_classes[:1]:
         return ""
-    trained_on = {"sdxl": "SDXL", "koala-700m": "KOALA_700M"}.get(base.name, base.name)
-    if model_class(model) == trained_on:
-        return ""
-    return f"note: the {base.name} hypernet was trained on {trained_on} LoRAs; this model is {model_class(model)} (same attention widths)"
+    return (f"note: the {info.name} hypernet was trained on {info.comfy_model_classes[0]} LoRAs; this model is "
+            f"{model_class(model)} (same attention widths)")
 
 
 def _strength(tooltip: str):
     return ("FLOAT", {"default": 1.0, "min": -STRENGTH_LIMIT, "max": STRENGTH_LIMIT, "step": 0.01, "tooltip": tooltip})
 
 
-def _hypernet_for(choice: str, model):
-    """(hypernet, base layout) for 'auto', a published name or a file in a lorarar folder; loaded once."""
-    name = for_model_class(model_class(model)).name if choice == "auto" else choice
-    source = name if name in load_manifest() else folder_paths.get_full_path_or_raise("lorarar", name)
-    key = name if source == name else (name, fingerprint(source))  # own files: a new file under the old name counts
-    if key not in _HYPERNETS:
-        _remember(_HYPERNETS, key, load_hypernet(source, hypernet_dirs(), download_dir()))
-    return _HYPERNETS[key]
+def _param_inputs() -> dict:
+    """Every registered method's own parameters as optional inputs, e.g. ``np_lora_mu``."""
+    return {methods.param_key(method, param): ("FLOAT", {
+        "default": param.default, "min": param.minimum, "max": param.maximum, "step": param.step,
+        "tooltip": f"{method.name} only: {param.help}"}) for method in methods.all_methods() for param in method.params}
 
 
-def _merge_files(subject_path, style_path, net, method, layer_policy, strengths, layout) -> MergedLora:
+def _params_for(method: str, given: dict) -> dict[str, float]:
+    rule = methods.get(method)
+    return {param.name: given[methods.param_key(rule, param)] for param in rule.params
+            if methods.param_key(rule, param) in given}
+
+
+def _merge_files(subject_path, style_path, net, method, layer_policy, strengths, layout, params) -> MergedLora:
     with unforeseen_as_error(f"{subject_path} + {style_path}"):
         subject = read_lora(subject_path, layout)
         style = read_lora(style_path, layout)
         bar = comfy.utils.ProgressBar(1)
         # checked against the model itself: a LoRA for another base model is refused whatever the method
-        return merge_loras(subject, style, net, method, layer_policy, strengths, base=layout,
-                           device=comfy.model_management.get_torch_device(),
+        return merge_loras(subject, style, net, method, layer_policy, strengths, layout=layout,
+                           device=comfy.model_management.get_torch_device(), params=params,
                            progress=lambda done, total: bar.update_absolute(done, total))
 
 
@@ -97,11 +100,13 @@ class LoraRarMerge:
                 "style_strength": _strength("Scales the style's share of the merged update in the diffusion model (1 = as the hypernet predicts)."),
                 "subject_clip_strength": _strength("Scales the subject LoRA's text-encoder layers."),
                 "style_clip_strength": _strength("Scales the style LoRA's text-encoder layers."),
-                "method": (list(METHODS), {"default": "lorarar", "tooltip": "lorarar: the hypernetwork merge; direct: plain sum of both LoRAs, for comparison."}),
+                "method": (list(methods.names()), {"default": "lorarar", "tooltip": "; ".join(
+                    f"{method.name}: {method.help}" for method in methods.all_methods())}),
                 "layer_policy": (list(LAYER_POLICIES), {"default": "sum", "tooltip": LAYER_POLICY_HELP}),
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The text encoders, for LoRAs that also train them. Leave empty to patch the model only."}),
+                **_param_inputs(),
             },
         }
 
@@ -117,23 +122,24 @@ class LoraRarMerge:
         return "|".join(hashes)
 
     def merge(self, model, hypernet, subject_lora, style_lora, subject_strength, style_strength,
-              subject_clip_strength, style_clip_strength, method, layer_policy, clip=None):
+              subject_clip_strength, style_clip_strength, method, layer_policy, clip=None, **method_params):
         strengths = Strengths(subject_strength, style_strength, subject_clip_strength, style_clip_strength)
+        params = _params_for(method, method_params)
         subject_path = folder_paths.get_full_path_or_raise("loras", subject_lora)
         style_path = folder_paths.get_full_path_or_raise("loras", style_lora)
         layout = model_layout(model)
-        net, base = (None, None)
-        if method == "lorarar":
-            net, base = _hypernet_for(hypernet.choice, model)
-        note = _base_model_note(base, model)
+        net, name = None, None
+        if methods.get(method).needs_hypernet:
+            net, _, name = hypernet.for_model(model)
         key = (fingerprint(subject_path), fingerprint(style_path), net.sha256 if net else None,
-               method, layer_policy, strengths, layout)
-        merged = _MERGES.get(key)
-        if merged is None:
-            merged = _merge_files(subject_path, style_path, net, method, layer_policy, strengths, layout)
-            merged.report.subject, merged.report.style = subject_lora, style_lora
-        _remember(_MERGES, key, merged)
+               method, tuple(sorted(params.items())), layer_policy, strengths, layout)
+        merged = _MERGES.get(key) or _merge_files(subject_path, style_path, net, method, layer_policy, strengths,
+                                                  layout, params)
+        _remember(key, merged)
+        # the names (and paths) given now, also when the merge itself was reused for files of the same content
+        merged = merged.named(subject_lora, style_lora, subject_path, style_path)
         model_out, clip_out, applied, applied_text = apply_merged(model, clip, merged)
+        note = _base_model_note(name, model)
         return (model_out, clip_out, applied, "\n".join(filter(None, [applied.report.to_text(), applied_text, note])))
 
 

@@ -82,11 +82,11 @@ def test_lora_for_another_base_model(tmp_path, shared_weights):
     sd15 = read_lora(write_lora(tmp_path / "sd15.safetensors", random_lora(SD15, rank=4, seed=4)))
     sdxl = read_lora(write_lora(tmp_path / "sdxl.safetensors", random_lora(SDXL, rank=4, seed=5)))
     with pytest.raises(LoraRarError) as error:
-        merge_loras(sd15, sdxl, hypernet, base=SDXL)
+        merge_loras(sd15, sdxl, hypernet, layout=SDXL)
     assert "sd15.safetensors" in one_line(error.value) and "different base models" in str(error.value)
     other = read_lora(write_lora(tmp_path / "sd15_b.safetensors", random_lora(SD15, rank=4, seed=6)))
     with pytest.raises(LoraRarError, match=r"sd15.safetensors: cross-attention reads a 768-wide text context.*another base model"):
-        merge_loras(sd15, other, hypernet, base=SDXL)
+        merge_loras(sd15, other, hypernet, layout=SDXL)
 
 
 def test_hypernet_of_the_wrong_shape(tmp_path, shared_weights):

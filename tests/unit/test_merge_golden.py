@@ -36,7 +36,7 @@ def test_every_layer_matches_dense_rule(checkpoint, batched, shared_weights, tmp
     subject = read_lora(write_lora(tmp_path / "subject.safetensors", subject_sd), layout)
     style = read_lora(write_lora(tmp_path / "style.safetensors", style_sd), layout)
 
-    merged = merge_loras(subject, style, hypernet, base=layout, batched=batched)
+    merged = merge_loras(subject, style, hypernet, layout=layout, batched=batched)
 
     linears = layout.attention_linears()
     assert len(merged.layers) == len(linears)

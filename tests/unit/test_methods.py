@@ -1,0 +1,99 @@
+"""The merge-method registry: a method is one plug-in, and the CLI offers what the registry holds."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from devkit.loras import SD15, random_lora, write_lora
+from hypernet import cli, methods
+from hypernet.errors import LoraRarError
+from hypernet.lora_io import read_lora
+from hypernet.lowrank import weighted_sum
+from hypernet.merge import merge_loras
+from hypernet.methods import Claim, MergedLayer, MergeMethod, Param
+
+REPO = Path(__file__).resolve().parents[2]
+MODULES = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_k"]
+
+
+class ScaledSubject(MergeMethod):
+    """A toy method with a parameter: keeps gain * dW_subject on to_q layers, declines the rest."""
+
+    name = "toy-scaled"
+    help = "gain times the subject, for the registry test"
+    params = (Param("gain", 0.5, 0.0, 4.0, "how much of the subject to keep"),)
+
+    def claim(self, name, subject, style, ctx):
+        return Claim("scaled", "toy rule") if name.endswith("to_q") and subject is not None else None
+
+    def merge(self, job, ctx):
+        return MergedLayer(weighted_sum([(job.subject, job.subject_weight * ctx.params["gain"])], ctx.device, job.dtype))
+
+
+@pytest.fixture
+def toy_method():
+    methods.register(ScaledSubject())
+    yield methods.get("toy-scaled")
+    methods.unregister("toy-scaled")
+
+
+@pytest.fixture
+def pair(tmp_path):
+    subject = write_lora(tmp_path / "dog.safetensors", random_lora(rank=4, seed=1, modules=MODULES))
+    style = write_lora(tmp_path / "ink.safetensors", random_lora(rank=3, seed=2, modules=MODULES))
+    return subject, style
+
+
+def test_the_published_methods_are_registered_in_order():
+    assert methods.names()[:2] == ("lorarar", "direct")
+    assert all(method.help for method in methods.all_methods())
+
+
+def test_a_plugged_in_method_merges_with_its_parameter_and_the_plan_reports_it(toy_method, pair):
+    subject, style = (read_lora(path) for path in pair)
+    merged = merge_loras(subject, style, None, method="toy-scaled", params={"gain": 2.0})
+    q = next(name for name in merged.layers if name.endswith("to_q"))
+    expected = 2.0 * subject.layers[q].up @ subject.layers[q].down
+    torch.testing.assert_close(merged.layers[q].up @ merged.layers[q].down, expected)
+    assert merged.report.as_dict()["layers"] == {"scaled": 1, "summed": 1}  # to_k: declined, layer policy sum
+    assert merged.report.params == {"gain": 2.0} and "toy-scaled, gain=2" in merged.report.to_text()
+    assert json.loads(merged.metadata("test")["lorarar_report"])["params"] == {"gain": 2.0}
+
+
+@pytest.mark.parametrize("params, message", [({"gain": 9.0}, "between 0 and 4"), ({"gain": float("nan")}, "between"),
+                                             ({"mu": 1.0}, "has no parameter mu")])
+def test_bad_method_parameters_are_one_line(toy_method, pair, params, message):
+    subject, style = (read_lora(path) for path in pair)
+    with pytest.raises(LoraRarError, match=message):
+        merge_loras(subject, style, None, method="toy-scaled", params=params)
+
+
+def test_the_cli_offers_each_method_and_its_parameters(toy_method, pair, tmp_path, capsys):
+    subject, style = pair
+    out = tmp_path / "toy.safetensors"
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--help"])
+    help_text = capsys.readouterr().out
+    assert "toy-scaled" in help_text and "--toy-scaled-gain" in help_text and "how much of the subject" in help_text
+    assert cli.main(["merge", "--subject", str(subject), "--style", str(style), "--out", str(out),
+                     "--method", "toy-scaled", "--toy-scaled-gain", "3", "--json"]) == 0
+    assert '"gain": 3.0' in capsys.readouterr().out
+    assert cli.main(["merge", "--subject", str(subject), "--style", str(style), "--out", str(tmp_path / "x.safetensors"),
+                     "--method", "direct", "--toy-scaled-gain", "3"]) == 2
+    assert "belongs to method toy-scaled" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_what_the_node_refuses_whatever_the_method(tmp_path):
+    """--base names the layout the LoRAs must fit, for every method: SD1.5 LoRAs are refused for sdxl."""
+    subject = write_lora(tmp_path / "sd15_a.safetensors", random_lora(SD15, rank=4, seed=4))
+    style = write_lora(tmp_path / "sd15_b.safetensors", random_lora(SD15, rank=4, seed=5))
+    result = subprocess.run([sys.executable, "-m", "hypernet", "merge", "--method", "direct", "--base", "sdxl",
+                             "--subject", str(subject), "--style", str(style), "--out", str(tmp_path / "m.safetensors")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and not (tmp_path / "m.safetensors").exists()
+    assert "sd15_a.safetensors: cross-attention reads a 768-wide text context" in result.stderr
+    assert "another base model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
