@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from .errors import LoraRarError
 from .files import atomic_file
-from .judge import Judge, public_url
+from .judge import Judge, UnreadableAnswer, public_url
 
 MAX_SIDE = 512
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
@@ -61,9 +61,10 @@ _NO = re.compile(r"\bno\b", re.IGNORECASE)
 def parse_answer(text: str) -> str:
     """'yes', 'no' or 'unparsed'. A "yes" anywhere wins (the paper's rule); whole words only.
 
-    Anything but a string (a judge's JSON object, a number) is unparsed: ``str({"yes": 1})`` must not approve.
+    Anything but a string (a judge's JSON object, a number) is unparsed: ``str({"yes": 1})`` must not approve;
+    so is an :class:`UnreadableAnswer` (a reply with no answer in it), whatever its words.
     """
-    if not isinstance(text, str):
+    if not isinstance(text, str) or isinstance(text, UnreadableAnswer):
         return "unparsed"
     if _YES.search(text):
         return "yes"
