@@ -138,9 +138,10 @@ def run_evaluate(args: argparse.Namespace) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    # the judge first: a bad URL, key, timeout or retry count is reported before any folder is read
+    judge = ChatCompletionsJudge(args.judge_url, args.judge_model, args.api_key_env, timeout=args.timeout, retries=args.retries)
     jobs = evaluate.find_pairs(args.generated, args.subjects, args.styles, evaluate.load_style_names(args.style_names),
                                skip=[args.out])
-    judge = ChatCompletionsJudge(args.judge_url, args.judge_model, args.api_key_env, timeout=args.timeout, retries=args.retries)
     try:
         result = evaluate.evaluate_folders(jobs, judge, args.out, args.judge_model, judge.endpoint, resume=not args.restart)
     except KeyboardInterrupt:

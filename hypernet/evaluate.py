@@ -19,7 +19,9 @@ import hashlib
 import io
 import json
 import math
+import os
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
@@ -28,13 +30,17 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from .errors import LoraRarError
-from .files import atomic_file
-from .judge import Judge, public_url
+from .files import atomic_file, file_sha256
+from .judge import ANSWER_CHARS, Judge, UnreadableAnswer, public_url
 
 MAX_SIDE = 512
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
 PAIR_SEPARATOR = "__"
 STATE_VERSION = 1
+MAX_STATE_BYTES = 256 * 1024 * 1024  # results.json: ~1 KB per image in practice, 20 KB with 20 long answers
+MAX_STYLE_NAMES_BYTES = 1024 * 1024
+MAX_REFERENCES = 10_000  # per image and kind, in a saved vote: far above any real set of reference images
+_FINGERPRINT = re.compile(r"[0-9a-f]{64}")
 
 SUBJECT_QUESTION = (
     "The first picture is a generated test image; the second is a reference photo of a particular subject. "
@@ -61,9 +67,10 @@ _NO = re.compile(r"\bno\b", re.IGNORECASE)
 def parse_answer(text: str) -> str:
     """'yes', 'no' or 'unparsed'. A "yes" anywhere wins (the paper's rule); whole words only.
 
-    Anything but a string (a judge's JSON object, a number) is unparsed: ``str({"yes": 1})`` must not approve.
+    Anything but a string (a judge's JSON object, a number) is unparsed: ``str({"yes": 1})`` must not approve;
+    so is an :class:`UnreadableAnswer` (a reply with no answer in it), whatever its words.
     """
-    if not isinstance(text, str):
+    if not isinstance(text, str) or isinstance(text, UnreadableAnswer):
         return "unparsed"
     if _YES.search(text):
         return "yes"
@@ -102,11 +109,12 @@ class Vote:
 
     @classmethod
     def from_dict(cls, data: dict) -> "Vote":
-        """The vote saved by :meth:`as_dict`; ValueError when ``data`` has another shape."""
+        """The vote saved by :meth:`as_dict`; ValueError when ``data`` has another shape (or sizes it never has)."""
         verdicts, answers = data["verdicts"], data.get("answers", [""] * len(data["verdicts"]))
-        if not (isinstance(verdicts, list) and verdicts and set(verdicts) <= {"yes", "no", "unparsed"}
+        if not (isinstance(verdicts, list) and 0 < len(verdicts) <= MAX_REFERENCES
+                and all(isinstance(v, str) and v in ("yes", "no", "unparsed") for v in verdicts)
                 and isinstance(answers, list) and len(answers) == len(verdicts)
-                and all(isinstance(a, str) for a in answers)):
+                and all(isinstance(a, str) and len(a) <= ANSWER_CHARS for a in answers)):
             raise ValueError("not a saved vote")
         return cls(list(verdicts), list(answers))
 
@@ -147,10 +155,16 @@ class ImageResult:
 
     @classmethod
     def from_dict(cls, data: dict) -> "ImageResult":
-        """The result saved by :meth:`as_dict`; ValueError when ``data`` has another shape."""
+        """The result saved by :meth:`as_dict`; ValueError when ``data`` has another shape.
+
+        CLIP-I values must be finite cosines (a little rounding slack around [-1, 1]): a saved 1e400 or
+        10**400 would otherwise overflow the means, NaN would be written back as non-standard JSON.
+        """
         clip = [data.get("clip_i_subject"), data.get("clip_i_style")]
-        if not isinstance(data["image"], str) or not all(c is None or type(c) in (int, float) for c in clip):
+        if not (isinstance(data["image"], str) and 0 < len(data["image"]) <= 1024
+                and all(c is None or (type(c) in (int, float) and -1.001 <= c <= 1.001) for c in clip)):
             raise ValueError("not a saved image result")
+        clip = [None if c is None else float(c) for c in clip]
         return cls(data["image"], Vote.from_dict(data["subject"]), Vote.from_dict(data["style"]), *clip)
 
 
@@ -419,15 +433,49 @@ def derive_style_name(folder_name: str) -> str:
     return name or folder_name.replace("_", " ")
 
 
+def read_regular_file(path: Path, max_bytes: int) -> bytes:
+    """The bytes of ``path``, a regular file (or a link to one) of at most ``max_bytes``; ValueError saying why not.
+
+    Opened non-blocking and checked on the open descriptor: a FIFO cannot hang the run, /dev/zero cannot
+    fill the memory, and nothing is swapped in between the check and the read.
+    """
+    try:
+        descriptor = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0))
+    except OSError as error:
+        raise ValueError(error.strerror or type(error).__name__) from None
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise ValueError("not a regular file: a device, pipe, socket or folder")
+        data = handle.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise ValueError(f"larger than {max_bytes // (1024 * 1024)} MiB")
+    return data
+
+
+def _no_constants(name: str):
+    raise ValueError(f"{name} is not standard JSON")
+
+
+def read_json(path: Path, max_bytes: int):
+    """Standard JSON (no NaN or Infinity) from a regular file of at most ``max_bytes``; ValueError saying why not."""
+    data = read_regular_file(path, max_bytes)
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_no_constants)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+    except UnicodeDecodeError:
+        raise ValueError("not readable JSON: not UTF-8 text") from None
+    except ValueError as error:  # JSONDecodeError's text names a position, never echoes the file
+        raise ValueError(f"not readable JSON: {str(error).splitlines()[0][:120]}") from None
+
+
 def load_style_names(path: Path | None) -> dict[str, str]:
     """A JSON object {style folder name: style name for the question}, or {} without a file."""
     if path is None:
         return {}
     try:
-        names = json.loads(Path(path).read_text())
-    except RecursionError:
-        raise LoraRarError(f"{path}: cannot read the style-name mapping (JSON nested too deeply)") from None
-    except (OSError, ValueError) as error:
+        names = read_json(Path(path), MAX_STYLE_NAMES_BYTES)
+    except ValueError as error:
         raise LoraRarError(f"{path}: cannot read the style-name mapping ({error})") from None
     if not isinstance(names, dict) or not all(isinstance(v, str) for v in names.values()):
         raise LoraRarError(f"{path}: expected a JSON object mapping style folder names to style names")
@@ -438,8 +486,11 @@ def load_image(path: Path, max_side: int = MAX_SIDE) -> Image.Image:
     try:
         with Image.open(path) as image:
             return resize_long_side(image, max_side)
-    except (OSError, ValueError) as error:
-        raise LoraRarError(f"{path}: cannot read the image ({type(error).__name__}: {error})") from None
+    # decoders raise more than OSError on hostile files: DecompressionBombError (too many pixels),
+    # SyntaxError, struct.error, ...; each is this one file's problem, said in one line
+    except Exception as error:  # noqa: BLE001
+        reason = " ".join(f"{type(error).__name__}: {error}".split())[:300]
+        raise LoraRarError(f"{path}: cannot read the image ({reason})") from None
 
 
 @dataclass
@@ -475,6 +526,8 @@ def find_pairs(generated: Path, subjects: Path, styles: Path, style_names: dict[
                 raise LoraRarError(f"{root / name}: no reference images for pair {folder.name}")
             refs.append(found)
         images = list_images(folder)
+        for name in [folder, *images]:  # both end up in results.csv and on stdout, which are UTF-8
+            _check_utf8_name(name)
         if images:
             jobs.append(PairJob(folder.name, style_names.get(style, derive_style_name(style)), images, *refs))
     if not jobs:
@@ -482,9 +535,18 @@ def find_pairs(generated: Path, subjects: Path, styles: Path, style_names: dict[
     return jobs
 
 
+def _check_utf8_name(path: Path) -> None:
+    """Refuse a file name that is not valid UTF-8 (Python holds its bad bytes as lone surrogates)."""
+    try:
+        path.name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise LoraRarError(f"{str(path)!r}: the name is not valid UTF-8; rename it (results.csv and the "
+                           "report are UTF-8)") from None
+
+
 def _sha256(path: Path) -> str:
     try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+        return file_sha256(path)  # in blocks: an image file is never read whole just to fingerprint it
     except OSError as error:
         raise LoraRarError(f"{path}: cannot read it ({error.strerror or type(error).__name__})") from None
 
@@ -514,12 +576,9 @@ class BatchState:
         """Read every saved record now, so a corrupt file stops the run before any question is asked."""
         fix = "delete it or pass --restart"
         try:
-            saved = json.loads(self.path.read_text(encoding="utf-8"))
-        except RecursionError:
-            raise LoraRarError(f"{self.path}: cannot resume from it (JSON nested too deeply); {fix}") from None
-        except (OSError, ValueError) as error:
-            reason = getattr(error, "strerror", None) or type(error).__name__
-            raise LoraRarError(f"{self.path}: cannot resume from it (not readable JSON: {reason}); {fix}") from None
+            saved = read_json(self.path, MAX_STATE_BYTES)
+        except ValueError as error:
+            raise LoraRarError(f"{self.path}: cannot resume from it ({error}); {fix}") from None
         if not isinstance(saved, dict) or not isinstance(saved.get("images", {}), dict):
             raise LoraRarError(f"{self.path}: cannot resume from it (expected a JSON object with an 'images' "
                                f"object, as this tool writes); {fix}")
@@ -527,14 +586,16 @@ class BatchState:
             return  # another version's state: asked again, then overwritten
         for key, record in saved.get("images", {}).items():
             try:
-                self.finished[key] = ImageResult.from_dict(record)
+                result = ImageResult.from_dict(record)
                 fingerprint = record["fingerprint"]
-                if not isinstance(fingerprint, str):
+                if not (isinstance(fingerprint, str) and _FINGERPRINT.fullmatch(fingerprint) and len(key) <= 2048):
                     raise TypeError
             except (KeyError, TypeError, ValueError, AttributeError):
                 raise LoraRarError(f"{self.path}: cannot resume from it (record {key[:200]!r} is not a result this "
                                    f"tool wrote); {fix}") from None
-            self.records[key] = record
+            # rebuilt from the checked values: whatever else the file held is not written back
+            self.records[key] = {**result.as_dict(), "fingerprint": fingerprint}
+            self.finished[key] = result
 
     def done(self, key: str, fingerprint: str) -> ImageResult | None:
         record = self.records.get(key)
@@ -547,7 +608,7 @@ class BatchState:
 
     def write(self, **extra) -> None:
         atomic_write(self.path, json.dumps({"version": STATE_VERSION, "protocol": self.protocol,
-                                            "images": self.records, **extra}, indent=1))
+                                            "images": self.records, **extra}, indent=1, allow_nan=False))
 
 
 def evaluate_folders(jobs: Sequence[PairJob], judge: Judge, out_dir: Path, model: str, endpoint: str = "",

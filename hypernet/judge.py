@@ -7,20 +7,24 @@ and nowhere else. Since workflows are shared, the key rules hold whoever wrote t
 variable name: only ``LORARAR_*`` variables are read; a key is sent only to the judge URLs the
 server's operator listed in ``$LORARAR_JUDGE_URL``, or, with none listed, only to a loopback host;
 never over plain http to another host; redirects are never followed. Whatever the judge sends back
-(error bodies, answers) has every stretch of 8 or more characters of the key cut out before it is
-shown or stored. Each request has one deadline and a size cap (see ``judge_http``).
+(error bodies, answers) is shown or stored only as :func:`clean_line` makes it: one bounded line with
+every stretch that spells 6 or more consecutive characters of the key replaced (see :func:`redact` for
+exactly what that catches). Each request has one deadline and a size cap (see ``judge_http``).
 """
 
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import ipaddress
 import json
 import math
 import os
 import re
+import sys
 import time
+import unicodedata
 import urllib.parse
 from typing import Callable, Protocol, Sequence
 
@@ -35,9 +39,10 @@ PINNED_URL_ENV = "LORARAR_JUDGE_URL"  # set by the server's operator: the judge 
 _KEY_ENV_NAME = re.compile(rf"^{KEY_ENV_PREFIX}[A-Za-z0-9_]*$")
 _HEADER_SAFE_KEY = re.compile(r"[\x21-\x7e]+")  # visible ASCII: nothing http.client would refuse or split
 RETRYABLE_STATUS = {429, 500, 502, 503, 504}
-KEY_WINDOW = 8  # any run of this many characters shared with the key is cut out of what the judge says
+KEY_WINDOW = 6  # any stretch spelling this many consecutive characters of the key is cut out of what the judge says
 ANSWER_CHARS = 1000  # a yes/no answer is a few words; longer ones are cut (after redaction) before storing
-_DEFAULT_PORTS = {"http": 80, "https": 443}
+MAX_TIMEOUT_S = 3600.0  # per request; with MAX_RETRIES it bounds how long one question can take
+MAX_RETRIES = 10
 
 
 class JudgeError(LoraRarError):
@@ -59,17 +64,39 @@ def chat_completions_url(base_url: str) -> str:
     A query (Azure's ``?api-version=...``) stays on the final URL; a fragment is dropped.
     """
     text = base_url.strip()
+    problem = _url_problem(text)
+    if problem:
+        raise JudgeError(f"judge URL {base_url!r}: {problem}; expected http(s)://host:port/v1 "
+                         "(an OpenAI-compatible base URL)")
     parts = urllib.parse.urlsplit(text)
-    try:
-        parts.port  # noqa: B018 - raises on a port that is not a number
-    except ValueError:
-        parts = parts._replace(scheme="")
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname or not text.isprintable() or " " in text:
-        raise JudgeError(f"judge URL {base_url!r}: expected http(s)://host:port/v1 (an OpenAI-compatible base URL)")
     path = parts.path.rstrip("/")
     if not path.endswith("/chat/completions"):
         path = (path or "/v1") + "/chat/completions"
     return urllib.parse.urlunsplit((parts.scheme.lower(), parts.netloc, path, parts.query, ""))
+
+
+def _url_problem(text: str) -> str:
+    """Why ``text`` cannot be a judge URL that http.client connects to as written, or "" when it can."""
+    if not text.isprintable() or " " in text:
+        return "it holds spaces or control characters"
+    try:
+        parts = urllib.parse.urlsplit(text)
+        parts.port  # noqa: B018 - raises on a port that is not a number or out of range
+    except ValueError:  # also a bracketed host that is not an IP address
+        return "its host or port cannot be read"
+    host = parts.hostname or ""
+    if parts.scheme.lower() not in judge_http.DEFAULT_PORTS or not host:
+        return "it needs an http or https scheme and a host"
+    if "%" in host:
+        return "IPv6 zone IDs (%25...) are not supported"
+    if not host.isascii():
+        return "the host name must be ASCII (write an international name in its xn-- form)"
+    if ":" in host or "[" in parts.netloc.rsplit("@", 1)[-1]:  # brackets hold an IPv6 address, nothing else
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return "its host is not an IPv6 address"
+    return ""
 
 
 def check_key_env(name: str) -> str:
@@ -82,13 +109,13 @@ def check_key_env(name: str) -> str:
 
 
 def _normalised(url: str) -> str:
-    """The chat-completions URL compared for the key rule: scheme and host in lower case, no user, no default port."""
-    parts = urllib.parse.urlsplit(chat_completions_url(url))
-    host = parts.hostname or ""
+    """The chat-completions URL compared for the key rule: scheme and host in lower case, no user, and the
+    port that a request really connects to, written out (so ``https://h/`` and ``https://h:443/`` match)."""
+    url = chat_completions_url(url)
+    parts = urllib.parse.urlsplit(url)
+    scheme, host, port = judge_http.destination(url)
     host = f"[{host}]" if ":" in host else host
-    port = parts.port if parts.port not in (None, _DEFAULT_PORTS[parts.scheme]) else None
-    netloc = f"{host}:{port}" if port else host
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, parts.query, ""))
+    return urllib.parse.urlunsplit((scheme, f"{host}:{port}", parts.path, parts.query, ""))
 
 
 def allowed_key_urls() -> list[str]:
@@ -139,30 +166,102 @@ def check_key_value(key: str, variable: str) -> None:
 
 
 def redact(text: str, key: str, window: int = KEY_WINDOW) -> str:
-    """``text`` with every stretch sharing ``window`` consecutive characters with ``key`` (any case) replaced.
+    """``text`` with every stretch that spells ``window`` consecutive characters of ``key`` replaced by ``[redacted]``.
 
-    A key shorter than ``window`` is matched whole. Catches the key echoed whole, in part or upper-cased.
+    Spelling is compared after folding case (and compatibility forms: fullwidth letters) and skipping, in both,
+    whitespace, invisible characters (control, format: zero-width spaces, bidi marks; unassigned), combining
+    marks and characters above U+FFFF. So ``sk-pr oj``, ``SK-PROJ`` and ``s<U+200B>k-proj`` all spell ``sk-proj``; the stretch
+    replaced runs from the first to the last character spelling the window, skipped ones included. A key
+    shorter than ``window`` is matched whole. Not caught, and not claimed: the key encoded (base64, hex),
+    reversed, split by other characters, or fewer than ``window`` characters of it at a time.
     """
     if not key or not text:
         return text
-    width = min(window, len(key))
-    lowered, key = text.translate(_ASCII_LOWER), key.translate(_ASCII_LOWER)  # same length: indices stay aligned
-    pieces = {key[i:i + width] for i in range(len(key) - width + 1)}
+    return _render(text, _hidden(text, key, window), len(text))
+
+
+def clean_line(text: str, key: str, limit: int) -> str:
+    """What the judge sent, as it may be shown or stored: one line of at most ``limit`` characters,
+    invisible characters dropped, whitespace runs as one space, and :func:`redact` applied before the cut
+    (a key stretch across the limit is replaced whole, never left as a stub). Linear in ``len(text)``."""
+    line = " ".join(_invisible().sub("", str(text)).split())
+    if not key:
+        return line[:limit]
+    # with single spaces left, a window of the key spans at most 2 * KEY_WINDOW - 1 characters of the line: a
+    # character is shown only when that much of what follows it was in sight. A stretch replaced by the shorter
+    # "[redacted]" leaves room after it, so the look grows; past 64 * limit, the answer ends where it was judged.
+    reach, size = 2 * KEY_WINDOW, limit + 2 * KEY_WINDOW
+    while True:
+        head = line[:size]
+        whole = len(head) == len(line)
+        shown = _render(head, _hidden(head, key, KEY_WINDOW), len(head) if whole else len(head) - reach)
+        if whole or len(shown) >= limit or size >= 64 * limit:
+            return shown[:limit]
+        size *= 4
+
+
+def _hidden(text: str, key: str, window: int) -> bytearray:
+    """1 for each character of ``text`` inside a stretch spelling ``window`` characters of ``key`` (see redact)."""
     hidden = bytearray(len(text))
-    for i in range(len(text) - width + 1):
-        if lowered[i:i + width] in pieces:
-            hidden[i:i + width] = b"\x01" * width
+    folded_key = "".join(_fold(c) for c in key if not _skipped(c))
+    width = min(window, len(folded_key))
+    if not width:
+        return hidden
+    pieces = {folded_key[i:i + width] for i in range(len(folded_key) - width + 1)}
+    kept = [i for i, c in enumerate(text) if not _skipped(c)]  # positions in text of what is compared
+    folded = "".join(_fold(text[i]) for i in kept)
+    for j in range(len(folded) - width + 1):
+        if folded[j:j + width] in pieces:
+            start, end = kept[j], kept[j + width - 1] + 1
+            hidden[start:end] = b"\x01" * (end - start)
+    return hidden
+
+
+def _render(text: str, hidden: bytearray, stop: int) -> str:
+    """``text[:stop]`` with each run of hidden characters as ``[redacted]`` (one starting before ``stop``: whole)."""
     out, i = [], 0
-    while i < len(text):
+    while i < stop:
         j = i
         while j < len(text) and hidden[j] == hidden[i]:
             j += 1
-        out.append("[redacted]" if hidden[i] else text[i:j])
+        out.append("[redacted]" if hidden[i] else text[i:min(j, stop)])
         i = j
     return "".join(out)
 
 
-_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+def _skipped(c: str) -> bool:
+    """A character :func:`redact` reads through: whitespace, invisible, a combining mark, or one outside the
+    Basic Multilingual Plane (emoji, mathematical letters: nothing a yes/no needs; dropped from stored text)."""
+    if c.isascii():
+        return not "!" <= c <= "~"
+    return (ord(c) > 0xFFFF or not c.isprintable() or c.isspace()
+            or unicodedata.category(c) in ("Mn", "Me"))
+
+
+def _fold(c: str) -> str:
+    """One character in the form compared: lower case, compatibility forms (fullwidth) folded."""
+    if c.isascii():
+        return c.lower()
+    folded = unicodedata.normalize("NFKC", c).casefold()
+    return folded if len(folded) == 1 else c
+
+
+@functools.cache
+def _invisible() -> re.Pattern:
+    """A regex of the non-whitespace characters :func:`_skipped` reads through (built once, in about 0.05 s).
+
+    Above U+FFFF everything goes as one range: a class of the astral planes' hundreds of small ranges
+    costs the regex engine a linear scan per character (seconds on a 4 MiB answer), a bitmap does not.
+    """
+    ranges, start = [], None
+    for code in range(0x10001):
+        drop = code <= 0xFFFF and _skipped(chr(code)) and not chr(code).isspace()
+        if drop and start is None:
+            start = code
+        elif not drop and start is not None:
+            ranges.append(f"\\u{start:04x}-\\u{code - 1:04x}")
+            start = None
+    return re.compile(f"[{''.join(ranges)}\\U00010000-\\U{sys.maxunicode:08x}]+")
 
 
 def public_url(url: str) -> str:
@@ -179,21 +278,28 @@ def image_data_url(image: Image.Image) -> str:
     return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
+class UnreadableAnswer(str):
+    """The "answer" when a reply holds no answer text: fixed words saying why, nothing the judge sent.
+
+    The protocol records it as unparsed without reading it, so no wording (or a future one) can count
+    as a yes or a no; its words avoid both anyway, for anyone reading results.json.
+    """
+
+
 def answer_text(reply: dict) -> str:
-    """The text of a chat completion's first choice; anything else is described in words that parse as
-    neither yes nor no (a JSON object holding "yes" must not count as a yes)."""
+    """The text of a chat completion's first choice, or an :class:`UnreadableAnswer` saying what was there."""
     try:
         content = reply["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError):
-        return "[unreadable answer: no choices[0].message.content]"
+        return UnreadableAnswer("[unreadable answer: missing choices[0].message.content]")
     if isinstance(content, list):  # some servers return content parts
         texts = [part.get("text") for part in content if isinstance(part, dict)]
         texts = [text for text in texts if isinstance(text, str)]
-        return " ".join(texts) if texts else "[unreadable answer: content parts without text]"
+        return " ".join(texts) if texts else UnreadableAnswer("[unreadable answer: content parts without text]")
     if content is None or isinstance(content, str):
         return content or ""
     kind = {dict: "an object", bool: "a boolean", int: "a number", float: "a number"}.get(type(content), "a value")
-    return f"[unreadable answer: content is {kind}, expected text]"
+    return UnreadableAnswer(f"[unreadable answer: content is {kind}, expected text]")
 
 
 class ChatCompletionsJudge:
@@ -202,8 +308,10 @@ class ChatCompletionsJudge:
     base_url: e.g. ``http://127.0.0.1:11434/v1`` (Ollama). model: the served model's name.
     api_key_env: the *name* of the environment variable holding the key (unset or empty: no key sent);
     it must start with ``LORARAR_``, and a key is only sent where :func:`check_key_destination` allows.
-    timeout: seconds per request, covering connect, headers and the whole body. retries: extra attempts
-    after the first; the wait before attempt k+1 is ``backoff * 2**k`` seconds, capped at ``max_backoff``.
+    timeout: seconds per request (0 < timeout <= 3600), covering connect, headers and the whole body.
+    retries: extra attempts after the first (0 to 10); the wait before attempt k+1 is ``backoff * 2**k``
+    seconds, capped at ``max_backoff``. So one question takes at most ``timeout * (retries + 1)`` plus
+    those waits: about 8 minutes with the defaults, unless ``cancelled`` ends it sooner.
     cancelled: polled during requests and waits; when it returns True, ask() raises JudgeCancelled
     within about 0.1 s. max_bytes: the largest answer read; a longer one is an error.
     """
@@ -217,9 +325,13 @@ class ChatCompletionsJudge:
         self.url = chat_completions_url(base_url)
         self.model = model.strip()
         self.api_key_env = check_key_env(api_key_env)
-        if not (math.isfinite(timeout) and timeout > 0):
-            raise JudgeError(f"judge {self.endpoint}: timeout must be a positive number of seconds, not {timeout}")
-        self.timeout, self.retries = float(timeout), max(0, int(retries))
+        if not (isinstance(timeout, (int, float)) and math.isfinite(timeout) and 0 < timeout <= MAX_TIMEOUT_S):
+            raise JudgeError(f"judge {self.endpoint}: timeout must be a positive number of seconds, at most "
+                             f"{MAX_TIMEOUT_S:g}, not {timeout!r}")
+        if not (isinstance(retries, int) and 0 <= retries <= MAX_RETRIES):
+            raise JudgeError(f"judge {self.endpoint}: retries must be a whole number from 0 to {MAX_RETRIES}, "
+                             f"not {retries!r}")
+        self.timeout, self.retries = float(timeout), retries
         self.backoff, self.max_backoff, self.max_tokens = backoff, max_backoff, max_tokens
         self.sleep, self.cancelled, self.max_bytes = sleep, cancelled, max_bytes
         self.requests_sent = 0
@@ -242,9 +354,8 @@ class ChatCompletionsJudge:
         return headers
 
     def _redact(self, text: str, limit: int = 300) -> str:
-        """One line of at most ``limit`` characters with no part of the key (cut after redacting)."""
-        text = redact(str(text)[:limit + 4 * len(self._api_key()) + 64], self._api_key())
-        return " ".join(text.split())[:limit]
+        """:func:`clean_line` with this judge's key: one line of at most ``limit`` characters."""
+        return clean_line(text, self._api_key(), limit)
 
     def payload(self, question: str, images: Sequence[Image.Image]) -> dict:
         content = [{"type": "image_url", "image_url": {"url": image_data_url(image)}} for image in images]
@@ -267,6 +378,8 @@ class ChatCompletionsJudge:
             except judge_http.TransferError as failure:
                 if failure.kind == "cancelled":
                     raise JudgeCancelled(f"judge {self.endpoint}: cancelled") from None
+                if failure.kind == "url":  # chat_completions_url lets none through; a retry would not help
+                    raise JudgeError(f"judge {self.endpoint}: {failure.detail}") from None
                 if failure.kind == "too_large":
                     raise JudgeError(f"judge {self.endpoint}: refused an answer over {self.max_bytes} bytes "
                                      f"({failure.detail}); is this a chat-completions endpoint?") from None
@@ -300,7 +413,7 @@ class ChatCompletionsJudge:
 
     def _error_detail(self, body: bytes) -> str:
         """An error body as one short line: its JSON ``error.message`` when there is one, decoded, key cut out."""
-        text = body[:65536].decode("utf-8", "replace")
+        text = body.decode("utf-8", "replace")  # whole (at most max_bytes): a cut could leave a stub of the key
         try:
             data = json.loads(text)
             message = data.get("error", data) if isinstance(data, dict) else data
@@ -314,10 +427,11 @@ class ChatCompletionsJudge:
         try:
             reply = json.loads(raw)
         except RecursionError:  # a hostile judge's nesting: an answer nobody can read, not a crash
-            return "[unreadable answer: JSON nested too deeply]"
+            return UnreadableAnswer("[unreadable answer: JSON nested too deeply]")
         except ValueError:
             reply = None
         if not isinstance(reply, dict) or "choices" not in reply:
-            snippet = self._redact(raw[:4096].decode("utf-8", "replace"), 120)
+            snippet = self._redact(raw.decode("utf-8", "replace"), 120)
             raise JudgeError(f"judge {self.endpoint}: answer is not a chat completion: {snippet!r}")
-        return self._redact(answer_text(reply), ANSWER_CHARS)
+        text = answer_text(reply)
+        return text if isinstance(text, UnreadableAnswer) else self._redact(text, ANSWER_CHARS)

@@ -22,12 +22,13 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024  # a chat answer is a few hundred bytes; JSON of 16 tokens, never MiBs
+DEFAULT_PORTS = {"http": 80, "https": 443}
 _POLL_S = 0.05  # how often the caller looks at the clock and the cancel flag
 _CHUNK = 64 * 1024
 
 
 class TransferError(Exception):
-    """kind: 'timeout', 'cancelled', 'too_large', 'connect' or 'protocol'; detail: safe to show."""
+    """kind: 'timeout', 'cancelled', 'too_large', 'url', 'connect' or 'protocol'; detail: safe to show."""
 
     def __init__(self, kind: str, detail: str):
         super().__init__(f"{kind}: {detail}")
@@ -51,13 +52,32 @@ class _Exchange:
     failure: BaseException | None = None
 
 
+def destination(url: str) -> tuple[str, str, int]:
+    """(scheme, host, port) that a request to ``url`` connects to: the port is always explicit.
+
+    Given no port, http.client would split an unbracketed IPv6 host at its last colon:
+    ``https://[2001:db8::1:50]/`` would reach [2001:db8::1] on port 50. ValueError for a URL without
+    an http(s) scheme and a host, or with a port that is not a number.
+    """
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS or not parts.hostname:
+        raise ValueError("not an http(s) URL with a host")
+    return scheme, parts.hostname, parts.port or DEFAULT_PORTS[scheme]
+
+
 def post(url: str, body: bytes, headers: dict, *, timeout: float, max_bytes: int = MAX_RESPONSE_BYTES,
          cancelled: Callable[[], bool] | None = None) -> Reply:
     """POST ``body`` to ``url`` (query kept); the reply within ``timeout`` seconds in all, or TransferError."""
+    try:
+        scheme, host, port = destination(url)
+        kind = http.client.HTTPSConnection if scheme == "https" else http.client.HTTPConnection
+        # the per-operation timeout only bounds how long an abandoned worker can linger
+        connection = kind(host, port, timeout=timeout)
+    except (ValueError, http.client.HTTPException) as error:  # InvalidURL is both
+        raise TransferError("url", f"not a usable URL ({type(error).__name__})") from None
     parts = urllib.parse.urlsplit(url)
-    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
-    # the per-operation timeout only bounds how long an abandoned worker can linger
-    exchange = _Exchange(kind(parts.hostname, parts.port, timeout=timeout))
+    exchange = _Exchange(connection)
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     worker = threading.Thread(target=_run, args=(exchange, target, body, headers, max_bytes),
                               name="lorarar-judge-request", daemon=True)

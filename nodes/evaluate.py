@@ -12,7 +12,8 @@ from PIL import Image
 
 from ..hypernet import evaluate
 from ..hypernet.errors import LoraRarError
-from ..hypernet.judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge, JudgeCancelled
+from ..hypernet.judge import (DEFAULT_API_KEY_ENV, MAX_RETRIES, MAX_TIMEOUT_S, PINNED_URL_ENV, ChatCompletionsJudge,
+                               JudgeCancelled)
 from .common import CATEGORY
 
 
@@ -77,8 +78,8 @@ class LoraRarEvaluate:
             },
             "optional": {
                 "clip_vision": ("CLIP_VISION", {"tooltip": "Optional CLIP vision model (Load CLIP Vision) for CLIP-I: cosine similarity to the subject and style references, reported in the table."}),
-                "timeout_s": ("FLOAT", {"default": 120.0, "min": 1.0, "max": 3600.0, "step": 1.0, "tooltip": "Seconds allowed for each request in all (connect, headers and the whole answer) before retrying."}),
-                "retries": ("INT", {"default": 3, "min": 0, "max": 10, "tooltip": "Extra attempts on server errors (5xx), timeouts and refused connections, waiting 1, 2, 4 ... s between them."}),
+                "timeout_s": ("FLOAT", {"default": 120.0, "min": 1.0, "max": MAX_TIMEOUT_S, "step": 1.0, "tooltip": "Seconds allowed for each request in all (connect, headers and the whole answer) before retrying."}),
+                "retries": ("INT", {"default": 3, "min": 0, "max": MAX_RETRIES, "tooltip": "Extra attempts on server errors (5xx), timeouts and refused connections, waiting 1, 2, 4 ... s between them."}),
             },
         }
 

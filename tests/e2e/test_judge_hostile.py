@@ -2,7 +2,8 @@
 
 The server holds a planted key. Every failure mode the fake judge knows is provoked through /prompt; then
 /history (errors, tracebacks, the table shown by Preview Any), the server log and the tracebacks are searched
-for every 8-character stretch of the key. Cancel is tried against a judge that never answers.
+for every 8-character stretch of the key, read through whitespace and invisible characters. Cancel is tried against a
+judge that never answers.
 """
 
 import contextlib
@@ -47,12 +48,15 @@ def errors(entry: dict) -> list[dict]:
     return [m[1] for m in entry["status"]["messages"] if m[0] == "execution_error"]
 
 
-SUCCEEDS = ["echo", "echo_part", "nested", "object", "number", "parts", "nested_body"]
+SUCCEEDS = ["echo", "echo_part", "echo_spaced", "echo_invisible", "echo_parts", "nested", "object", "number", "parts",
+            "nested_body", 'raw:{"choices": []}', 'raw:{"choices": [{"message": {}}]}', 'raw:{"choices": "yes"}']
 FAILS = {"401": "HTTP 401", "500": "HTTP 500", "echo_escaped": "HTTP 400", "echo_reason": "HTTP 500",
          "echo_status": "BadStatusLine", "echo_header": "HTTP 401", "drip": "no answer within 1 s",
          "drip_headers": "no answer within 1 s", "huge": "refused an answer over", "huge_chunked": "refused an answer over",
          "badjson": "not a chat completion", "redirect:http://127.0.0.1:9/v1/chat/completions": "HTTP 302"}
 REFUSED = {  # (judge_url, api_key_env) -> the one line expected; nothing is sent
+    ("http://[::1%25lo]/v1", "LORARAR_JUDGE_API_KEY"): "IPv6 zone IDs (%25...) are not supported",
+    ("https://[::1:50]/v1", "LORARAR_JUDGE_API_KEY"): "refusing to send the API key to a host the server's operator did not list",
     ("https://judge.example.com/v1", "LORARAR_JUDGE_API_KEY"): "refusing to send the API key to a host the server's operator did not list",
     ("http://192.0.2.1:9/v1", "LORARAR_JUDGE_API_KEY"): "refusing to send the API key over plain http",
     ("LOCAL", "LORARAR_CRLF_KEY"): "$LORARAR_CRLF_KEY holds characters an HTTP header cannot carry",
@@ -84,6 +88,17 @@ def test_no_failure_mode_leaks_any_part_of_the_key(server):
     history = json.dumps(server.get("/history"), ensure_ascii=False)
     assert not windows(history), windows(history)
     assert not windows(server.log_text()), windows(server.log_text())
+
+
+def test_ipv6_urls_without_a_port_are_one_line_errors(server):
+    """Unbracketed by http.client, these used to raise InvalidURL (a raw exception) or reach a port hidden in
+    the address; now they connect to the scheme's port, and fail there in one line."""
+    for url in ["http://[::ffff:127.0.0.1]/v1", "http://[::1]/v1"]:
+        entry = server.wait(server.queue_prompt(graph(url, api_key_env="")), timeout=60)
+        (error,) = errors(entry)
+        message = error["exception_message"].strip()
+        assert f"judge {url}/chat/completions" in message and "\n" not in message, message
+        assert error["exception_type"].endswith("JudgeError"), error["exception_type"]
 
 
 def test_cancel_stops_an_evaluation_waiting_on_a_judge_and_the_next_prompt_runs(server):

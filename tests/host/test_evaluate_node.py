@@ -169,6 +169,21 @@ def test_unreachable_judge_fails_with_one_line(node):
         node.evaluate(_batch(RED), _batch(RED), _batch(RED), "oil painting", url, "m", "LORARAR_JUDGE_API_KEY", retries=0)
 
 
+@pytest.mark.parametrize("kwargs, expected", [
+    ({"timeout_s": 1e300}, "timeout must be a positive number of seconds, at most 3600"),  # ComfyUI's max check
+    ({"timeout_s": float("nan")}, "timeout must be a positive number of seconds"),  # passes ComfyUI's min/max
+    ({"retries": 10**6}, "retries must be a whole number from 0 to 10"),
+    ({"judge_url": "http://[::1%25lo]/v1"}, "IPv6 zone IDs (%25...) are not supported"),
+    ({"judge_url": "http://[::ffff:127.0.0.1]:9/v1"}, "judge http://[::ffff:127.0.0.1]:9/v1/chat/completions"),
+])
+def test_out_of_range_options_and_odd_urls_are_one_line(node, kwargs, expected):
+    with FakeJudge() as server:
+        with pytest.raises(ValueError) as error:  # LoraRarError, as loaded by ComfyUI under its own module name
+            _run(node, server, _batch(RED), _batch(RED), _batch(RED), **kwargs)
+    assert expected in str(error.value) and "\n" not in str(error.value)
+    assert server.raw_bytes == []
+
+
 def test_cancel_stops_between_questions(node):
     import comfy.model_management
 

@@ -21,6 +21,9 @@ Hostile ones (a judge nobody should trust; "the key" is the request's Authorizat
     "huge_chunked"   HTTP 200, chunked, streaming ``huge_bytes`` with no length given up front
     "echo"           a successful answer "yes, your key is <key>"
     "echo_part"      a successful answer with the key's middle part, and the key upper-cased
+    "echo_spaced"    "yes" and the key in 5-character pieces with spaces between (no 8 in a row)
+    "echo_invisible" "yes" and the key with a zero-width space between every two characters
+    "echo_parts"     content parts: "yes", then the key in 5-character parts
     "echo_escaped"   HTTP 400 whose JSON error message holds the key, every character JSON-escaped
     "echo_reason"    HTTP 500 with the key as the reason phrase
     "echo_status"    a status line that is the key (not HTTP at all)
@@ -30,16 +33,21 @@ Hostile ones (a judge nobody should trust; "the key" is the request's Authorizat
     "object"         content {"yes": true}: a JSON object where text belongs
     "number"         content 1
     "parts"          content ["yes"]: parts that are not objects
+    "raw:BODY"       HTTP 200 with BODY as the whole body (e.g. '{"choices": []}')
+    "error:NNN:TEXT" HTTP NNN with the JSON error message TEXT
     anything else    answered verbatim
 ``responder(request) -> action`` replaces the script when given (e.g. answer by question kind).
 ``on_request(request)`` runs before answering (e.g. to cancel a ComfyUI prompt mid-run).
-Threaded (a slow answer does not block the next request); the port is free and picked by the OS.
+Threaded (a slow answer does not block the next request); the port is free and picked by the OS unless
+``port`` is given; ``host="::1"`` listens on the IPv6 loopback instead of 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import json
+import socket
 import threading
+import unicodedata
 import urllib.parse
 import time
 from dataclasses import dataclass
@@ -47,13 +55,19 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Callable
 
 def key_stretches(text: str, key: str, width: int = 8) -> list[str]:
-    """Every ``width``-character stretch of ``key`` found in ``text`` (any case): a leak check, must be empty."""
-    lowered = text.lower()
-    return [key[i:i + width] for i in range(len(key) - width + 1) if key[i:i + width].lower() in lowered]
+    """Every ``width``-character stretch of ``key`` found in ``text`` (any case), reading through whitespace and
+    invisible characters (``s k-\u200bp`` spells ``sk-p``): a leak check, must be empty."""
+    spelled = "".join(c for c in text if not c.isspace() and unicodedata.category(c) not in ("Cc", "Cf", "Mn")).lower()
+    return [key[i:i + width] for i in range(len(key) - width + 1) if key[i:i + width].lower() in spelled]
 
 
-HOSTILE = ("hang", "drip", "drip_headers", "huge", "huge_chunked", "echo", "echo_part", "echo_escaped", "echo_reason",
-           "echo_status", "echo_header", "nested", "nested_body", "object", "number", "parts")
+def pieces(secret: str, size: int = 5) -> list[str]:
+    return [secret[i:i + size] for i in range(0, len(secret), size)]
+
+
+HOSTILE = ("hang", "drip", "drip_headers", "huge", "huge_chunked", "echo", "echo_part", "echo_spaced", "echo_invisible",
+           "echo_parts", "echo_escaped", "echo_reason", "echo_status", "echo_header", "nested", "nested_body", "object",
+           "number", "parts")
 
 
 @dataclass
@@ -76,7 +90,8 @@ class Request:
 class FakeJudge:
     def __init__(self, script=(), default: str = "yes", responder: Callable[[Request], str] | None = None,
                  on_request: Callable[[Request], None] | None = None, slow_s: float = 1.0,
-                 drip_s: float = 0.5, huge_bytes: int = 100 * 1024 * 1024, nesting: int = 100_000):
+                 drip_s: float = 0.5, huge_bytes: int = 100 * 1024 * 1024, nesting: int = 100_000,
+                 host: str = "127.0.0.1", port: int = 0):
         self.script = list(script)
         self.default = default
         self.responder = responder
@@ -90,7 +105,7 @@ class FakeJudge:
         self._lock = threading.Lock()
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
-        self._port = 0
+        self._host, self._port = host, port  # host "::1": listen on IPv6 loopback
 
     # ------------------------------------------------------------ lifecycle
 
@@ -114,7 +129,10 @@ class FakeJudge:
 
             do_GET = do_POST  # recorded too (a followed redirect arrives as GET), then refused as not JSON
 
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+
+        self._server = Server((self._host, self._port), Handler)
         self._server.daemon_threads = True
         self._port = self._server.server_address[1]
         self._thread = threading.Thread(target=self._server.serve_forever, args=(0.05,), name="fake-judge", daemon=True)
@@ -134,7 +152,8 @@ class FakeJudge:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/v1"
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"http://{host}:{self.port}/v1"
 
     @property
     def questions(self) -> list[str]:
@@ -176,6 +195,11 @@ class FakeJudge:
             return self._send(handler, 302, {}, {"Location": action.split(":", 1)[1]})
         if action == "badjson":
             return self._send(handler, 200, b"<html>not json</html>")
+        if action.startswith("raw:"):
+            return self._send(handler, 200, action[4:].encode())
+        if action.startswith("error:"):
+            _, status, text = action.split(":", 2)
+            return self._send(handler, int(status), {"error": {"message": text}})
         text = {"malformed": "I cannot tell from these pictures."}.get(action, action)
         self._send(handler, 200, {
             "id": f"chatcmpl-{len(self.requests)}", "object": "chat.completion", "created": int(time.time()),
@@ -245,6 +269,16 @@ class FakeJudge:
     def _echo_part(self, handler, key) -> None:
         secret = key.removeprefix("Bearer ")
         self._send(handler, 200, self._completion(f"yes {secret[3:-3]} and {secret.upper()}"))
+
+    def _echo_spaced(self, handler, key) -> None:
+        self._send(handler, 200, self._completion("yes " + " ".join(pieces(key.removeprefix("Bearer ")))))
+
+    def _echo_invisible(self, handler, key) -> None:
+        self._send(handler, 200, self._completion("yes " + "\u200b".join(key.removeprefix("Bearer "))))
+
+    def _echo_parts(self, handler, key) -> None:
+        parts = ["yes", *pieces(key.removeprefix("Bearer "))]
+        self._send(handler, 200, self._completion([{"type": "text", "text": part} for part in parts]))
 
     def _echo_escaped(self, handler, key) -> None:
         escaped = "".join(f"\\u{ord(c):04x}" for c in key)

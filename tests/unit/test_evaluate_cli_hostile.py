@@ -151,3 +151,134 @@ def test_answers_echoing_the_key_or_malformed_are_stored_without_it(folders, cap
         expected = [("yes" if action.startswith("echo") else "unparsed") for action in (first, second)]
         assert verdicts == expected, (first, second, saved)
     assert not windows("".join(outputs))
+
+
+# ------------------------------------------------------------------ a corrupt results.json, strictly
+
+def _saved_with(folders, server, field_text):
+    """results.json of a finished run with ``"clip_i_subject": <field_text>`` written into its record as is."""
+    assert main(_args(folders, server.base_url)) == 0
+    results = folders / "out" / "results.json"
+    saved = json.loads(results.read_text())
+    saved["images"]["dog__ink/a.png"]["clip_i_subject"] = "@FIELD@"
+    results.write_text(json.dumps(saved).replace('"@FIELD@"', field_text))
+    return results
+
+
+@pytest.mark.parametrize("field_text, why", [
+    ("1" + "0" * 400, "record 'dog__ink/a.png' is not a result"),  # 10**400: overflowed the mean
+    ("1e400", "record 'dog__ink/a.png' is not a result"),  # parsed as inf
+    ("5.0", "record 'dog__ink/a.png' is not a result"),  # not a cosine
+    ("true", "record 'dog__ink/a.png' is not a result"),
+    ("NaN", "NaN is not standard JSON"),
+    ("Infinity", "Infinity is not standard JSON"),
+    ("-Infinity", "-Infinity is not standard JSON"),
+    ("1" * 5000, "not readable JSON"),  # over Python's digit limit for int()
+])
+def test_a_results_file_with_numbers_this_tool_never_writes_is_refused(folders, capsys, field_text, why):
+    with FakeJudge() as server:
+        results = _saved_with(folders, server, field_text)
+        capsys.readouterr()
+        before = results.read_bytes()
+        asked = len(server.requests)
+        code = main(_args(folders, server.base_url))
+        _one_line_error(code, capsys.readouterr().err, str(results), why, "delete it or pass --restart")
+        assert len(server.requests) == asked and results.read_bytes() == before
+
+
+def test_a_resumed_record_is_written_back_as_checked_standard_json(folders, capsys):
+    with FakeJudge() as server:
+        results = _saved_with(folders, server, '0.5, "junk": {"deep": [1, 2, 3]}')
+        assert main(_args(folders, server.base_url)) == 0
+        assert len(server.requests) == 2  # the first run's two questions; the resumed image was not asked again
+    record = json.loads(results.read_text())["images"]["dog__ink/a.png"]
+    assert record["clip_i_subject"] == 0.5 and "junk" not in record
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "folder", "oversized"])
+def test_a_results_file_that_is_not_a_small_regular_file_is_refused_quickly(folders, kind, monkeypatch):
+    results = folders / "out" / "results.json"
+    results.parent.mkdir()
+    if kind == "dev_zero":
+        results.symlink_to("/dev/zero")  # read whole, it filled the memory
+    elif kind == "fifo":
+        os.mkfifo(results)  # read, it hung the run
+    elif kind == "folder":
+        results.mkdir()
+    else:
+        monkeypatch.setattr("hypernet.evaluate.MAX_STATE_BYTES", 1024)
+        results.write_text('{"version": 1, "images": {}, "pad": "' + "x" * 2048 + '"}')
+    if kind == "oversized":  # in-process: the lowered cap holds only here
+        with FakeJudge() as server:
+            assert main(_args(folders, server.base_url)) == 2
+        return
+    code, _, stderr = _cli(_args(folders, "http://127.0.0.1:9/v1"))  # subprocess: a hang fails at its timeout
+    expected = "is a folder" if kind == "folder" else "not a regular file"
+    _one_line_error(code, stderr, str(results), expected)
+
+
+# ------------------------------------------------------------------ other files and options
+
+def _png_header_only(path: Path, width: int, height: int) -> None:
+    """A PNG claiming width x height pixels in a few dozen bytes: a decompression bomb for Image.open."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+
+
+def test_a_decompression_bomb_is_one_line(folders):
+    bomb = folders / "generated" / "dog__ink" / "a.png"
+    _png_header_only(bomb, 40000, 40000)
+    with FakeJudge() as server:
+        code, _, stderr = _cli(_args(folders, server.base_url))
+    _one_line_error(code, stderr, str(bomb), "cannot read the image (DecompressionBombError")
+    assert server.raw_bytes == []
+
+
+def test_an_image_name_that_is_not_utf8_is_refused_before_asking(folders):
+    odd = folders / "generated" / "dog__ink" / os.fsdecode(b"b\xff.png")
+    Image.new("RGB", (16, 16)).save(odd, format="PNG")
+    with FakeJudge() as server:
+        code, stdout, stderr = _cli(_args(folders, server.base_url))
+    _one_line_error(code, stderr, "b\\udcff.png", "is not valid UTF-8; rename it")
+    assert server.raw_bytes == [] and not (folders / "out" / "results.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "oversized"])
+def test_style_names_must_be_a_small_regular_file(folders, kind):
+    names = folders / "names.json"
+    if kind == "dev_zero":
+        names.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(names)
+    else:
+        names.write_text('{"ink": "' + "x" * (1024 * 1024) + '"}')
+    code, _, stderr = _cli(_args(folders, "http://127.0.0.1:9/v1", "--style-names", str(names)))
+    _one_line_error(code, stderr, str(names), "cannot read the style-name mapping",
+                    "larger than 1 MiB" if kind == "oversized" else "not a regular file")
+
+
+@pytest.mark.parametrize("option, value, expected", [
+    ("--timeout", "1e300", "timeout must be a positive number of seconds, at most 3600"),
+    ("--timeout", "nan", "timeout must be a positive number of seconds"),
+    ("--timeout", "0", "timeout must be a positive number of seconds"),
+    ("--retries", "-1", "retries must be a whole number from 0 to 10"),
+    ("--retries", "1000000", "retries must be a whole number from 0 to 10"),
+])
+def test_timeout_and_retries_out_of_range_are_refused_up_front(folders, option, value, expected):
+    args = _args(folders, "http://127.0.0.1:9/v1")
+    args[args.index(option) + 1] = value
+    code, _, stderr = _cli(args)
+    _one_line_error(code, stderr, expected)
+
+
+@pytest.mark.parametrize("url", ["http://[::ffff:127.0.0.1]/v1", "http://[::1%25lo]/v1", "http://[::1]/v1",
+                                 "https://[::1:50]/v1"])
+def test_ipv6_urls_are_one_line_errors_never_tracebacks(folders, url):
+    code, _, stderr = _cli(_args(folders, url, "--timeout", "1"), env_key="")
+    line = _one_line_error(code, stderr)
+    assert url.removesuffix("/v1") in line

@@ -1,6 +1,10 @@
 """The judge client against judges nobody should trust: real HTTP servers on 127.0.0.1 that stall, flood,
 echo the key, nest JSON, or answer objects where text belongs (tests/support/fake_judge.py)."""
 
+import contextlib
+import json
+import random
+import socket
 import threading
 import time
 import traceback
@@ -8,9 +12,11 @@ import traceback
 import pytest
 from PIL import Image
 
+from hypernet import judge_http
 from hypernet.evaluate import Vote, parse_answer
-from hypernet.judge import ChatCompletionsJudge, JudgeCancelled, JudgeError, chat_completions_url, redact
-from tests.support.fake_judge import FakeJudge, key_stretches
+from hypernet.judge import (ANSWER_CHARS, KEY_WINDOW, ChatCompletionsJudge, JudgeCancelled, JudgeError,
+                            UnreadableAnswer, answer_text, chat_completions_url, clean_line, redact)
+from tests.support.fake_judge import FakeJudge, key_stretches, pieces
 
 KEY = "sk-hostile-3f9a7c1e5b2d8f40"
 
@@ -104,20 +110,43 @@ def test_a_cancelled_judge_sends_nothing():
     assert server.raw_bytes == []
 
 
-@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0])
-def test_timeouts_must_be_positive_and_finite(timeout):
-    with pytest.raises(JudgeError, match="timeout must be a positive number"):
+@pytest.mark.parametrize("timeout", [float("nan"), float("inf"), 0.0, -1.0, 1e300, 3600.5])
+def test_timeouts_must_be_positive_finite_and_at_most_an_hour(timeout):
+    with pytest.raises(JudgeError, match="timeout must be a positive number of seconds, at most 3600"):
         _judge("http://127.0.0.1:1/v1", timeout=timeout)
+
+
+@pytest.mark.parametrize("retries", [-1, 11, 10**9, 1.5])
+def test_retries_are_a_whole_number_up_to_ten(retries):
+    with pytest.raises(JudgeError, match="retries must be a whole number from 0 to 10"):
+        _judge("http://127.0.0.1:1/v1", retries=retries)
 
 
 # ------------------------------------------------------------------ malformed answers
 
-@pytest.mark.parametrize("action", ["nested", "object", "number", "parts"])
-def test_malformed_answers_are_unparsed_never_yes(action):
+@pytest.mark.parametrize("action", ["nested", "object", "number", "parts", 'raw:{"choices": []}',
+                                    'raw:{"choices": [{}]}', 'raw:{"choices": [{"message": {}}]}',
+                                    'raw:{"choices": "yes"}', 'raw:{"choices": [{"message": "no"}]}',
+                                    'raw:{"choices": [{"message": {"content": {"no": 1}}}]}'])
+def test_malformed_answers_are_unparsed_never_yes_or_no(action):
     with FakeJudge(default=action) as server:
         answer = _ask(_judge(server))
-    assert isinstance(answer, str) and answer.startswith("[unreadable answer")
+    assert isinstance(answer, UnreadableAnswer) and answer.startswith("[unreadable answer")
     assert parse_answer(answer) == "unparsed"
+    vote = Vote()
+    vote.add(answer)
+    assert vote.verdicts == ["unparsed"]
+
+
+@pytest.mark.parametrize("reply", [{"choices": []}, {"choices": [{}]}, {"choices": [{"message": {}}]},
+                                   {"choices": "yes"}, {"choices": [{"message": {"content": []}}]},
+                                   {"choices": [{"message": {"content": {"yes": 1}}}]}])
+def test_unreadable_is_a_flag_not_a_wording(reply):
+    """The vote reads the flag, not the words: even a marker saying "yes" or "no" stays unparsed, and today's
+    wordings would parse as neither anyway."""
+    marker = answer_text(reply)
+    assert isinstance(marker, UnreadableAnswer) and parse_answer(str(marker)) == "unparsed"
+    assert parse_answer(UnreadableAnswer("yes")) == parse_answer(UnreadableAnswer("no")) == "unparsed"
 
 
 def test_a_body_nested_too_deep_is_unreadable_not_a_crash():
@@ -140,13 +169,74 @@ def test_long_answers_are_cut_before_they_are_stored():
 
 # ------------------------------------------------------------------ the key
 
-@pytest.mark.parametrize("action", ["echo", "echo_part"])
+@pytest.mark.parametrize("action", ["echo", "echo_part", "echo_spaced", "echo_invisible", "echo_parts"])
 def test_a_key_echoed_in_a_successful_answer_is_not_returned(action):
     with FakeJudge(default=action) as server:
         answer = _ask(_judge(server))
     assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
-    assert "[redacted]" in answer and not windows(answer)
+    assert "[redacted]" in answer and not key_stretches(answer, KEY, KEY_WINDOW)
     assert parse_answer(answer) == "yes"  # the rest of the answer still counts
+
+
+def _spelled(responder):
+    """A judge answering, with the key it was sent, whatever ``responder(key)`` makes of it."""
+    return FakeJudge(responder=lambda request: responder(request.headers["Authorization"].removeprefix("Bearer ")))
+
+
+@pytest.mark.parametrize("name, spell", [
+    ("7-character pieces", lambda key: "yes " + " ".join(key[i:i + 7] for i in range(0, len(key), 7))),
+    ("tabs and newlines", lambda key: "yes " + "\t\n".join(pieces(key, 3))),
+    ("zero-width joiners", lambda key: "yes " + "\u200d".join(key)),
+    ("bidi marks", lambda key: "yes " + "\u200e\u202e".join(pieces(key, 2))),
+    ("soft hyphens", lambda key: "yes " + "\u00ad".join(key)),
+    ("combining marks", lambda key: "yes " + "\u0301".join(key)),
+    ("fullwidth", lambda key: "yes " + "".join(chr(ord(c) + 0xFEE0) if "!" <= c <= "~" else c for c in key)),
+    ("straddling the cut", lambda key: "yes" + " " * (ANSWER_CHARS + 4 * len(key) + 64 - 3 - 7) + key),
+    ("straddling the cut, spaced", lambda key: "yes " + "x" * (ANSWER_CHARS - 8) + " ".join(key)),
+    ("parts", lambda key: "raw:" + json.dumps({"choices": [{"message": {"content": [
+        {"type": "text", "text": piece} for piece in ["yes", *pieces(key, 4)]]}}]})),
+])
+def test_a_key_spelled_out_across_separators_is_redacted(name, spell):
+    with _spelled(spell) as server:
+        answer = _ask(_judge(server))
+    assert not key_stretches(answer, KEY, KEY_WINDOW), (name, answer[-80:])
+    assert len(answer) <= ANSWER_CHARS and "\n" not in answer and answer.isprintable()
+    assert parse_answer(answer) == "yes"
+
+
+def test_a_key_spelled_out_in_an_error_body_is_redacted():
+    with _spelled(lambda key: "error:400:bad key " + " ".join(pieces(key, 5))) as server:
+        message = _failure(_judge(server))
+    assert "HTTP 400: bad key [redacted]" in message and not key_stretches(message, KEY, KEY_WINDOW)
+
+
+def test_clean_line_never_keeps_six_key_characters_in_a_row():
+    """Random answers built from key pieces, separators and filler: whatever survives spells no window of the
+    key, is one printable line, and is at most the limit long."""
+    rng = random.Random(8)
+    separators = [" ", "\t", "\n", "\u200b", "\u2060", "\ufeff", "\u0300", "\x00", "\u2028", ""]
+    for _ in range(300):
+        parts = []
+        for _ in range(rng.randint(1, 12)):
+            if rng.random() < 0.5:
+                start = rng.randrange(len(KEY))
+                piece = KEY[start:start + rng.randint(1, len(KEY))]
+                piece = piece.upper() if rng.random() < 0.3 else piece
+                parts.append(rng.choice(separators).join(piece) if rng.random() < 0.5 else piece)
+            else:
+                parts.append(rng.choice(["yes", "no", "x" * rng.randint(0, 400), " " * rng.randint(0, 400)]))
+        text = rng.choice(separators).join(parts)
+        limit = rng.choice([40, 120, 300, ANSWER_CHARS])
+        line = clean_line(text, KEY, limit)
+        assert not key_stretches(line, KEY, KEY_WINDOW), (text, line)
+        assert len(line) <= limit and line.isprintable()
+
+
+def test_clean_line_is_linear_on_the_largest_answer():
+    started = time.monotonic()
+    for filler in ["\u200b", " ", "a", "yes "]:
+        assert len(clean_line(filler * judge_http.MAX_RESPONSE_BYTES, KEY, ANSWER_CHARS)) <= ANSWER_CHARS
+    assert time.monotonic() - started < 10
 
 
 @pytest.mark.parametrize("action, expected", [
@@ -173,10 +263,11 @@ def test_keys_a_header_cannot_carry_are_refused_unseen(monkeypatch, value):
 
 
 def test_redaction_catches_the_key_whole_in_part_and_in_any_case():
-    text = f"a {KEY} b {KEY[4:14]} c {KEY.upper()} d {KEY[:7]} e"
+    text = f"a {KEY} b {KEY[4:14]} c {KEY.upper()} d {KEY[:5]} e"
     cleaned = redact(text, KEY)
     assert not windows(cleaned) and cleaned.startswith("a [redacted] b [redacted] c [redacted] d ")
-    assert cleaned.endswith(f"{KEY[:7]} e")  # fewer than 8 shared characters are kept: "sk-" is not a secret
+    assert cleaned.endswith(f"{KEY[:5]} e")  # fewer than 6 shared characters are kept: "sk-" is not a secret
+    assert redact(f"a {KEY[3:9]} b", KEY) == "a [redacted] b"
     assert redact("key abc here", "abc") == "key [redacted] here"  # a short key is matched whole
 
 
@@ -192,11 +283,101 @@ def test_a_query_on_the_base_url_stays_on_the_request(monkeypatch):
 
 
 @pytest.mark.parametrize("url", ["http://h:99999/v1", "http://h:port/v1", "http://h/v1\r\nX: y", "http:///v1",
-                                 "ftp://h/v1", "http://h/ v1"])
+                                 "ftp://h/v1", "http://h/ v1", "http://[::1%25lo]/v1", "http://[fe80::1%eth0]:80/v1",
+                                 "http://[::1/v1", "http://[zz::]/v1", "http://[v1.x]/v1", "http://bücher.example/v1"])
 def test_unusable_urls_are_one_line_errors(url):
     with pytest.raises(JudgeError, match="expected http") as error:
-        chat_completions_url(url)
-    assert "\n" not in str(error.value)
+        _judge(url)
+    assert "\n" not in str(error.value) and repr(url) in str(error.value)
+
+
+@pytest.mark.parametrize("url, expected", [
+    ("https://[2001:db8::1:50]/v1", ("https", "2001:db8::1:50", 443)),  # not [2001:db8::1] port 50
+    ("http://[::1]/v1", ("http", "::1", 80)),
+    ("http://[::ffff:127.0.0.1]/v1", ("http", "::ffff:127.0.0.1", 80)),
+    ("HTTPS://Judge.Example.com:8443/v1", ("https", "judge.example.com", 8443)),
+])
+def test_every_request_names_its_port(url, expected):
+    assert judge_http.destination(chat_completions_url(url)) == expected
+
+
+def _ipv6_listener():
+    """A TCP listener on [::1] at a free port, recording who connects; None where IPv6 is missing."""
+    try:
+        listener = socket.socket(socket.AF_INET6)
+        listener.bind(("::1", 0))
+    except OSError:
+        return None, []
+    listener.listen(4)
+    listener.settimeout(0.2)
+    connected = []
+
+    def accept():
+        while listener.fileno() != -1:
+            try:
+                connected.append(listener.accept()[1])
+            except OSError:
+                continue
+    threading.Thread(target=accept, daemon=True).start()
+    return listener, connected
+
+
+def test_a_port_less_ipv6_url_never_reaches_a_port_hidden_in_its_address(monkeypatch):
+    """[::1:P] is the host 0::1:P on port 443; before, http.client took P as the port and sent the key to [::1]:P."""
+    listener, connected = _ipv6_listener()
+    if listener is None:
+        pytest.skip("no IPv6 loopback here")
+    port = listener.getsockname()[1]
+    url = f"https://[::1:{port:x}]/v1"  # hex: the group P is the listener's port number
+    monkeypatch.setenv("LORARAR_JUDGE_URL", url)  # the operator listed that host, on https's port
+    message = _failure(_judge(url, timeout=1.0))
+    time.sleep(0.3)
+    listener.close()
+    assert connected == [], "the request went to [::1] on the port hidden in the address"
+    assert "unreachable" in message
+
+
+def test_a_pin_compares_the_port_a_request_really_uses(monkeypatch):
+    monkeypatch.setenv("LORARAR_JUDGE_URL", "https://judge.example.com:8443/v1 https://other.example.com/v1")
+    _judge("https://judge.example.com:8443/v1")
+    _judge("https://other.example.com:443/v1")  # the same place: https's own port written out
+    for url in ["https://judge.example.com/v1", "https://judge.example.com:443/v1", "https://other.example.com:8443/v1"]:
+        with pytest.raises(JudgeError, match="sends keys only to the judge URLs"):
+            _judge(url)
+
+
+@contextlib.contextmanager
+def _ipv6_judge(port=0):
+    server = FakeJudge(host="::1", port=port)
+    try:
+        server.start()
+    except OSError as error:
+        pytest.skip(f"cannot listen on [::1]:{port} here ({error.strerror})")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def test_ipv6_loopback_judges_work_and_get_the_key():
+    with _ipv6_judge() as server:
+        assert _ask(_judge(server.base_url)) == "yes"
+    assert server.requests[0].headers["Host"] == f"[::1]:{server.port}"
+    assert server.requests[0].headers["Authorization"] == f"Bearer {KEY}"
+
+
+def test_a_port_less_ipv6_loopback_url_reaches_port_80():
+    with _ipv6_judge(port=80) as server:
+        assert _ask(_judge("http://[::1]/v1")) == "yes"
+    assert server.requests[0].headers["Host"] == "[::1]"
+
+
+def test_an_ipv4_mapped_address_is_a_connection_failure_not_a_crash(monkeypatch):
+    monkeypatch.delenv("LORARAR_JUDGE_API_KEY")  # not loopback to the key rule: asked without a key
+    with FakeJudge() as server:
+        pass  # its port is free again: nothing answers there
+    message = _failure(_judge(f"http://[::ffff:127.0.0.1]:{server.port}/v1"))
+    assert "unreachable after 1 attempt" in message
 
 
 def test_several_judges_can_be_allowed(monkeypatch):
