@@ -544,6 +544,15 @@ def report(rows: list[tuple[dict, dict]], info: dict, loads: tuple[str, str], co
     return "\n".join(out) + "\n"
 
 
+GPU_SECTION = "\n## GPU check"
+
+
+def _kept_gpu_section(path: Path) -> str:
+    """The GPU check's section of the previous file (recorded from scripts/gpu_check.py on a lent GPU), kept."""
+    old = path.read_text() if path.is_file() else ""
+    return old[old.index(GPU_SECTION):] if GPU_SECTION in old else ""
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="LoRA.rar merge benchmarks (writes docs/BENCHMARKS.md)")
     parser.add_argument("--quick", action="store_true", help="a few rows, under 2 minutes")
@@ -577,7 +586,7 @@ def main(argv=None) -> int:
     print(text)
     if args.out != "-":
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        Path(args.out).write_text(text + _kept_gpu_section(Path(args.out)))
         print(f"written to {args.out} in {time.perf_counter() - start:.0f} s", file=sys.stderr)
     return 1 if any("error" in r for _, r in rows) else 0
 

@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Pack what scripts/gpu_check.py needs on a lent GPU machine (no package registry there; Python 3.12 with its
+# own CUDA torch) into .gpu/ (git-ignored), within the 64 MiB the working tree may carry:
+#   .gpu/weights/        the published hypernets (from ../shared/weights; never committed: CC BY-NC-SA 4.0)
+#   .gpu/comfyui.tar.gz  ComfyUI at the current host's pinned commit (devkit/hosts.json), unpacked there
+#   .gpu/wheels/         cp312 wheels of ComfyUI's Python dependencies, most needed first, as many as fit
+#   .gpu/site/           comfy_kitchen's Python code without its 176 MB CUDA/HIP binaries (it falls back to eager)
+# Then, with carry [".gpu"]:   bash scripts/gpu_bundle.sh --install && python3 scripts/gpu_check.py
+# Checks whose modules did not fit are reported as SKIP with the missing module named.
+set -euo pipefail
+REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+GPU="$REPO/.gpu"
+BUDGET_MB="${LORARAR_GPU_BUDGET_MB:-56}"   # leaves room for the repository itself under the 64 MiB carry limit
+
+if [ "${1:-}" = "--install" ]; then   # on the GPU machine
+  mkdir -p "$GPU/site"
+  [ -f "$GPU/ComfyUI/main.py" ] || tar xzf "$GPU/comfyui.tar.gz" -C "$GPU"
+  python3 -m pip install -q --no-index --no-deps --find-links "$GPU/wheels" --target "$GPU/site" "$GPU"/wheels/*.whl || true
+  echo "[gpu_bundle] installed into $GPU/site; now: python3 scripts/gpu_check.py"
+  exit 0
+fi
+
+rm -rf "$GPU" && mkdir -p "$GPU/weights" "$GPU/wheels" "$GPU/site"
+cp "$REPO"/../shared/weights/*.pth "$GPU/weights/"
+version="$(python3 "$REPO/devkit/hosts.py" default)"
+cp "$REPO/../shared/hosts/$(python3 "$REPO/devkit/hosts.py" get "$version" tarball)" "$GPU/comfyui.tar.gz"
+pin() { tar xzf "$GPU/comfyui.tar.gz" -O ComfyUI/requirements.txt | grep -E "^$1==" ; }  # ComfyUI's own pins
+kitchen_tmp="$(mktemp -d)"   # comfy_kitchen: only its Python files (its CUDA/HIP binaries alone are 235 MB)
+python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+    --platform manylinux_2_28_x86_64 -d "$kitchen_tmp" "$(pin comfy-kitchen)"
+python3 - "$kitchen_tmp"/*.whl "$GPU/site" <<'PYEOF'
+import pathlib, sys, zipfile
+with zipfile.ZipFile(sys.argv[1]) as wheel:
+    for name in wheel.namelist():
+        if name.startswith("comfy_kitchen/") and name.endswith(".py"):
+            target = pathlib.Path(sys.argv[2]) / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(wheel.read(name))
+PYEOF
+rm -rf "$kitchen_tmp"
+# most needed first: the pack's own, then what importing ComfyUI's nodes and sampling needs
+wheels=(safetensors einops torchsde trampoline psutil pyyaml tqdm "$(pin comfy-aimdo)" packaging filelock
+        typing_extensions pillow numpy regex requests urllib3 idna certifi charset_normalizer huggingface_hub
+        tokenizers transformers sentencepiece scipy)
+used() { du -sm "$GPU" | cut -f1; }
+for wheel in "${wheels[@]}"; do
+  tmp="$(mktemp -d)"
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+      --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+      -d "$tmp" "$wheel" 2>/dev/null || { echo "[gpu_bundle] no cp312 wheel for $wheel"; rm -rf "$tmp"; continue; }
+  size=$(du -sm "$tmp" | cut -f1)
+  if [ $(( $(used) + size )) -gt "$BUDGET_MB" ]; then
+    echo "[gpu_bundle] left out $wheel ($size MB): over the ${BUDGET_MB} MB budget"
+  else
+    mv "$tmp"/*.whl "$GPU/wheels/"
+  fi
+  rm -rf "$tmp"
+done
+echo "[gpu_bundle] $(used) MB in $GPU; carry it with the run: carry [\".gpu\"]"
