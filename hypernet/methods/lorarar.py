@@ -83,8 +83,8 @@ def lorarar_coefficients_batched(hypernet: LoraRarHypernet, pairs: list[tuple[Lo
     """lorarar_coefficients for many layer pairs, layers of the same shapes stacked through H in one call.
 
     Stacking copies the factors and holds a (layers, hidden, d_in) hidden layer: on a 2-core CPU it is
-    slower than the per-layer loop (bench/merge_bench.py measures both), so merge_loras uses it only on
-    accelerators, where one kernel launch per layer is what costs.
+    slower than the per-layer loop (bench/merge_bench.py measures both), so the pipeline uses it only on
+    accelerators (hypernet.pipeline.use_batched), where one kernel launch per layer is what costs.
     """
     if not pairs:
         return []
