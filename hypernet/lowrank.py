@@ -34,3 +34,35 @@ def weighted_sum(parts: list[tuple], device=None, dtype: torch.dtype = torch.flo
     bias = sum(b.to(torch.float32) * float(w) for b, w in biases).to(dtype) if biases else None
     kernel = next((part[0].kernel for part in parts if part[0].kernel), ())
     return LowRankLayer(up=up, down=down.to("cpu"), scale=1.0, kernel=kernel, bias=bias)
+
+
+def update_bound(layer: LowRankLayer) -> float:
+    """An upper bound on |scale * up @ down| from two passes over the factors (NaN when a factor holds NaN).
+
+    |dW_ij| <= rank * max|up| * max|down| * |scale|; computed in Python floats (float64), so it does not
+    itself overflow where float32 would.
+    """
+    def largest(tensor: torch.Tensor) -> float:
+        low, high = torch.aminmax(tensor)  # one pass, no temporary; NaN propagates
+        return max(-float(low), float(high))
+    return layer.rank * largest(layer.up) * largest(layer.down) * abs(layer.scale)
+
+
+def patched_overflow(layer: LowRankLayer, weight: torch.Tensor, dtype: torch.dtype, columns: int = 256) -> float | None:
+    """The largest |weight + dW| when ``dtype`` cannot hold it (ComfyUI would patch Inf), else None.
+
+    weight: the model weight the layer patches (any shape with d_out * d_in elements). The bound decides
+    first; only a layer whose bound exceeds the limit is formed, ``columns`` input columns at a time, so the
+    whole d_out x d_in update never exists.
+    """
+    limit = torch.finfo(dtype).max
+    weight = weight.detach().reshape(layer.d_out, layer.d_in)
+    if update_bound(layer) + float(weight.abs().max()) <= limit:
+        return None
+    up = layer.up.float() * layer.scale
+    for start in range(0, layer.d_in, columns):
+        block = weight[:, start:start + columns].float().to(up.device)
+        largest = float(block.addmm(up, layer.down[:, start:start + columns].float().to(up.device)).abs().max())
+        if not largest <= limit:  # over the limit, Inf or NaN
+            return largest
+    return None

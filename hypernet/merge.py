@@ -21,6 +21,7 @@ from . import methods
 from .base_models import UNetLayout
 from .errors import LoraRarError
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
+from .lowrank import update_bound
 from .methods import MergeContext, MergedLayer, MergeMethod, resolve_params
 from .methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched  # noqa: F401  (public API)
 from .model import LoraRarHypernet
@@ -139,9 +140,12 @@ class MergedLora:
         return [self.report.subject, self.report.style]
 
     def named(self, subject: str, style: str, subject_path: str, style_path: str) -> "MergedLora":
-        """A copy whose report, metadata and protected inputs name these files (same content, maybe renamed)."""
-        report = dataclasses.replace(self.report, subject=subject, style=style)
+        """This merge naming these files (same content, maybe renamed): itself when it already does, else a copy
+        whose report, metadata and protected inputs name them."""
         paths = {**self.source_paths, "subject LoRA": str(subject_path), "style LoRA": str(style_path)}
+        if (self.report.subject, self.report.style, self.source_paths) == (subject, style, paths):
+            return self
+        report = dataclasses.replace(self.report, subject=subject, style=style)
         return dataclasses.replace(self, report=report, source_paths=paths)
 
     def without(self, dropped: dict[str, str]) -> "MergedLora":
@@ -326,23 +330,11 @@ def _check_same_shape(name: str, s_layer, t_layer, subject: LoraFile, style: Lor
             f"{t_layer.conv_kernel or 'linear'}: the same layer cannot be both; one of the files is malformed")
 
 
-def _update_bound(layer: LowRankLayer) -> float:
-    """An upper bound on |scale * up @ down| from two passes over the factors (NaN when a factor holds NaN).
-
-    |dW_ij| <= rank * max|up| * max|down| * |scale|; computed in Python floats (float64), so it does not
-    itself overflow where float32 would.
-    """
-    def largest(tensor: torch.Tensor) -> float:
-        low, high = torch.aminmax(tensor)  # one pass, no temporary; NaN propagates
-        return max(-float(low), float(high))
-    return layer.rank * largest(layer.up) * largest(layer.down) * abs(layer.scale)
-
-
 def _check_finite(layers: dict[str, LowRankLayer], subject: LoraFile, style: LoraFile) -> None:
     """Refuse a merge with a layer that is not finite, or whose update up @ down could overflow float32
     when ComfyUI forms it to patch the model: such a layer would turn the model's weights into NaN."""
     for name, layer in layers.items():
-        bound = _update_bound(layer)
+        bound = update_bound(layer)
         bias_ok = layer.bias is None or bool(torch.isfinite(layer.bias).all())
         if not (math.isfinite(bound) and bound <= _FLOAT32_MAX and bias_ok):
             raise LoraRarError(

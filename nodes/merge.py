@@ -9,11 +9,13 @@ import comfy.model_management
 import comfy.sd
 import comfy.utils
 import folder_paths
+import torch
 
 from ..hypernet import methods
 from ..hypernet.checkpoints import load_manifest
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
 from ..hypernet.lora_io import read_lora
+from ..hypernet.lowrank import patched_overflow
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
 
@@ -143,36 +145,76 @@ class LoraRarMerge:
         return (model_out, clip_out, applied, "\n".join(filter(None, [applied.report.to_text(), applied_text, note])))
 
 
-def _weight_shapes(model, clip) -> dict[str, tuple[int, ...]]:
-    """Shape of every weight and bias the key map can name: the UNet's, and the text encoders' when connected."""
-    shapes = {key: tuple(tensor.shape) for key, tensor in model.model.state_dict().items()}
+def _model_weights(model, clip) -> dict:
+    """Every weight and bias the key map can name (the tensors themselves, not copies): the UNet's, and the
+    text encoders' when connected."""
+    weights = dict(model.model.state_dict())
     if clip is not None:
-        shapes.update((key, tuple(tensor.shape)) for key, tensor in clip.cond_stage_model.state_dict().items())
-    return shapes
+        weights.update(clip.cond_stage_model.state_dict())
+    return weights
 
 
-def _target_shape(target, shapes) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
-    """(weight shape, bias shape or None) a key-map entry patches: a key, or (key, (dim, start, length), ...)."""
-    key, offset = (target, None) if isinstance(target, str) else (target[0], target[1])
-    shape = list(shapes[key])
-    if offset is not None:
-        shape[offset[0]] = offset[2]
-    return tuple(shape), shapes.get(key[:-len(".weight")] + ".bias") if key.endswith(".weight") else None
+def _target_key(target) -> str:
+    return target if isinstance(target, str) else target[0]
 
 
-def _in_model(name: str, key_map: dict, shapes: dict) -> bool:
+def _target_weight(target, weights: dict):
+    """The part of a model weight a key-map entry patches: a key, or (key, (dim, start, length), ...)."""
+    weight = weights[_target_key(target)]
+    return weight if isinstance(target, str) else weight.narrow(*target[1])
+
+
+def _patch_dtype(model, weight) -> "torch.dtype":
+    """The narrowest float type the patch of ``weight`` passes through: the weight's own, or float16 where
+    ComfyUI (0.33+) computes LoRA arithmetic in float16 on this device."""
+    compute = getattr(comfy.model_management, "lora_compute_dtype", None)
+    narrow = [weight.dtype, compute(model.load_device) if compute else weight.dtype]
+    return next((d for d in (torch.float16, torch.bfloat16) if d in narrow), torch.float32)
+
+
+def _overflows(model, applied: MergedLora, key_map: dict, weights: dict, names: list[str]) -> None:
+    """Refuse a merge whose patch would put Inf or NaN into the model's weights (e.g. float16 ones)."""
+    for name in names:
+        weight = _target_weight(key_map[name], weights)
+        dtype = _patch_dtype(model, weight)
+        largest = patched_overflow(applied.layers[name], weight, dtype)
+        if largest is not None:
+            raise LoraRarError(
+                f"layer {name} of {' + '.join(applied.files_of(name))}: patched into this model's {dtype} weights it "
+                f"would reach {largest:.3g} (the most {dtype} holds is {torch.finfo(dtype).max:.3g}): lower the strengths")
+
+
+def _shared_targets(names: list[str], key_map: dict) -> None:
+    """Two layer names for one model weight: ComfyUI would apply only one of them, silently."""
+    seen: dict[str, str] = {}
+    for name in names:
+        key = _target_key(key_map[name])
+        if key in seen:
+            raise LoraRarError(f"layers {seen[key]} and {name} both patch {key} (the same layer named two ways, "
+                               "e.g. lora_te_ and lora_te1_); ComfyUI would apply only one: rename one of them")
+        seen[key] = name
+
+
+def _target_shape(target, weights) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
+    """(weight shape, bias shape or None) a key-map entry patches."""
+    key = _target_key(target)
+    bias = weights.get(key[:-len(".weight")] + ".bias") if key.endswith(".weight") else None
+    return tuple(_target_weight(target, weights).shape), (tuple(bias.shape) if bias is not None else None)
+
+
+def _in_model(name: str, key_map: dict, weights: dict) -> bool:
     """Whether ComfyUI's patcher will find a weight for layer ``name`` (it silently drops the others)."""
     target = key_map.get(name)
-    return target is not None and (target if isinstance(target, str) else target[0]) in shapes
+    return target is not None and _target_key(target) in weights
 
 
-def _misfits(merged: MergedLora, key_map: dict, shapes: dict) -> dict[str, str]:
+def _misfits(merged: MergedLora, key_map: dict, weights: dict) -> dict[str, str]:
     """Layer -> why its patch would not apply as meant (ComfyUI skips a wrong shape, or reshapes it scrambled)."""
     misfits = {}
     for name, layer in merged.layers.items():
-        if not _in_model(name, key_map, shapes):
+        if not _in_model(name, key_map, weights):
             continue  # not in this model: reported separately
-        why = layer.misfit(*_target_shape(key_map[name], shapes))
+        why = layer.misfit(*_target_shape(key_map[name], weights))
         if why:
             misfits[name] = f"{why} (from {' + '.join(merged.files_of(name))})"
     return misfits
@@ -188,21 +230,24 @@ def apply_merged(model, clip, merged: MergedLora):
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    shapes = _weight_shapes(model, clip)
-    misfits = _misfits(merged, key_map, shapes)
+    weights = _model_weights(model, clip)
+    misfits = _misfits(merged, key_map, weights)
     applied = merged.without(misfits) if misfits else merged
-    unknown = [name for name in applied.layers if not _in_model(name, key_map, shapes)]
-    state_dict = applied.kohya_state_dict(dtype=None)  # each layer as merged (float32 where float16 would overflow)
-    for name in unknown:
-        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff_b"):
-            state_dict.pop(name + suffix, None)
-    if not state_dict:
+    unknown = [name for name in applied.layers if not _in_model(name, key_map, weights)]
+    patched = [name for name in applied.layers if name not in unknown]
+    if not patched:
         example = next(iter(misfits.items()), None)
         raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: none of the merged layers fits this "
                            f"{model_class(model)} model" + (f" (e.g. {example[0]}: {example[1]})" if example else "")
                            + "; are the LoRAs for another base model?")
+    _shared_targets(patched, key_map)
+    _overflows(model, applied, key_map, weights, patched)
+    state_dict = applied.kohya_state_dict(dtype=None)  # each layer as merged (float32 where float16 would overflow)
+    for name in unknown:
+        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff_b"):
+            state_dict.pop(name + suffix, None)
     model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
-    text = f"applied to the model: {len(applied.layers) - len(unknown)} layers"
+    text = f"applied to the model: {len(patched)} layers"
     if misfits:
         text += (f"; not applied: {len(misfits)} layers whose shape does not fit this model: "
                  + "; ".join(f"{name}: {why}" for name, why in list(misfits.items())[:5])

@@ -23,7 +23,8 @@ SUBJECT, STYLE = "my_subject_lora.safetensors", "my_style_lora.safetensors"
 def merge_and_sample(checkpoint: str, steps: int, cfg: float, prompt: str) -> list[dict]:
     return [
         {"id": 1, "type": "CheckpointLoaderSimple", "pos": [40, 120], "widgets": {"ckpt_name": checkpoint}},
-        {"id": 2, "type": "LoraRarHypernetLoader", "pos": [40, 320], "widgets": {"hypernet": "auto"}},
+        {"id": 2, "type": "LoraRarHypernetLoader", "pos": [40, 320], "widgets": {"hypernet": "auto"},
+         "links": {"model": (1, 0)}},
         {"id": 3, "type": "LoraRarMerge", "pos": [420, 120], "size": [360, 330],
          "widgets": {"subject_lora": SUBJECT, "style_lora": STYLE},
          "links": {"model": (1, 0), "clip": (1, 1), "hypernet": (2, 0)}},
@@ -46,7 +47,8 @@ def merge_and_sample(checkpoint: str, steps: int, cfg: float, prompt: str) -> li
 def merge_and_save() -> list[dict]:
     return [
         {"id": 1, "type": "CheckpointLoaderSimple", "pos": [40, 120], "widgets": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
-        {"id": 2, "type": "LoraRarHypernetLoader", "pos": [40, 320], "widgets": {"hypernet": "auto"}},
+        {"id": 2, "type": "LoraRarHypernetLoader", "pos": [40, 320], "widgets": {"hypernet": "auto"},
+         "links": {"model": (1, 0)}},
         {"id": 3, "type": "LoraRarMerge", "pos": [420, 120], "size": [360, 330],
          "widgets": {"subject_lora": SUBJECT, "style_lora": STYLE},
          "links": {"model": (1, 0), "clip": (1, 1), "hypernet": (2, 0)}},

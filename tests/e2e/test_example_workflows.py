@@ -13,6 +13,8 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json") if "evaluate" not in p.stem)  # evaluate: test_evaluate_workflow.py
+# workflows as the first release (0.1.0) saved them: what users already have must keep loading and running
+OLD_WORKFLOWS = sorted((REPO / "tests" / "fixtures" / "workflows_0.1.0").glob("*.json"))
 PACK_NODES = ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora")
 
 
@@ -39,7 +41,8 @@ def execution_error(entry: dict) -> str:
     return " ".join(m[1].get("exception_message", "") for m in entry["status"]["messages"] if m[0] == "execution_error")
 
 
-@pytest.mark.parametrize("workflow", WORKFLOWS, ids=lambda p: p.stem)
+@pytest.mark.parametrize("workflow", WORKFLOWS + OLD_WORKFLOWS,
+                         ids=lambda p: p.stem + ("" if p.parent.name == "example_workflows" else "@0.1.0"))
 def test_example_workflow_runs(workflow, pack_server, synthetic_layout):
     server, loras = pack_server
     prompt = for_this_machine(ui_to_api(json.loads(workflow.read_text()), server.object_info()))

@@ -216,3 +216,18 @@ def test_merge_node_refuses_non_finite_strengths(comfy_host, synthetic_model, la
     with pytest.raises(ValueError, match="subject clip strength .*finite numbers between -10 and 10"):
         _merge(comfy_host, model, clip, "strength_subject.safetensors", "strength_subject.safetensors",
                subject_clip_strength=strength)
+
+
+def test_a_reused_merge_reports_the_names_it_was_given(comfy_host, synthetic_model, layout):
+    """A renamed copy of the same files reuses the merge, but the report and the saved metadata name the new files."""
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    for name, seed in (("named_subject.safetensors", 51), ("named_style.safetensors", 52)):
+        write_lora(loras / name, random_lora(layout, rank=4, seed=seed))
+    first = _merge(comfy_host, model, clip, "named_subject.safetensors", "named_style.safetensors")
+    (loras / "renamed_subject.safetensors").write_bytes((loras / "named_subject.safetensors").read_bytes())
+    again = _merge(comfy_host, model, clip, "renamed_subject.safetensors", "named_style.safetensors")
+    assert again[2].layers is first[2].layers  # the merge itself was reused
+    assert "subject: renamed_subject.safetensors" in again[3] and "subject: named_subject" not in again[3]
+    assert again[2].metadata("test")["lorarar_subject"] == "renamed_subject.safetensors"
+    assert again[2].source_paths["subject LoRA"].endswith("renamed_subject.safetensors")

@@ -1,0 +1,59 @@
+"""Nothing non-finite is patched: a merge whose patch a float16 model cannot hold is an error naming the layer,
+and two layer names for one model weight (which ComfyUI would apply only one of) are refused."""
+
+import pytest
+import torch
+
+from devkit.loras import random_lora, write_lora
+from devkit.synthetic_models import checkpoint_path, ensure_models
+
+pytestmark = pytest.mark.host
+
+TO_K = "lora_unet_input_blocks_3_1_transformer_blocks_0_attn1_to_k"
+
+
+def _merge(nodes, model, subject, style, clip=None):
+    (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto")
+    return nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]().merge(model, hypernet, subject, style, 1.0, 1.0, 1.0, 1.0,
+                                                             "lorarar", "sum", clip=clip)
+
+
+@pytest.fixture(scope="module")
+def fp16_model(comfy_host):
+    import comfy.sd
+
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(
+        str(checkpoint_path(ensure_models())), output_vae=False, output_clip=False,
+        model_options={"dtype": torch.float16})
+    return model
+
+
+def test_an_update_float16_cannot_hold_is_refused_naming_the_layer(comfy_host, fp16_model, layout):
+    nodes, _, loras = comfy_host
+    write_lora(loras / "fp16_subject.safetensors", random_lora(layout, rank=4, seed=91))
+    style = random_lora(layout, rank=4, seed=92)
+    style[f"{TO_K}.lora_up.weight"] = torch.full((640, 4), 100.0)  # |dW| = 4 * 100 * 250 = 1e5 > 65504
+    style[f"{TO_K}.lora_down.weight"] = torch.full((4, 640), 250.0)
+    write_lora(loras / "fp16_style_huge.safetensors", style)
+    with pytest.raises(ValueError, match=rf"layer {TO_K} of .*fp16_style_huge.*float16.*lower the strengths") as error:
+        _merge(nodes, fp16_model, "fp16_subject.safetensors", "fp16_style_huge.safetensors")
+    assert "\n" not in str(error.value)
+    # the same pair patches fine when the update is one a float16 weight holds
+    style[f"{TO_K}.lora_up.weight"] = torch.full((640, 4), 1.0)
+    style[f"{TO_K}.lora_down.weight"] = torch.full((4, 640), 2.0)
+    write_lora(loras / "fp16_style_ok.safetensors", style)
+    patched, _, _, report = _merge(nodes, fp16_model, "fp16_subject.safetensors", "fp16_style_ok.safetensors")
+    assert f"applied to the model: {len(layout.attention_linears())} layers" in report
+
+
+def test_two_names_for_one_weight_are_refused(comfy_host, synthetic_model, layout):
+    nodes, _, loras = comfy_host
+    model, clip = synthetic_model
+    q = "text_model_encoder_layers_0_self_attn_q_proj"
+    for name, prefix, seed in (("te_subject.safetensors", "lora_te_", 93), ("te1_style.safetensors", "lora_te1_", 94)):
+        state = random_lora(layout, rank=4, seed=seed)
+        state[f"{prefix}{q}.lora_up.weight"] = torch.randn(768, 2) * 0.01
+        state[f"{prefix}{q}.lora_down.weight"] = torch.randn(2, 768) * 0.01
+        write_lora(loras / name, state)
+    with pytest.raises(ValueError, match=rf"lora_te_{q} and lora_te1_{q} both patch .*only one"):
+        _merge(nodes, model, "te_subject.safetensors", "te1_style.safetensors", clip=clip)
