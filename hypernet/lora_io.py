@@ -16,7 +16,7 @@ import torch
 
 from .base_models import SDXL, UNetLayout
 from .errors import LoraRarError
-from .files import atomic_file, check_target, file_sha256, refuse_replacing
+from .files import atomic_file, check_target, file_sha256, read_state_dict, refuse_replacing
 from .keys import canonical_name, split_key
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # file tensor types offered
@@ -109,26 +109,6 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix in (".safetensors", ".sft"):
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors/pickle raise many types; the user needs one line
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
-        if "weights_only" in text or "Unsupported global" in text:
-            reason = "a pickle holding more than plain tensors, refused (only weights_only=True loads)"
-        raise LoraRarError(f"{path}: cannot read LoRA file ({reason}); is it truncated or not a .safetensors file?") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise LoraRarError(f"{path}: not a LoRA: expected a dict of tensors")
-    return data
-
-
 def _is_float8(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and tensor.element_size() == 1
 
@@ -191,7 +171,7 @@ def read_lora(path: str | Path, layout: UNetLayout = SDXL) -> LoraFile:
     path = Path(path)
     if not path.is_file():
         raise LoraRarError(f"{path}: LoRA file not found")
-    return lora_from_tensors(_read_tensors(path), path, file_sha256(path), layout)
+    return lora_from_tensors(read_state_dict(path, "LoRA"), path, file_sha256(path), layout)
 
 
 def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256: str = "",
