@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Sequence
 
 from PIL import Image, ImageDraw, ImageFont
@@ -60,37 +61,38 @@ def grid(images: Sequence[Image.Image], columns: int | None = None, gap: int = 4
     return canvas
 
 
+SCORE_COLOURS = {"subject": "#4285f4", "style": "#fb8c00", "both": "#34a853"}  # bar colours, one per test
+
+
 def summary_chart(pairs: Sequence[Score], mean: Score) -> Image.Image:
-    """Grouped bars (subject, style, both, in %) per pair plus the mean, as an RGB image."""
+    """Grouped bars (subject, style, both, in %) per pair plus the mean, as an RGB image.
+
+    Drawn with matplotlib on its Agg canvas: no display, and no change to pyplot's global backend, which
+    other code in the same process (ComfyUI, other node packs) may rely on.
+    """
+    # imported here: only the batch CLI draws charts, so loading the nodes never pays for matplotlib
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     groups = [*pairs, mean]
-    bar, inner, outer, plot_h, left, top, label_h = 22, 3, 26, 300, 48, 56, 190
-    group_w = 3 * bar + 2 * inner
-    width = left + len(groups) * (group_w + outer) + outer
-    chart = Image.new("RGB", (max(width, 420), top + plot_h + label_h), "white")
-    draw = ImageDraw.Draw(chart)
-    font, small = _font(14), _font(11)
-    colours = {"subject": (66, 133, 244), "style": (251, 140, 0), "both": (52, 168, 83)}
-    draw.text((left, 8), "LoRA.rar MLLM evaluation: approved images (%)", fill="black", font=font)
-    for i, (name, colour) in enumerate(colours.items()):
-        x = left + i * 75
-        draw.rectangle([x, 30, x + 10, 40], fill=colour)
-        draw.text((x + 14, 28), name, fill="black", font=small)
-    base_y = top + plot_h
-    for pct in range(0, 101, 25):
-        y = base_y - plot_h * pct / 100
-        draw.line([left - 4, y, chart.width - 8, y], fill=(225, 225, 225))
-        draw.text((6, y - 7), f"{pct}%", fill="black", font=small)
-    for g, group in enumerate(groups):
-        x0 = left + outer + g * (group_w + outer)
-        for b, key in enumerate(colours):
-            value = getattr(group, key)
-            x = x0 + b * (bar + inner)
-            draw.rectangle([x, base_y - plot_h * value, x + bar, base_y], fill=colours[key])
-        # pair names read downwards: draw them on a rotated strip
-        label = Image.new("RGB", (label_h - 6, 14), "white")
-        name = group.name if len(group.name) <= 32 else group.name[:31] + "…"
-        ImageDraw.Draw(label).text((0, 0), name, fill="black", font=small)
-        rotated = label.rotate(-90, expand=True)
-        chart.paste(rotated, (x0 + group_w // 2 - 7, base_y + 4))
-    draw.line([left - 4, base_y, chart.width - 8, base_y], fill="black")
-    return chart
+    names = [g.name if len(g.name) <= 32 else g.name[:31] + "…" for g in groups]
+    # the figure grows with the longest name (names read downwards beneath the bars), so the bars keep their height
+    height = 4.2 + 0.09 * max(len(name) for name in names)
+    figure = Figure(figsize=(max(4.2, 1.2 + 0.9 * len(groups)), height), dpi=100, layout="constrained")
+    canvas = FigureCanvasAgg(figure)
+    axes = figure.add_subplot()
+    width = 0.27
+    for offset, (test, colour) in enumerate(SCORE_COLOURS.items(), start=-1):
+        positions = [index + offset * width for index in range(len(groups))]
+        axes.bar(positions, [100 * getattr(group, test) for group in groups], width, color=colour, label=test)
+    axes.set_xticks(range(len(groups)), names, rotation=90)
+    axes.set_ylim(0, 100)
+    axes.set_yticks(range(0, 101, 25), [f"{pct}%" for pct in range(0, 101, 25)])
+    axes.grid(axis="y", color="#e1e1e1")
+    axes.set_axisbelow(True)
+    axes.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncol=3, frameon=False)
+    figure.suptitle("LoRA.rar MLLM evaluation: approved images (%)")
+    with warnings.catch_warnings():  # a name outside the font's glyphs is drawn as boxes, not warned about per glyph
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font")
+        canvas.draw()
+    return Image.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba()).convert("RGB")
