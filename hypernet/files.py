@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
+import threading
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -20,6 +21,7 @@ if TYPE_CHECKING:  # torch is imported where a state dict is read: hashing and w
 # file_sha256's memory: (absolute path, size, mtime_ns, inode) -> hex digest; the oldest entry goes past 64 files
 _SHA256_CACHE: dict[tuple, str] = {}
 _SHA256_CACHE_MAX = 64
+_SHA256_LOCK = threading.Lock()
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # any other file is read as a torch pickle, weights_only=True
 # atomic_file's temp name is ".{name}." + 8 random hex digits + ".tmp": 14 bytes more than the name itself
 _TEMP_NAME_EXTRA = 14
@@ -31,19 +33,24 @@ _UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file's content; remembered while its size, mtime and inode stay the same.
 
-    The merge node fingerprints a file and then reads it: the cache keeps that to one pass over the bytes.
+    The merge node hashes a file for ComfyUI's IS_CHANGED and again when it reads it (for its cache key and
+    the saved file's provenance): the memory keeps that to one hashing pass.
     """
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-        if len(_SHA256_CACHE) >= _SHA256_CACHE_MAX:
+    with _SHA256_LOCK:
+        known = _SHA256_CACHE.get(key)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    with _SHA256_LOCK:  # ComfyUI runs nodes and HTTP handlers on several threads
+        while len(_SHA256_CACHE) >= _SHA256_CACHE_MAX:
             _SHA256_CACHE.pop(next(iter(_SHA256_CACHE)))
         _SHA256_CACHE[key] = digest.hexdigest()
-    return _SHA256_CACHE[key]
+    return digest.hexdigest()
 
 
 def read_state_dict(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
