@@ -28,8 +28,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-SHARED_WEIGHTS = Path(os.environ.get("LORARAR_SHARED_WEIGHTS", REPO.parent / "shared" / "weights"))
-HYPERNETS = {"sdxl": "lorarar_sdxl_hypernet.pth", "koala-700m": "lorarar_koala_700m_hypernet.pth"}
+
+from devkit.weights import shared_hypernet, shared_weights_dir  # noqa: E402  (needs the repo on sys.path)
 MB = 2**20
 
 # Targets (issue 5), checked on rank-64 SDXL attention LoRAs.
@@ -100,6 +100,7 @@ def row_math(spec: dict) -> dict:
     import torch
 
     from hypernet.base_models import LAYOUTS
+    from hypernet.files import read_state_dict
     from hypernet.keys import attention_role, sgm_to_canonical
     from hypernet.lora_io import lora_from_tensors
     from hypernet.merge import merge_loras
@@ -108,9 +109,9 @@ def row_math(spec: dict) -> dict:
 
     layout = LAYOUTS[spec["layout"]]
     dtype = getattr(torch, spec["dtype"])
-    path = SHARED_WEIGHTS / HYPERNETS[spec["layout"]]
+    path = shared_hypernet(spec["layout"])  # the layouts and the published hypernets share their names
     hypernet = LoraRarHypernet.load(path)
-    hypernet_state = torch.load(path, weights_only=True, map_location="cpu")
+    hypernet_state = read_state_dict(path, "LoRA.rar hypernet")
     linears = layout.attention_linears()
     if spec.get("layers"):
         linears = linears[: spec["layers"]]
@@ -159,7 +160,7 @@ def row_many(spec: dict) -> dict:
     from devkit.loras import random_lora
 
     layout = LAYOUTS[spec["layout"]]
-    hypernet = LoraRarHypernet.load(SHARED_WEIGHTS / HYPERNETS[spec["layout"]])
+    hypernet = LoraRarHypernet.load(shared_hypernet(spec["layout"]))
     subject = lora_from_tensors(random_lora(layout, rank=spec["rank"], seed=1), "subject", layout=layout)
     styles = [lora_from_tensors(random_lora(layout, rank=spec["rank"], seed=10 + i), f"style{i}", layout=layout)
               for i in range(spec["styles"])]
@@ -182,7 +183,7 @@ def row_save(spec: dict) -> dict:
     from hypernet.model import LoraRarHypernet
 
     layout = LAYOUTS[spec["layout"]]
-    hypernet = LoraRarHypernet.load(SHARED_WEIGHTS / HYPERNETS[spec["layout"]])
+    hypernet = LoraRarHypernet.load(shared_hypernet(spec["layout"]))
     subject_sd, style_sd = _random_pair(layout, spec["rank"], torch.float16)
     merged = merge_loras(lora_from_tensors(subject_sd, "s", layout=layout), lora_from_tensors(style_sd, "t", layout=layout),
                          hypernet, layout=layout)
@@ -220,7 +221,7 @@ def _comfy(loras: Path):
     import nodes
 
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
-    folder_paths.add_model_folder_path("lorarar", str(SHARED_WEIGHTS))
+    folder_paths.add_model_folder_path("lorarar", str(shared_weights_dir()))
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     return nodes
 

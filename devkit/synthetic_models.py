@@ -16,8 +16,8 @@ Nothing can be downloaded here, so the tests build their own models:
     <root>/vae_approx/taesdxl_encoder.safetensors, taesdxl_decoder.safetensors
         a random TAESDXL, so ``VAELoader(vae_name="taesdxl")`` works (fast decode).
 
-Everything is fp16 on disk, deterministic (fixed seed), written atomically (temp file, then
-``os.replace``) and cached: ``ensure_models()`` only builds what is missing or was made by an
+Everything is fp16 on disk, deterministic (fixed seed), written atomically (hypernet.files.atomic_file)
+and cached: ``ensure_models()`` only builds what is missing or was made by an
 older recipe. Default root: ``<repo>/.cache/synthetic`` (env ``LORARAR_SYNTHETIC_DIR``).
 
 The build needs torch and ComfyUI's ``comfy`` package; ``ensure_models()`` runs it in a
@@ -38,7 +38,6 @@ import os
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -247,17 +246,10 @@ def _randomize(meta_sd: dict, gen, dtype=None) -> dict:
 def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
+    from hypernet.files import atomic_file
+
+    with atomic_file(path) as temp:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(temp), metadata=metadata)
 
 
 def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
@@ -342,11 +334,10 @@ def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
 
 
 def _save_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix="." + path.name + ".", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.chmod(tmp, 0o644)
-    os.replace(tmp, path)
+    from hypernet.files import atomic_file
+
+    with atomic_file(path) as temp:
+        temp.write_text(text)
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,19 +1,29 @@
-"""Files on disk: content hashes and atomic writes (temp file in the same folder, fsync, rename)."""
+"""Files on disk: reading a state dict, content hashes and atomic writes (temp file in the same folder, fsync,
+rename). LoRA files, hypernet checkpoints, saved merges and downloads all go through these functions."""
 
 from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+import secrets
+import threading
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import LoraRarError, LoraRarFileExists
 
+if TYPE_CHECKING:  # torch is imported where a state dict is read: hashing and writing files do not need it
+    import torch
+
+# file_sha256's memory: (absolute path, size, mtime_ns, inode) -> hex digest; the oldest entry goes past 64 files
 _SHA256_CACHE: dict[tuple, str] = {}
-# atomic_file's temp name is ".{name}." + 8 random characters + ".tmp": 14 bytes more than the name itself
+_SHA256_CACHE_MAX = 64
+_SHA256_LOCK = threading.Lock()
+SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # any other file is read as a torch pickle, weights_only=True
+# atomic_file's temp name is ".{name}." + 8 random hex digits + ".tmp": 14 bytes more than the name itself
 _TEMP_NAME_EXTRA = 14
 # control characters (NUL, CR, LF, ...), invisible format characters (bidi overrides), line/paragraph
 # separators and lone surrogates: no file system or log line shows them for what they are
@@ -23,19 +33,59 @@ _UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     """sha256 of a file's content; remembered while its size, mtime and inode stay the same.
 
-    The merge node fingerprints a file and then reads it: the cache keeps that to one pass over the bytes.
+    The merge node hashes a file for ComfyUI's IS_CHANGED and again when it reads it (for its cache key and
+    the saved file's provenance): the memory keeps that to one hashing pass.
     """
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    if key not in _SHA256_CACHE:
-        digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while block := handle.read(chunk):
-                digest.update(block)
-        if len(_SHA256_CACHE) >= 64:
+    with _SHA256_LOCK:
+        known = _SHA256_CACHE.get(key)
+    if known is not None:
+        return known
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    with _SHA256_LOCK:  # ComfyUI runs nodes and HTTP handlers on several threads
+        while len(_SHA256_CACHE) >= _SHA256_CACHE_MAX:
             _SHA256_CACHE.pop(next(iter(_SHA256_CACHE)))
         _SHA256_CACHE[key] = digest.hexdigest()
-    return _SHA256_CACHE[key]
+    return digest.hexdigest()
+
+
+def read_state_dict(path: str | Path, kind: str) -> dict[str, torch.Tensor]:
+    """The tensors of a .safetensors file, or of a torch pickle loaded with weights_only=True (a ``state_dict``
+    entry holding them is unwrapped), on the CPU.
+
+    ``kind`` names what the file should be ("LoRA", "LoRA.rar hypernet") in the one-line LoraRarError raised
+    for a file that cannot be read, a pickle holding more than tensors, or anything but a dict of tensors.
+    """
+    import torch
+
+    path = Path(path)
+    try:
+        if path.suffix in SAFETENSORS_SUFFIXES:
+            from safetensors.torch import load_file
+
+            return _tensors_only(load_file(str(path), device="cpu"), path, kind)
+        data = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as exc:  # safetensors/pickle raise many types; the user needs one line
+        text = str(exc).strip()
+        reason = text.splitlines()[0] if text else type(exc).__name__
+        if "weights_only" in text or "Unsupported global" in text:
+            reason = "a pickle holding more than plain tensors, refused (only weights_only=True loads)"
+        raise LoraRarError(f"{path}: cannot read {kind} file ({reason}); is it truncated or not a .safetensors file?") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    return _tensors_only(data, path, kind)
+
+
+def _tensors_only(data: object, path: Path, kind: str) -> dict[str, torch.Tensor]:
+    import torch
+
+    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+        raise LoraRarError(f"{path}: not a {kind}: expected a dict of tensors")
+    return data
 
 
 def check_name_characters(name: str) -> None:
@@ -96,41 +146,60 @@ def refuse_replacing(target: str | Path, inputs: dict[str, str]) -> None:
                                f"an input, choose another file name")
 
 
+def _create_temp(path: Path) -> Path:
+    """A new empty file ``.{name}.<8 hex digits>.tmp`` beside ``path``, created with mode 0o666.
+
+    Why not mkstemp and a chmod: mkstemp creates 0o600, and restoring the usual permissions needs the umask,
+    which can only be read by setting it (os.umask), process-wide and racy in ComfyUI's multi-threaded server.
+    os.open with mode 0o666 lets the kernel apply the umask (and a folder's default ACL) as it does for any
+    new file, with no umask call; O_EXCL makes the name ours, as mkstemp does.
+    """
+    for _ in range(100):
+        temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
+        try:
+            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
+            return temp
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"no free temp name beside {path.name}")
+
+
 @contextmanager
 def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temp path beside ``path``; when the block succeeds, move the finished file onto ``path``.
 
-    The file gets the usual permissions (mkstemp makes 0600) and is flushed to disk before the rename.
-    With overwrite=False an existing ``path`` is never replaced, even one that appears meanwhile
-    (LoraRarFileExists). On any failure the temp file is removed and ``path`` is untouched.
+    The file gets the usual permissions (0o666 less the umask, see _create_temp) and is flushed to disk
+    before the rename. With overwrite=False an existing ``path`` is never replaced, even one that appears
+    meanwhile (LoraRarFileExists). On any failure the temp file is removed and ``path`` is untouched.
     """
     path = check_target(path)
     if not overwrite and path.exists():
         raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        handle, temp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        temp = _create_temp(path)
     except OSError as exc:  # read-only folder, no permission, disk full: one line naming the file
         raise LoraRarError(f"{path}: cannot write the file ({exc.strerror or exc})") from None
-    os.close(handle)
     try:
-        yield Path(temp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temp, 0o666 & ~umask)
+        yield temp
         with open(temp, "rb") as written:
             os.fsync(written.fileno())
-        if overwrite:
-            os.replace(temp, path)
-        else:
-            try:
-                os.link(temp, path)  # fails if the name was taken meanwhile, unlike a rename
-            except FileExistsError:
-                raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting") from None
-            except OSError:  # a file system without hard links
-                if path.exists():
-                    raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting") from None
-                os.replace(temp, path)
+        _move_into_place(temp, path, overwrite)
     finally:
         if os.path.exists(temp):
             os.unlink(temp)
+
+
+def _move_into_place(temp: Path, path: Path, overwrite: bool) -> None:
+    """Rename the finished temp file onto ``path``; without overwrite, never onto a file that exists."""
+    if overwrite:
+        os.replace(temp, path)
+        return
+    try:
+        os.link(temp, path)  # fails if the name was taken meanwhile, unlike a rename
+    except FileExistsError:
+        raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting") from None
+    except OSError:  # a file system without hard links
+        if path.exists():
+            raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting") from None
+        os.replace(temp, path)

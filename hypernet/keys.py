@@ -16,7 +16,8 @@ from functools import lru_cache
 
 from .base_models import SDXL, UNetLayout
 
-# (tensor-key suffix, role); longest suffixes first so ".lora.up.weight" beats ".up.weight"-like tails.
+# (tensor-key suffix, role). No suffix is the tail of another, so their order never decides a match
+# (tests/unit/test_formats.py checks it); tests/host/test_suffixes_match_comfy.py checks the table against ComfyUI.
 FACTOR_SUFFIXES: tuple[tuple[str, str], ...] = (
     (".lora_up.weight", "up"),
     (".lora_down.weight", "down"),
@@ -58,6 +59,7 @@ _TE_PREFIXES = (
     ("te1.", "lora_te1_"),
     ("te2.", "lora_te2_"),
 )
+_TEXT_ENCODER_NAMES = tuple(sorted({canonical for _, canonical in _TE_PREFIXES}))  # lora_te_, lora_te1_, lora_te2_
 _RESNET = {"norm1": "in_layers_0", "conv1": "in_layers_2", "norm2": "out_layers_0", "conv2": "out_layers_3",
            "time_emb_proj": "emb_layers_1", "conv_shortcut": "skip_connection"}
 _BASIC = {"conv_in": "input_blocks_0_0", "time_embedding_linear_1": "time_embed_0",
@@ -149,6 +151,11 @@ def canonical_name(stem: str, layout: UNetLayout = SDXL) -> str | None:
         elif match and f"{match.group(1)}_{match.group(2)}" in modules:
             body = modules[f"{match.group(1)}_{match.group(2)}"]
     return "lora_unet_" + body
+
+
+def is_text_encoder(name: str) -> bool:
+    """True for the canonical name of a text-encoder layer (``lora_te1_...``), False for UNet layers."""
+    return name.startswith(_TEXT_ENCODER_NAMES)
 
 
 _ATTENTION = re.compile(r"^lora_unet_.*_(attn[12])_(to_q|to_k|to_v|to_out_0)$")

@@ -16,7 +16,7 @@ import torch
 
 from .base_models import SDXL, UNetLayout
 from .errors import LoraRarError
-from .files import atomic_file, check_target, file_sha256, refuse_replacing
+from .files import atomic_file, check_target, file_sha256, read_state_dict, refuse_replacing
 from .keys import canonical_name, split_key
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # file tensor types offered
@@ -109,26 +109,6 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     return bool(torch.isfinite(tensor).all())
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        if path.suffix in (".safetensors", ".sft"):
-            from safetensors.torch import load_file
-
-            return load_file(str(path), device="cpu")
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as exc:  # safetensors/pickle raise many types; the user needs one line
-        text = str(exc).strip()
-        reason = text.splitlines()[0] if text else type(exc).__name__
-        if "weights_only" in text or "Unsupported global" in text:
-            reason = "a pickle holding more than plain tensors, refused (only weights_only=True loads)"
-        raise LoraRarError(f"{path}: cannot read LoRA file ({reason}); is it truncated or not a .safetensors file?") from None
-    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
-        data = data["state_dict"]
-    if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-        raise LoraRarError(f"{path}: not a LoRA: expected a dict of tensors")
-    return data
-
-
 def _is_float8(tensor: torch.Tensor) -> bool:
     return tensor.is_floating_point() and tensor.element_size() == 1
 
@@ -191,7 +171,7 @@ def read_lora(path: str | Path, layout: UNetLayout = SDXL) -> LoraFile:
     path = Path(path)
     if not path.is_file():
         raise LoraRarError(f"{path}: LoRA file not found")
-    return lora_from_tensors(_read_tensors(path), path, file_sha256(path), layout)
+    return lora_from_tensors(read_state_dict(path, "LoRA"), path, file_sha256(path), layout)
 
 
 def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256: str = "",
@@ -203,8 +183,28 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256
     path = Path(path)
     if not tensors:
         raise LoraRarError(f"{path}: empty LoRA (the file holds no tensors)")
+    grouped, stems, ignored = _group_by_layer(tensors, path, layout)
+    layers: dict[str, LowRankLayer | OtherLayer] = {}
+    widened: dict[str, int] = {}
+    for name, parts in grouped.items():
+        roles = {role: tensor for role, (_, tensor) in parts.items()}
+        keys = {role: key for role, (key, _) in parts.items()}
+        for role, tensor in roles.items():
+            if not _all_finite(tensor):
+                raise LoraRarError(f"{path}: tensor {keys[role]} holds NaN or Inf values")
+        layers[name] = _layer(path, stems[name], roles, keys)
+        for dtype in {_dtype_name(roles[role]) for role in ("up", "down") if role in roles and _is_float8(roles[role])}:
+            widened[dtype] = widened.get(dtype, 0) + 1
+    notes = [f"{dtype} factors of {n} layers widened to float32 (exact)" for dtype, n in sorted(widened.items())]
+    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored, notes=notes)
 
-    grouped: dict[str, dict[str, torch.Tensor]] = {}
+
+def _group_by_layer(tensors: dict[str, torch.Tensor], path: Path, layout: UNetLayout):
+    """({canonical name: {role: (key, tensor)}}, {canonical name: stem as written}, keys that are no LoRA tensor).
+
+    Refuses a file where no key is a LoRA tensor, or one layer written twice under two spellings.
+    """
+    grouped: dict[str, dict[str, tuple[str, torch.Tensor]]] = {}
     ignored: list[str] = []
     stems: dict[str, str] = {}
     for key, tensor in tensors.items():
@@ -215,27 +215,13 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256
             continue
         if stems.setdefault(name, split[0]) != split[0]:
             raise LoraRarError(f"{path}: layers {stems[name]} and {split[0]} are the same layer ({name}) written twice")
-        grouped.setdefault(name, {})[f"{split[1]}|{key}"] = tensor
-
+        grouped.setdefault(name, {})[split[1]] = (key, tensor)
     if not grouped:
         raise LoraRarError(
             f"{path}: not a LoRA: none of its {len(tensors)} tensors is a LoRA factor "
             f"(lora_up/lora_down, lora_A/lora_B, ...); first keys: {', '.join(sorted(tensors)[:3])}"
         )
-
-    layers: dict[str, LowRankLayer | OtherLayer] = {}
-    widened: dict[str, int] = {}
-    for name, parts in grouped.items():
-        roles = {tag.split("|", 1)[0]: tensor for tag, tensor in parts.items()}
-        keys = {tag.split("|", 1)[0]: tag.split("|", 1)[1] for tag in parts}
-        for role, tensor in roles.items():
-            if not _all_finite(tensor):
-                raise LoraRarError(f"{path}: tensor {keys[role]} holds NaN or Inf values")
-        layers[name] = _layer(path, stems[name], roles, keys)
-        for dtype in {_dtype_name(roles[role]) for role in ("up", "down") if role in roles and _is_float8(roles[role])}:
-            widened[dtype] = widened.get(dtype, 0) + 1
-    notes = [f"{dtype} factors of {n} layers widened to float32 (exact)" for dtype, n in sorted(widened.items())]
-    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored, notes=notes)
+    return grouped, stems, ignored
 
 
 def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:

@@ -20,6 +20,7 @@ import torch
 from . import methods
 from .base_models import UNetLayout
 from .errors import LoraRarError
+from .keys import is_text_encoder
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
 from .lowrank import update_bound
 from .methods import MergeContext, MergedLayer, MergeMethod, resolve_params
@@ -56,7 +57,7 @@ class Strengths:
                                    f"-{STRENGTH_LIMIT:g} and {STRENGTH_LIMIT:g}")
 
     def for_layer(self, name: str) -> tuple[float, float]:
-        if name.startswith("lora_te"):
+        if is_text_encoder(name):
             return self.subject_clip, self.style_clip
         return self.subject_model, self.style_model
 

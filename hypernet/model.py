@@ -8,7 +8,6 @@ Linear(hidden -> 2). No output activation: coefficients are unbounded.
 
 from __future__ import annotations
 
-import hashlib
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import torch
 from torch import nn
 
 from .errors import LoraRarError
+from .files import file_sha256, read_state_dict
 
 _INPUT_KEY = re.compile(r"^(input_\d+)\.weight$")
 
@@ -106,29 +106,10 @@ class LoraRarHypernet(nn.Module):
 
     @classmethod
     def load(cls, path: str | Path) -> "LoraRarHypernet":
-        """Load a checkpoint (.pth/.pt through ``weights_only=True``, or .safetensors) and record its sha256."""
+        """Load a checkpoint (.safetensors, or .pth/.pt through ``weights_only=True``) and record its sha256."""
         path = Path(path)
         if not path.is_file():
             raise LoraRarError(f"{path}: hypernet file not found")
-        data = path.read_bytes()
-        try:
-            if path.suffix == ".safetensors":
-                from safetensors.torch import load as load_safetensors
-
-                state_dict = load_safetensors(data)
-            else:
-                import io
-
-                state_dict = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-        except Exception as exc:  # the loaders raise many types; the user needs one line
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if "weights_only" in str(exc) or "Unsupported global" in str(exc):
-                reason = "it is a pickle that holds more than plain tensors, refused (weights_only=True)"
-            raise LoraRarError(f"{path}: cannot read hypernet checkpoint: {reason}") from None
-        if isinstance(state_dict, dict) and "state_dict" in state_dict and isinstance(state_dict["state_dict"], dict):
-            state_dict = state_dict["state_dict"]
-        if not isinstance(state_dict, dict) or not all(isinstance(v, torch.Tensor) for v in state_dict.values()):
-            raise LoraRarError(f"{path}: not a LoRA.rar hypernet (expected a dict of tensors)")
-        net = cls.from_state_dict(state_dict, source=str(path))
-        net.sha256 = hashlib.sha256(data).hexdigest()
+        net = cls.from_state_dict(read_state_dict(path, "LoRA.rar hypernet"), source=str(path))
+        net.sha256 = file_sha256(path)
         return net

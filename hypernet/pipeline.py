@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from .errors import LoraRarError
+from .keys import is_text_encoder
 from .lora_io import LoraFile, LowRankLayer, OtherLayer
 from .lowrank import weighted_sum
 from .methods import LayerJob, MergeContext, MergedLayer, MergeMethod
@@ -50,7 +51,7 @@ def _sides(subject_layer, style_layer) -> list[tuple[str, object]]:
 def _generic_reason(name: str, subject_layer, style_layer) -> str:
     if subject_layer is None or style_layer is None:
         return f"only in the {_sides(subject_layer, style_layer)[0][0]} LoRA"
-    return "text encoder layer" if name.startswith("lora_te") else "not an attention projection"
+    return "text encoder layer" if is_text_encoder(name) else "not an attention projection"
 
 
 def _plan_other(name, present, method: MergeMethod, policy: str, weights: dict[str, float], dtype) -> LayerPlan:

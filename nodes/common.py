@@ -44,7 +44,7 @@ def hypernet_choices() -> list[str]:
 
 
 def fingerprint(path: str) -> str:
-    """sha256 of a file's content (remembered by hypernet.lora_io while the file's stat is unchanged)."""
+    """sha256 of a file's content (remembered by hypernet.files.file_sha256 while the file's stat is unchanged)."""
     return file_sha256(path)
 
 

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ..hypernet import evaluate
+from ..hypernet import evaluation
 from ..hypernet.errors import LoraRarError
-from ..hypernet.judge import (DEFAULT_API_KEY_ENV, MAX_RETRIES, MAX_TIMEOUT_S, PINNED_URL_ENV, ChatCompletionsJudge,
-                               JudgeCancelled)
+from ..hypernet.evaluation import (DEFAULT_API_KEY_ENV, MAX_RETRIES, MAX_TIMEOUT_S, PINNED_URL_ENV, ChatCompletionsJudge,
+                                   JudgeCancelled)
 from .common import CATEGORY
 
 
@@ -36,7 +36,7 @@ def clip_i(clip_vision, generated: torch.Tensor, *reference_sets: torch.Tensor) 
         return clip_vision.encode_image(images)["image_embeds"]
 
     embeds = embed(generated)
-    return [evaluate.mean_cosine(embeds, embed(references)).tolist() for references in reference_sets]
+    return [evaluation.mean_cosine(embeds, embed(references)).tolist() for references in reference_sets]
 
 
 class LoraRarEvaluate:
@@ -85,9 +85,9 @@ class LoraRarEvaluate:
 
     @staticmethod
     def _ask_all(judge, generated, subject_refs, style_refs, style_name) -> list:
-        bar = comfy.utils.ProgressBar(evaluate.question_count(len(generated), len(subject_refs), len(style_refs)))
+        bar = comfy.utils.ProgressBar(evaluation.question_count(len(generated), len(subject_refs), len(style_refs)))
         try:
-            return [evaluate.judge_image(judge, f"#{index}", picture, subject_refs, style_refs, style_name,
+            return [evaluation.judge_image(judge, f"#{index}", picture, subject_refs, style_refs, style_name,
                                          before_question=comfy.model_management.throw_exception_if_processing_interrupted,
                                          after_question=lambda: bar.update(1))
                     for index, picture in enumerate(generated)]
@@ -103,14 +103,14 @@ class LoraRarEvaluate:
         # Cancel is polled during each request and each wait between retries, not only between questions
         judge = ChatCompletionsJudge(judge_url, judge_model, api_key_env, timeout=timeout_s, retries=retries,
                                      cancelled=comfy.model_management.processing_interrupted)
-        generated = [evaluate.resize_long_side(p) for p in to_pil(images)]
-        subject_refs = [evaluate.resize_long_side(p) for p in to_pil(subject_references)]
-        style_refs = [evaluate.resize_long_side(p) for p in to_pil(style_references)]
+        generated = [evaluation.resize_long_side(p) for p in to_pil(images)]
+        subject_refs = [evaluation.resize_long_side(p) for p in to_pil(subject_references)]
+        style_refs = [evaluation.resize_long_side(p) for p in to_pil(style_references)]
         results = self._ask_all(judge, generated, subject_refs, style_refs, style_name.strip())
         if clip_vision is not None:
             for result, subject_sim, style_sim in zip(results, *clip_i(clip_vision, images, subject_references, style_references)):
                 result.clip_i_subject, result.clip_i_style = subject_sim, style_sim
-        total = evaluate.score("batch", results)
+        total = evaluation.score("batch", results)
         table = {
             "judge": {"endpoint": judge.endpoint, "model": judge.model},
             "style_name": style_name.strip(),
@@ -119,7 +119,7 @@ class LoraRarEvaluate:
             "unparsed": total.unparsed, "clip_i_subject": total.clip_i_subject, "clip_i_style": total.clip_i_style,
             "images": [{"index": i, **r.as_dict()} for i, r in enumerate(results)],
         }
-        picture = evaluate.grid([evaluate.annotate(p, r) for p, r in zip(generated, results)])
+        picture = evaluation.grid([evaluation.annotate(p, r) for p, r in zip(generated, results)])
         summary = (f"subject {100 * total.subject:.0f}%, style {100 * total.style:.0f}%, both {100 * total.both:.0f}% "
                    f"of {total.images} images" + (f"; {total.unparsed} unparsed answers" if total.unparsed else ""))
         return {"ui": {"text": [summary]},

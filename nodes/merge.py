@@ -14,6 +14,7 @@ import torch
 from ..hypernet import methods
 from ..hypernet.checkpoints import load_manifest
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
+from ..hypernet.keys import is_text_encoder
 from ..hypernet.lora_io import read_lora
 from ..hypernet.lowrank import patched_overflow
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
@@ -253,7 +254,7 @@ def apply_merged(model, clip, merged: MergedLora):
                  + "; ".join(f"{name}: {why}" for name, why in list(misfits.items())[:5])
                  + (f"; and {len(misfits) - 5} more" if len(misfits) > 5 else ""))
     if unknown:
-        text_layers = sum(1 for n in unknown if n.startswith("lora_te"))
+        text_layers = sum(1 for n in unknown if is_text_encoder(n))
         text += (f"; not applied: {len(unknown)} layers not in this model"
                  + (f" ({text_layers} text-encoder layers: connect a CLIP)" if text_layers and clip is None else "")
                  + f", e.g. {unknown[0]}")

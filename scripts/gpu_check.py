@@ -48,11 +48,13 @@ def log(message: str) -> None:
 
 
 def weights_dir(given: str | None) -> Path:
-    for candidate in (given, os.environ.get("LORARAR_SHARED_WEIGHTS"), REPO / ".gpu" / "weights",
-                      REPO.parent / "shared" / "weights", REPO / "weights"):
-        if candidate and (Path(candidate) / "lorarar_sdxl_hypernet.pth").is_file():
+    from devkit.weights import hypernet_file, shared_weights_dir
+    from hypernet.checkpoints import WEIGHTS_DIR
+
+    for candidate in (given, shared_weights_dir(), REPO / ".gpu" / "weights", WEIGHTS_DIR):
+        if candidate and (Path(candidate) / hypernet_file("sdxl")).is_file():
             return Path(candidate)
-    raise SystemExit("gpu_check: no lorarar_sdxl_hypernet.pth found (--weights DIR, or run scripts/gpu_bundle.sh)")
+    raise SystemExit(f"gpu_check: no {hypernet_file('sdxl')} found (--weights DIR, or run scripts/gpu_bundle.sh)")
 
 
 # ------------------------------------------------------------------ 1. golden merge
@@ -68,11 +70,12 @@ def random_sdxl_lora(rank: int, seed: int, path: Path):
 def check_golden(device: str, weights: Path) -> dict:
     import torch
 
+    from devkit.weights import shared_hypernet
     from hypernet.merge import merge_loras
     from hypernet.model import LoraRarHypernet
 
     torch.backends.cuda.matmul.allow_tf32 = False
-    hypernet = LoraRarHypernet.load(weights / "lorarar_sdxl_hypernet.pth")
+    hypernet = LoraRarHypernet.load(shared_hypernet("sdxl", weights))
     subject, style = random_sdxl_lora(64, 1, Path("subject")), random_sdxl_lora(64, 2, Path("style"))
     # the CPU's branch (layer by layer) against the accelerator's (same-shape layers through H together)
     reference = merge_loras(subject, style, hypernet.to("cpu"), dtype=torch.float32, device="cpu", batched=False)

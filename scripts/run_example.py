@@ -25,6 +25,7 @@ from hypernet.checkpoints import env_weight_dirs  # noqa: E402
 from devkit import synthetic_models  # noqa: E402
 from devkit.comfy_server import ComfyServer  # noqa: E402
 from devkit.loras import random_lora, write_lora  # noqa: E402
+from devkit.weights import shared_weights_dir  # noqa: E402
 from devkit.workflows import ui_to_api  # noqa: E402
 
 SYNTHETIC_SUBJECT = "SYNTHETIC_subject_lora.safetensors"
@@ -52,9 +53,9 @@ def set_widget(prompt: dict, class_type: str, **values) -> None:
 
 
 def hypernet_folders() -> list[str]:
-    """Where hypernet files already are: $LORARAR_WEIGHTS_DIR, or ../shared/weights beside a developer checkout."""
+    """Where hypernet files already are: $LORARAR_WEIGHTS_DIR, or a developer checkout's shared weights folder."""
     folders = [str(p) for p in env_weight_dirs()]
-    shared = REPO.parent / "shared" / "weights"
+    shared = shared_weights_dir()
     if not folders and shared.is_dir():
         folders.append(str(shared))
     return folders

@@ -1,4 +1,3 @@
-import os
 import re
 import sys
 from pathlib import Path
@@ -6,10 +5,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_WEIGHTS = Path(os.environ.get("LORARAR_SHARED_WEIGHTS", REPO.parent / "shared" / "weights"))
 sys.path.insert(0, str(REPO))
 
 from devkit.synthetic_models import comfy_root  # noqa: E402  (needs the repo on sys.path)
+from devkit.weights import shared_hypernet, shared_weights_dir  # noqa: E402
 
 
 def host_version() -> str:
@@ -44,6 +43,7 @@ def pytest_terminal_summary(terminalreporter):
 
 @pytest.fixture(scope="session")
 def shared_weights() -> Path:
-    if not (SHARED_WEIGHTS / "lorarar_sdxl_hypernet.pth").is_file():
-        pytest.fail(f"published hypernets not found in {SHARED_WEIGHTS} (set LORARAR_SHARED_WEIGHTS)")
-    return SHARED_WEIGHTS
+    """The folder of the published hypernets (devkit.weights); the tests name the files through hypernet_file()."""
+    if not shared_hypernet("sdxl").is_file():
+        pytest.fail(f"published hypernets not found in {shared_weights_dir()} (set LORARAR_SHARED_WEIGHTS)")
+    return shared_weights_dir()

@@ -1,6 +1,5 @@
 """The pack's nodes called as ComfyUI calls them, on a real ComfyUI model."""
 
-import hashlib
 import os
 import re
 
@@ -8,7 +7,9 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from hypernet.files import file_sha256, read_state_dict
 from devkit.loras import SD15, random_lora, write_lora
+from devkit.weights import hypernet_file
 
 pytestmark = pytest.mark.host
 
@@ -53,7 +54,7 @@ def test_saved_file_through_stock_loader_patches_like_the_merge_node(comfy_host,
     (path,) = nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]().save(merged, "merged/test_merge", "fp32", "error")["result"]
     with safe_open(path, framework="pt") as saved:
         metadata = saved.metadata()
-    assert metadata["lorarar_subject_sha256"] == hashlib.sha256((loras / "subject_kohya.safetensors").read_bytes()).hexdigest()
+    assert metadata["lorarar_subject_sha256"] == file_sha256(loras / "subject_kohya.safetensors")
     assert metadata["lorarar_method"] == "lorarar" and metadata["lorarar_hypernet_sha256"]
 
     stock_model, _ = nodes.NODE_CLASS_MAPPINGS["LoraLoader"]().load_lora(model, clip, "merged/test_merge.safetensors", 1.0, 1.0)
@@ -135,11 +136,11 @@ def test_own_hypernet_file_from_a_lorarar_folder(comfy_host, synthetic_model, la
     model, clip = synthetic_model
     own = tmp_path / "lorarar"
     own.mkdir()
-    state = torch.load(shared_weights / "lorarar_koala_700m_hypernet.pth", weights_only=True, map_location="cpu")
+    state = read_state_dict(shared_weights / hypernet_file("koala-700m"), "LoRA.rar hypernet")
     save_file(state, str(own / "my_hypernet.safetensors"))
     folder_paths.add_model_folder_path("lorarar", str(own))
     choices = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"].INPUT_TYPES()["required"]["hypernet"][0]
-    assert "my_hypernet.safetensors" in choices and "lorarar_sdxl_hypernet.pth" not in choices
+    assert "my_hypernet.safetensors" in choices and hypernet_file("sdxl") not in choices
     write_lora(loras / "own_subject.safetensors", random_lora(layout, rank=2, seed=61))
     write_lora(loras / "own_style.safetensors", random_lora(layout, rank=2, seed=62))
     auto = _merge(comfy_host, model, clip, "own_subject.safetensors", "own_style.safetensors")[2]

@@ -8,10 +8,12 @@ from safetensors.torch import save_file
 
 from hypernet.base_models import SDXL
 from hypernet.errors import LoraRarError
+from hypernet.files import read_state_dict
 from hypernet.lora_io import read_lora, save_lora
 from hypernet.merge import merge_loras
 from hypernet.model import LoraRarHypernet
 from devkit.loras import SD15, random_lora, write_lora
+from devkit.weights import hypernet_file
 
 Q = "input_blocks.4.1.transformer_blocks.0.attn1.to_q"
 
@@ -78,7 +80,7 @@ def test_missing_factor_and_rank_mismatch(tmp_path):
 
 
 def test_lora_for_another_base_model(tmp_path, shared_weights):
-    hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    hypernet = LoraRarHypernet.load(shared_weights / hypernet_file("sdxl"))
     sd15 = read_lora(write_lora(tmp_path / "sd15.safetensors", random_lora(SD15, rank=4, seed=4)))
     sdxl = read_lora(write_lora(tmp_path / "sdxl.safetensors", random_lora(SDXL, rank=4, seed=5)))
     with pytest.raises(LoraRarError) as error:
@@ -90,7 +92,7 @@ def test_lora_for_another_base_model(tmp_path, shared_weights):
 
 
 def test_hypernet_of_the_wrong_shape(tmp_path, shared_weights):
-    state = torch.load(shared_weights / "lorarar_sdxl_hypernet.pth", weights_only=True, map_location="cpu")
+    state = read_state_dict(shared_weights / hypernet_file("sdxl"), "LoRA.rar hypernet")
     state["output.1.weight"] = torch.zeros(2, 64)
     path = tmp_path / "wrong_shape.pth"
     torch.save(state, path)

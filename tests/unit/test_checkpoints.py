@@ -1,7 +1,6 @@
 """Finding and downloading the published hypernets, against a real local HTTP server."""
 
 import dataclasses
-import hashlib
 import http.server
 import socket
 import threading
@@ -11,8 +10,11 @@ import pytest
 
 from hypernet.checkpoints import load_manifest, resolve_checkpoint
 from hypernet.errors import LoraRarError
+from hypernet.files import file_sha256
+from devkit.weights import hypernet_file
 
 REPO = Path(__file__).resolve().parents[2]
+SDXL_FILE, KOALA_FILE = hypernet_file("sdxl"), hypernet_file("koala-700m")
 
 
 @pytest.fixture
@@ -42,7 +44,7 @@ def local_manifest(base_url):
 def test_manifest_pins_upstream_commit_and_matches_the_published_files(shared_weights):
     for info in load_manifest().values():
         assert "/raw/9f3ca6db1d86e29a6933050719a6456eb3db13e8/models/" in info.url
-        assert hashlib.sha256((shared_weights / info.file).read_bytes()).hexdigest() == info.sha256
+        assert file_sha256(shared_weights / info.file) == info.sha256
         assert info.license == "CC BY-NC-SA 4.0"
 
 
@@ -51,21 +53,21 @@ def test_download_once_then_reuse(http_server, tmp_path):
     manifest = local_manifest(base_url)
     first = resolve_checkpoint("koala-700m", [tmp_path / "empty"], tmp_path / "cache", manifest)
     again = resolve_checkpoint("koala-700m", [tmp_path / "empty"], tmp_path / "cache", manifest)
-    assert first == again == tmp_path / "cache" / "lorarar_koala_700m_hypernet.pth"
-    assert requested == ["/lorarar_koala_700m_hypernet.pth"]
+    assert first == again == tmp_path / "cache" / KOALA_FILE
+    assert requested == [f"/{KOALA_FILE}"]
     assert not list((tmp_path / "cache").glob("*.tmp"))
 
 
 def test_search_folders_come_before_download(http_server, shared_weights, tmp_path):
     base_url, requested = http_server
     path = resolve_checkpoint("sdxl", [shared_weights], tmp_path / "cache", local_manifest(base_url))
-    assert path == shared_weights / "lorarar_sdxl_hypernet.pth" and requested == []
+    assert path == shared_weights / SDXL_FILE and requested == []
 
 
 def test_wrong_sha256_is_refused_and_removed(http_server, tmp_path):
     base_url, _ = http_server
     manifest = local_manifest(base_url)
-    manifest["sdxl"] = dataclasses.replace(manifest["sdxl"], url=f"{base_url}/lorarar_koala_700m_hypernet.pth")
+    manifest["sdxl"] = dataclasses.replace(manifest["sdxl"], url=f"{base_url}/{KOALA_FILE}")
     with pytest.raises(LoraRarError, match="downloaded file has sha256"):
         resolve_checkpoint("sdxl", [], tmp_path / "cache", manifest)
     assert not list((tmp_path / "cache").iterdir())
@@ -86,16 +88,16 @@ def test_offline_error_says_where_to_put_the_file(tmp_path):
 def test_a_corrupt_local_copy_is_reported(tmp_path):
     folder = tmp_path / "lorarar"
     folder.mkdir()
-    (folder / "lorarar_sdxl_hypernet.pth").write_bytes(b"not the checkpoint")
+    (folder / SDXL_FILE).write_bytes(b"not the checkpoint")
     with pytest.raises(LoraRarError, match="does not match the published sdxl hypernet"):
         resolve_checkpoint("sdxl", [folder], tmp_path / "cache", allow_download=False)
 
 
-HUB_CLIENT = """
+HUB_CLIENT = f"""
 import dataclasses, pathlib, sys
 from hypernet.checkpoints import load_manifest, resolve_checkpoint
 manifest = load_manifest()
-manifest["sdxl"] = dataclasses.replace(manifest["sdxl"], url="hf://lorarar-test/hypernets@v1/sdxl/lorarar_sdxl_hypernet.pth")
+manifest["sdxl"] = dataclasses.replace(manifest["sdxl"], url="hf://lorarar-test/hypernets@v1/sdxl/{SDXL_FILE}")
 print(resolve_checkpoint("sdxl", [], pathlib.Path(sys.argv[1]), manifest))
 """
 
@@ -106,7 +108,7 @@ def test_hub_urls_download_through_huggingface_hub(shared_weights, tmp_path):
     import subprocess
     import sys
 
-    data = (shared_weights / "lorarar_sdxl_hypernet.pth").read_bytes()
+    data = (shared_weights / SDXL_FILE).read_bytes()
     requested = []
 
     class Hub(http.server.BaseHTTPRequestHandler):
@@ -114,7 +116,7 @@ def test_hub_urls_download_through_huggingface_hub(shared_weights, tmp_path):
             requested.append((self.command, self.path))
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
-            self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+            self.send_header("ETag", f'"{file_sha256(shared_weights / SDXL_FILE)}"')
             self.send_header("X-Repo-Commit", "0" * 40)
             self.end_headers()
 
@@ -140,8 +142,8 @@ def test_hub_urls_download_through_huggingface_hub(shared_weights, tmp_path):
         server.shutdown()
         server.server_close()
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() == str(tmp_path / "cache" / "lorarar_sdxl_hypernet.pth")
-    assert ("GET", "/lorarar-test/hypernets/resolve/v1/sdxl/lorarar_sdxl_hypernet.pth") in requested
+    assert result.stdout.strip() == str(tmp_path / "cache" / SDXL_FILE)
+    assert ("GET", f"/lorarar-test/hypernets/resolve/v1/sdxl/{SDXL_FILE}") in requested
 
 
 def test_auto_picks_the_published_hypernet_by_comfyui_model_class():

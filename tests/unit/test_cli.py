@@ -10,6 +10,7 @@ import pytest
 from safetensors import safe_open
 
 from devkit.loras import random_lora, write_lora
+from devkit.weights import hypernet_file
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_k",
@@ -79,6 +80,6 @@ def test_hypernet_given_by_path_sets_the_base_model(tmp_path, shared_weights):
     subject = write_lora(tmp_path / "s.safetensors", random_lora(KOALA_700M, rank=2, seed=1, modules=modules, fmt="peft"))
     style = write_lora(tmp_path / "t.safetensors", random_lora(KOALA_700M, rank=2, seed=2, modules=modules))
     result = run_cli("merge", "--subject", subject, "--style", style, "--out", tmp_path / "m.safetensors",
-                     "--hypernet", shared_weights / "lorarar_koala_700m_hypernet.pth", "--json", weights_dir=tmp_path)
+                     "--hypernet", shared_weights / hypernet_file("koala-700m"), "--json", weights_dir=tmp_path)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout[: result.stdout.rindex("}") + 1])["layers"] == {"hypernet": 1}

@@ -113,7 +113,7 @@ def test_a_remote_judge_gets_no_key_unless_the_operator_listed_it(folders, monke
     _one_line_error(code, stderr, "judge https://judge.example.com/v1/chat/completions: refusing to send the API key")
     assert not windows(stdout + stderr)
     monkeypatch.setenv("LORARAR_JUDGE_URL", "https://judge.example.com/v1")  # listed: allowed (then unreachable)
-    from hypernet.judge import ChatCompletionsJudge
+    from hypernet.evaluation import ChatCompletionsJudge
     ChatCompletionsJudge("https://judge.example.com/v1", "critic")
 
 
@@ -206,7 +206,7 @@ def test_a_results_file_that_is_not_a_small_regular_file_is_refused_quickly(fold
     elif kind == "folder":
         results.mkdir()
     else:
-        monkeypatch.setattr("hypernet.evaluate.MAX_STATE_BYTES", 1024)
+        monkeypatch.setattr("hypernet.evaluation.batch.MAX_STATE_BYTES", 1024)
         results.write_text('{"version": 1, "images": {}, "pad": "' + "x" * 2048 + '"}')
     if kind == "oversized":  # in-process: the lowered cap holds only here
         with FakeJudge() as server:

@@ -7,7 +7,7 @@ import time
 import pytest
 from PIL import Image
 
-from hypernet.judge import ChatCompletionsJudge, JudgeError, chat_completions_url, check_key_destination
+from hypernet.evaluation.judge import ChatCompletionsJudge, JudgeError, chat_completions_url, check_key_destination
 from tests.support.fake_judge import FakeJudge
 from devkit.comfy_server import free_port
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hypernet import evaluate
+from hypernet.evaluation import batch, batch_files, pictures, protocol
 from hypernet.errors import LoraRarError
-from hypernet.evaluate import ImageResult, Vote, majority, parse_answer
+from hypernet.evaluation.protocol import ImageResult, Vote, majority, parse_answer
 
 
 class ScriptedJudge:
@@ -52,7 +52,7 @@ def test_majority_needs_answers():
 @pytest.mark.parametrize("size, expected", [((1024, 768), (512, 384)), ((300, 900), (171, 512)),
                                             ((512, 512), (512, 512)), ((200, 100), (200, 100))])
 def test_resize_long_side(size, expected):
-    out = evaluate.resize_long_side(Image.new("RGBA", size, (10, 20, 30, 255)))
+    out = protocol.resize_long_side(Image.new("RGBA", size, (10, 20, 30, 255)))
     assert out.size == expected and out.mode == "RGB"
 
 
@@ -71,9 +71,9 @@ def test_judge_image_asks_one_question_per_reference_with_both_images():
     subject_refs = [Image.new("RGB", (32, 32))] * 3
     style_refs = [Image.new("RGB", (16, 16))] * 2
     ticks = []
-    result = evaluate.judge_image(judge, "a.png", image, subject_refs, style_refs, "oil painting",
+    result = protocol.judge_image(judge, "a.png", image, subject_refs, style_refs, "oil painting",
                                   before_question=lambda: ticks.append("before"), after_question=lambda: ticks.append("after"))
-    assert len(judge.asked) == 5 == evaluate.question_count(1, 3, 2)
+    assert len(judge.asked) == 5 == protocol.question_count(1, 3, 2)
     assert [sizes for _, sizes in judge.asked] == [[(64, 48), (32, 32)]] * 3 + [[(64, 48), (16, 16)]] * 2
     assert all("oil painting" in q for q, _ in judge.asked[3:]) and "oil painting" not in judge.asked[0][0]
     assert ticks == ["before", "after"] * 5
@@ -88,13 +88,13 @@ def test_cancel_before_a_question_stops_asking():
             raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
-        evaluate.judge_image(judge, "a", Image.new("RGB", (8, 8)), [Image.new("RGB", (8, 8))] * 3,
+        protocol.judge_image(judge, "a", Image.new("RGB", (8, 8)), [Image.new("RGB", (8, 8))] * 3,
                              [Image.new("RGB", (8, 8))] * 3, "x", before_question=cancel_after_two)
     assert len(judge.asked) == 2
 
 
 def test_unparsed_answers_are_recorded_and_reported():
-    result = evaluate.judge_image(ScriptedJudge("Hard to say."), "a", Image.new("RGB", (8, 8)),
+    result = protocol.judge_image(ScriptedJudge("Hard to say."), "a", Image.new("RGB", (8, 8)),
                                   [Image.new("RGB", (8, 8))] * 2, [Image.new("RGB", (8, 8))], "x")
     data = result.as_dict()
     assert data["unparsed"] == 3 and data["subject"]["unparsed"] == 2 and data["subject"]["no"] == 0
@@ -106,11 +106,11 @@ def test_scores_average_per_pair_then_over_pairs():
     # pair a: 4 images, 3 subject, 2 style, 1 both; pair b: 1 image, passes everything
     pair_a = [_result("1", "yy", "yy"), _result("2", "yy", "nn"), _result("3", "yyn", "nny"), _result("4", "nn", "yyn")]
     pair_b = [_result("1", "y", "y")]
-    a, b = evaluate.score("a", pair_a), evaluate.score("b", pair_b)
+    a, b = protocol.score("a", pair_a), protocol.score("b", pair_b)
     assert (a.images, a.subject, a.style, a.both) == (4, 0.75, 0.5, 0.25)
-    mean = evaluate.mean_over_pairs([a, b])
+    mean = protocol.mean_over_pairs([a, b])
     assert (mean.images, mean.subject, mean.style, mean.both) == (5, 0.875, 0.75, 0.625)  # not 4/5, 3/5, 2/5
-    table = evaluate.format_table([a, b], mean)
+    table = protocol.format_table([a, b], mean)
     lines = table.splitlines()
     assert lines[0].split() == ["pair", "images", "subject", "%", "style", "%", "both", "%"]
     assert lines[1].split() == ["a", "4", "75.0", "50.0", "25.0"]
@@ -120,18 +120,18 @@ def test_scores_average_per_pair_then_over_pairs():
 def test_clip_i_is_the_mean_cosine_to_the_references():
     generated = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
     references = torch.tensor([[3.0, 0.0], [1.0, 1.0]])
-    torch.testing.assert_close(evaluate.mean_cosine(generated, references),
+    torch.testing.assert_close(protocol.mean_cosine(generated, references),
                                torch.tensor([(1 + 2 ** -0.5) / 2, (0 + 2 ** -0.5) / 2]))
 
 
 def test_annotated_grid_and_summary_chart():
     results = [_result("1", "yy", "yy"), _result("2", "yn", "yy"), _result("3", "u", "y")]
-    tiles = [evaluate.annotate(Image.new("RGB", (128, 96), "white"), r) for r in results]
-    assert tiles[0].getpixel((0, 0)) == evaluate.PASS_COLOUR and tiles[1].getpixel((0, 0)) == evaluate.FAIL_COLOUR
-    picture = evaluate.grid(tiles)
+    tiles = [pictures.annotate(Image.new("RGB", (128, 96), "white"), r) for r in results]
+    assert tiles[0].getpixel((0, 0)) == pictures.PASS_COLOUR and tiles[1].getpixel((0, 0)) == pictures.FAIL_COLOUR
+    picture = pictures.grid(tiles)
     assert picture.size == (2 * 128 + 4, 2 * 96 + 4)
-    pairs = [evaluate.score("dog8__oil_painting2", results), evaluate.score("cat2__glowing", results[:1])]
-    chart = evaluate.summary_chart(pairs, evaluate.mean_over_pairs(pairs))
+    pairs = [protocol.score("dog8__oil_painting2", results), protocol.score("cat2__glowing", results[:1])]
+    chart = pictures.summary_chart(pairs, protocol.mean_over_pairs(pairs))
     assert chart.mode == "RGB" and chart.width >= 420
     colours = {colour for _, colour in chart.getcolors(maxcolors=1 << 16)}
     assert {(66, 133, 244), (251, 140, 0), (52, 168, 83)} <= colours  # subject, style and both bars drawn
@@ -139,8 +139,8 @@ def test_annotated_grid_and_summary_chart():
 
 def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path, monkeypatch):
     target = tmp_path / "sub" / "results.json"
-    evaluate.atomic_write(target, "first")
-    evaluate.atomic_write(target, b"second")
+    batch_files.atomic_write(target, "first")
+    batch_files.atomic_write(target, b"second")
     assert target.read_text() == "second" and os.listdir(target.parent) == ["results.json"]
 
     def disk_full(fd):
@@ -148,7 +148,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "fsync", disk_full)
     with pytest.raises(LoraRarError, match=r"results.json: cannot write it \(No space left on device\)"):
-        evaluate.atomic_write(target, "third, never complete")
+        batch_files.atomic_write(target, "third, never complete")
     assert target.read_text() == "second" and os.listdir(target.parent) == ["results.json"]
 
 
@@ -156,7 +156,7 @@ def test_atomic_write_replaces_whole_files_and_leaves_no_temp(tmp_path, monkeypa
                                           ("glowing", "glowing"), ("flat_cartoon_illustration", "flat cartoon illustration"),
                                           ("2024", "2024")])
 def test_style_name_from_folder(folder, name):
-    assert evaluate.derive_style_name(folder) == name
+    assert batch.derive_style_name(folder) == name
 
 
 def test_find_pairs_names_what_is_wrong(tmp_path):
@@ -165,9 +165,9 @@ def test_find_pairs_names_what_is_wrong(tmp_path):
     Image.new("RGB", (8, 8)).save(tmp_path / "subjects" / "dog8" / "ref.png")
     (tmp_path / "styles").mkdir()
     with pytest.raises(LoraRarError, match=r"dog8: pair folders must be named <subject>__<style>"):
-        evaluate.find_pairs(tmp_path / "gen", tmp_path / "subjects", tmp_path / "styles")
+        batch.find_pairs(tmp_path / "gen", tmp_path / "subjects", tmp_path / "styles")
     (tmp_path / "gen" / "dog8").rename(tmp_path / "gen" / "dog8__glowing")
     with pytest.raises(LoraRarError, match=r"styles/glowing: no reference images for pair dog8__glowing"):
-        evaluate.find_pairs(tmp_path / "gen", tmp_path / "subjects", tmp_path / "styles")
+        batch.find_pairs(tmp_path / "gen", tmp_path / "subjects", tmp_path / "styles")
     with pytest.raises(LoraRarError, match="nowhere: not a folder"):
-        evaluate.find_pairs(tmp_path / "nowhere", tmp_path / "subjects", tmp_path / "styles")
+        batch.find_pairs(tmp_path / "nowhere", tmp_path / "subjects", tmp_path / "styles")

@@ -7,6 +7,7 @@ from hypernet.base_models import KOALA_700M, SDXL
 from hypernet.keys import canonical_name
 from hypernet.lora_io import LowRankLayer, read_lora
 from devkit.loras import FORMATS, random_lora, write_lora
+from devkit.weights import hypernet_file
 
 
 @pytest.mark.parametrize("layout", [SDXL, KOALA_700M], ids=lambda l: l.name)
@@ -65,7 +66,7 @@ def test_comfyui_extracted_lora_keeps_layers_with_bias_differences(tmp_path, sha
     assert isinstance(lora.layers[name], LowRankLayer) and lora.layers[name].bias is not None
     assert isinstance(lora.layers["lora_te1_text_model_encoder_layers_0_self_attn_q_proj"], LowRankLayer)
     assert lora.ignored_keys == ["some.unknown.tensor"]
-    hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    hypernet = LoraRarHypernet.load(shared_weights / hypernet_file("sdxl"))
     merged = merge_loras(lora, lora, hypernet)
     assert merged.report.actions[name] == "hypernet"
     torch.testing.assert_close(merged.layers[name].bias, torch.full((640,), 1.0))  # strengths 1 + 1
@@ -90,3 +91,21 @@ def test_mixed_adapter_keeps_the_plain_side(tmp_path):
     merged = merge_loras(read_lora(write_lora(tmp_path / "plain.safetensors", plain)),
                          read_lora(write_lora(tmp_path / "loha.safetensors", loha)), None, method="direct")
     assert merged.report.actions[stem] == "kept (subject)" and "LoHa adapter in the style LoRA" in merged.report.reasons[stem]
+
+
+def test_no_factor_suffix_is_the_tail_of_another():
+    """split_key takes the first suffix that matches: with no suffix ending another, the table's order is free."""
+    from hypernet.keys import FACTOR_SUFFIXES
+
+    suffixes = [suffix for suffix, _ in FACTOR_SUFFIXES]
+    assert len(set(suffixes)) == len(suffixes)
+    assert [(a, b) for a in suffixes for b in suffixes if a != b and b.endswith(a)] == []
+
+
+def test_text_encoder_layers_are_told_apart_by_one_function():
+    from hypernet.keys import is_text_encoder
+
+    for stem in ("lora_te1_text_model_encoder_layers_0_mlp_fc1", "text_encoder_2.text_model.encoder.layers.0.mlp.fc1",
+                 "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1", "lora_te_text_model_x"):
+        assert is_text_encoder(canonical_name(stem)), stem
+    assert not is_text_encoder(canonical_name("unet.down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"))

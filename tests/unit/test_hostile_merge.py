@@ -9,10 +9,11 @@ import torch
 from safetensors.torch import save_file
 
 from hypernet.errors import LoraRarError
-from hypernet.files import atomic_file, check_target, refuse_replacing
+from hypernet.files import atomic_file, check_target, read_state_dict, refuse_replacing
 from hypernet.lora_io import LowRankLayer, read_lora, save_lora
 from hypernet.merge import Strengths, merge_loras
 from hypernet.model import LoraRarHypernet
+from devkit.weights import hypernet_file
 
 Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"  # 640 x 640 in SDXL
 K2 = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn2_to_k"  # 640 x 2048
@@ -46,7 +47,7 @@ def one_line_error(call) -> str:
 
 @pytest.fixture(scope="module")
 def hypernet(shared_weights):
-    return LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    return LoraRarHypernet.load(shared_weights / hypernet_file("sdxl"))
 
 
 BROKEN = {
@@ -131,7 +132,7 @@ def test_kernel_mismatch_between_the_two_loras(tmp_path, hypernet):
 
 
 def test_hypernet_with_odd_or_empty_input_names_the_file(tmp_path, shared_weights):
-    state = torch.load(shared_weights / "lorarar_sdxl_hypernet.pth", weights_only=True, map_location="cpu")
+    state = read_state_dict(shared_weights / hypernet_file("sdxl"), "LoRA.rar hypernet")
     odd = dict(state, **{"input_1.weight": torch.zeros(128, 1281)})
     torch.save(odd, tmp_path / "odd.pth")
     text = one_line_error(lambda: LoraRarHypernet.load(tmp_path / "odd.pth"))

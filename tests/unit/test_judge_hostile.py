@@ -12,10 +12,10 @@ import traceback
 import pytest
 from PIL import Image
 
-from hypernet import judge_http
-from hypernet.evaluate import Vote, parse_answer
-from hypernet.judge import (ANSWER_CHARS, KEY_WINDOW, ChatCompletionsJudge, JudgeCancelled, JudgeError,
-                            UnreadableAnswer, answer_text, chat_completions_url, clean_line, redact)
+from hypernet.evaluation import transport
+from hypernet.evaluation.judge import (ANSWER_CHARS, KEY_WINDOW, ChatCompletionsJudge, JudgeCancelled, JudgeError,
+                                       UnreadableAnswer, answer_text, chat_completions_url, clean_line, redact)
+from hypernet.evaluation.protocol import Vote, parse_answer
 from tests.support.fake_judge import FakeJudge, key_stretches, pieces
 
 KEY = "sk-hostile-3f9a7c1e5b2d8f40"
@@ -235,7 +235,7 @@ def test_clean_line_never_keeps_six_key_characters_in_a_row():
 def test_clean_line_is_linear_on_the_largest_answer():
     started = time.monotonic()
     for filler in ["\u200b", " ", "a", "yes "]:
-        assert len(clean_line(filler * judge_http.MAX_RESPONSE_BYTES, KEY, ANSWER_CHARS)) <= ANSWER_CHARS
+        assert len(clean_line(filler * transport.MAX_RESPONSE_BYTES, KEY, ANSWER_CHARS)) <= ANSWER_CHARS
     assert time.monotonic() - started < 10
 
 
@@ -298,7 +298,7 @@ def test_unusable_urls_are_one_line_errors(url):
     ("HTTPS://Judge.Example.com:8443/v1", ("https", "judge.example.com", 8443)),
 ])
 def test_every_request_names_its_port(url, expected):
-    assert judge_http.destination(chat_completions_url(url)) == expected
+    assert transport.destination(chat_completions_url(url)) == expected
 
 
 def _ipv6_listener():

@@ -7,6 +7,7 @@ from safetensors.torch import save_file
 from hypernet.lora_io import read_lora
 from hypernet.merge import Strengths, merge_loras
 from hypernet.model import LoraRarHypernet
+from devkit.weights import hypernet_file
 
 Q = "lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q"
 PROJ_IN = "lora_unet_input_blocks_4_1_proj_in"  # not an attention projection
@@ -43,7 +44,7 @@ def pair(tmp_path):
 
 @pytest.fixture(scope="module")
 def hypernet(shared_weights):
-    return LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    return LoraRarHypernet.load(shared_weights / hypernet_file("sdxl"))
 
 
 def product(layer):

@@ -10,8 +10,9 @@ from hypernet.merge import Strengths, lorarar_coefficients, merge_loras
 from hypernet.model import LoraRarHypernet
 from devkit.dense_rule import dense_rule, dense_update
 from devkit.loras import random_lora, write_lora
+from devkit.weights import hypernet_file
 
-CHECKPOINTS = {"sdxl": ("lorarar_sdxl_hypernet.pth", SDXL), "koala-700m": ("lorarar_koala_700m_hypernet.pth", KOALA_700M)}
+CHECKPOINTS = {"sdxl": (hypernet_file("sdxl"), SDXL), "koala-700m": (hypernet_file("koala-700m"), KOALA_700M)}
 
 
 def relative_error(actual, expected):
@@ -56,8 +57,8 @@ def test_every_layer_matches_dense_rule(checkpoint, batched, shared_weights, tmp
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
 def test_low_precision_and_conv_shaped_inputs(dtype, batched, shared_weights, tmp_path):
     """fp16/bf16 factors and 1x1-conv-shaped tensors: same rule, computed in float32 from the stored values."""
-    state = torch.load(shared_weights / "lorarar_sdxl_hypernet.pth", weights_only=True, map_location="cpu")
-    hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    state = torch.load(shared_weights / hypernet_file("sdxl"), weights_only=True, map_location="cpu")
+    hypernet = LoraRarHypernet.load(shared_weights / hypernet_file("sdxl"))
     modules = [m for m, _, _ in SDXL.attention_linears() if m.startswith("input_blocks.4.") or m.startswith("middle_block.1.transformer_blocks.3.")]
     subject_sd = random_lora(rank=16, seed=3, dtype=dtype, modules=modules, conv=True, alpha=8.0)
     style_sd = random_lora(rank=4, seed=4, dtype=dtype, modules=modules)
@@ -75,7 +76,7 @@ def test_low_precision_and_conv_shaped_inputs(dtype, batched, shared_weights, tm
 
 @BRANCHES
 def test_strengths_scale_each_side_after_the_hypernet(batched, shared_weights, tmp_path):
-    hypernet = LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    hypernet = LoraRarHypernet.load(shared_weights / hypernet_file("sdxl"))
     modules = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_k"]
     subject = read_lora(write_lora(tmp_path / "s.safetensors", random_lora(rank=4, seed=5, modules=modules)))
     style = read_lora(write_lora(tmp_path / "t.safetensors", random_lora(rank=4, seed=6, modules=modules)))

@@ -14,6 +14,7 @@ from hypernet.lora_io import read_lora
 from hypernet.merge import lorarar_coefficients, lorarar_coefficients_batched, merge_loras, merge_many
 from hypernet.model import LoraRarHypernet
 from devkit.loras import random_lora, write_lora
+from devkit.weights import hypernet_file
 
 HIDDEN = 128
 
@@ -41,7 +42,7 @@ def _pair(tmp_path, rank, dtype=torch.float32, style_rank=None):
 
 @pytest.fixture(scope="module")
 def sdxl_hypernet(shared_weights):
-    return LoraRarHypernet.load(shared_weights / "lorarar_sdxl_hypernet.pth")
+    return LoraRarHypernet.load(shared_weights / hypernet_file("sdxl"))
 
 
 @pytest.mark.parametrize("method", ["lorarar", "direct"])

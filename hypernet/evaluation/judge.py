@@ -9,7 +9,7 @@ server's operator listed in ``$LORARAR_JUDGE_URL``, or, with none listed, only t
 never over plain http to another host; redirects are never followed. Whatever the judge sends back
 (error bodies, answers) is shown or stored only as :func:`clean_line` makes it: one bounded line with
 every stretch that spells 6 or more consecutive characters of the key replaced (see :func:`redact` for
-exactly what that catches). Each request has one deadline and a size cap (see ``judge_http``).
+exactly what that catches). Each request has one deadline and a size cap (see ``transport``).
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from typing import Callable, Protocol, Sequence
 
 from PIL import Image
 
-from . import judge_http
-from .errors import LoraRarError
+from ..errors import LoraRarError
+from . import transport
 
 DEFAULT_API_KEY_ENV = "LORARAR_JUDGE_API_KEY"
 KEY_ENV_PREFIX = "LORARAR_"  # the only variables ever read as keys: a workflow cannot name AWS_SECRET_ACCESS_KEY
@@ -85,7 +85,7 @@ def _url_problem(text: str) -> str:
     except ValueError:  # also a bracketed host that is not an IP address
         return "its host or port cannot be read"
     host = parts.hostname or ""
-    if parts.scheme.lower() not in judge_http.DEFAULT_PORTS or not host:
+    if parts.scheme.lower() not in transport.DEFAULT_PORTS or not host:
         return "it needs an http or https scheme and a host"
     if "%" in host:
         return "IPv6 zone IDs (%25...) are not supported"
@@ -113,7 +113,7 @@ def _normalised(url: str) -> str:
     port that a request really connects to, written out (so ``https://h/`` and ``https://h:443/`` match)."""
     url = chat_completions_url(url)
     parts = urllib.parse.urlsplit(url)
-    scheme, host, port = judge_http.destination(url)
+    scheme, host, port = transport.destination(url)
     host = f"[{host}]" if ":" in host else host
     return urllib.parse.urlunsplit((scheme, f"{host}:{port}", parts.path, parts.query, ""))
 
@@ -319,7 +319,7 @@ class ChatCompletionsJudge:
     def __init__(self, base_url: str, model: str, api_key_env: str = DEFAULT_API_KEY_ENV,
                  timeout: float = 120.0, retries: int = 3, backoff: float = 1.0, max_backoff: float = 30.0,
                  max_tokens: int = 16, sleep: Callable[[float], None] | None = None,
-                 cancelled: Callable[[], bool] | None = None, max_bytes: int = judge_http.MAX_RESPONSE_BYTES):
+                 cancelled: Callable[[], bool] | None = None, max_bytes: int = transport.MAX_RESPONSE_BYTES):
         if not model.strip():
             raise JudgeError(f"judge {public_url(base_url)}: no model name given")
         self.url = chat_completions_url(base_url)
@@ -373,9 +373,9 @@ class ChatCompletionsJudge:
             self._raise_if_cancelled()
             self.requests_sent += 1
             try:
-                reply = judge_http.post(self.url, body, headers, timeout=self.timeout, max_bytes=self.max_bytes,
+                reply = transport.post(self.url, body, headers, timeout=self.timeout, max_bytes=self.max_bytes,
                                         cancelled=self.cancelled)
-            except judge_http.TransferError as failure:
+            except transport.TransferError as failure:
                 if failure.kind == "cancelled":
                     raise JudgeCancelled(f"judge {self.endpoint}: cancelled") from None
                 if failure.kind == "url":  # chat_completions_url lets none through; a retry would not help
