@@ -129,6 +129,9 @@ def check_target(path: str | Path) -> Path:
                            f"(at most {path_max - _TEMP_NAME_EXTRA - 1}); choose a shorter folder or name")
     if os.path.isdir(path):
         raise LoraRarError(f"{path}: is a folder; give the name of the file to write inside it")
+    if os.path.lexists(path) and not os.path.islink(path) and not os.path.isfile(path):
+        # a device, FIFO or socket: replacing it with a regular file (as root, /dev/null) breaks the system
+        raise LoraRarError(f"{path}: is not a regular file (a device, pipe or socket); choose a file to write")
     if not os.path.isdir(ancestor):
         raise LoraRarError(f"{path}: {ancestor} is a file, not a folder; choose another place to write")
     return path
@@ -178,10 +181,13 @@ def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         temp = _create_temp(path)
+        usual_mode = os.stat(temp).st_mode & 0o7777  # what the kernel gave a new file here (umask, default ACL)
     except OSError as exc:  # read-only folder, no permission, disk full: one line naming the file
         raise LoraRarError(f"{path}: cannot write the file ({exc.strerror or exc})") from None
     try:
         yield temp
+        # a writer may have replaced the temp file with one of its own (safetensors 0.8 makes it 0o600)
+        os.chmod(temp, usual_mode)
         with open(temp, "rb") as written:
             os.fsync(written.fileno())
         _move_into_place(temp, path, overwrite)

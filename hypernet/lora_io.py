@@ -102,15 +102,23 @@ def _all_finite(tensor: torch.Tensor) -> bool:
     finite (a NaN/Inf, or huge finite values overflowing) does the exact element check run."""
     if not tensor.is_floating_point() or tensor.numel() == 0:
         return True
-    if tensor.element_size() == 1:  # fp8 has no isfinite kernel; widening to float32 is exact
+    if tensor.dtype not in MERGEABLE_DTYPES:  # fp8 has no isfinite kernel; widening to float32 is exact
+        if not _is_float8(tensor):
+            return True  # a type _usable refuses with its name, before anything uses it
         tensor = tensor.float()
     if torch.isfinite(tensor.sum(dtype=torch.float32)):
         return True
     return bool(torch.isfinite(tensor).all())
 
 
+MERGEABLE_DTYPES = {torch.float16, torch.bfloat16, torch.float32, torch.float64}
+# one float per byte: widening to float32 is exact (packed types such as float4_e2m1fn_x2 are not among them)
+FLOAT8_DTYPES = {getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2", "float8_e4m3fnuz",
+                                                   "float8_e5m2fnuz", "float8_e8m0fnu") if hasattr(torch, name)}
+
+
 def _is_float8(tensor: torch.Tensor) -> bool:
-    return tensor.is_floating_point() and tensor.element_size() == 1
+    return tensor.dtype in FLOAT8_DTYPES
 
 
 def _dtype_name(tensor: torch.Tensor) -> str:
@@ -120,10 +128,11 @@ def _dtype_name(tensor: torch.Tensor) -> str:
 def _usable(path: Path, key: str, tensor: torch.Tensor, number: bool = False) -> torch.Tensor:
     """A factor (or, with number=True, an alpha) as the merge uses it: fp8 widened to float32, which is exact;
     integer, bool and complex tensors refused, as the merge could not use them as the file means them."""
-    real = tensor.is_floating_point() or (number and not tensor.is_complex() and tensor.dtype != torch.bool)
-    if not real:
-        raise LoraRarError(f"{path}: tensor {key} is {_dtype_name(tensor)}; LoRA tensors must be floating point "
-                           f"(fp32, fp16, bf16 or fp8): convert the file")
+    usable = tensor.dtype in MERGEABLE_DTYPES or _is_float8(tensor) or (
+        number and not tensor.is_floating_point() and not tensor.is_complex() and tensor.dtype != torch.bool)
+    if not usable:
+        raise LoraRarError(f"{path}: tensor {key} is {_dtype_name(tensor)}; LoRA tensors must be fp32, fp16, bf16 "
+                           f"or fp8 (packed and integer types cannot be merged as they are): convert the file")
     return tensor.float() if _is_float8(tensor) else tensor
 
 
@@ -259,5 +268,9 @@ def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: d
     text_metadata = {k: v if isinstance(v, str) else json.dumps(v) for k, v in metadata.items()}
     refuse_replacing(check_target(path), protect or {})
     with atomic_file(path, overwrite) as temp:
-        save_file(state_dict, str(temp), metadata=text_metadata)
+        try:
+            save_file(state_dict, str(temp), metadata=text_metadata)
+        except Exception as error:  # safetensors raises its own error type for a full disk, not OSError
+            reason = " ".join(str(error).split()) or type(error).__name__
+            raise LoraRarError(f"{path}: could not write the merged LoRA ({reason})") from None
     return path

@@ -19,7 +19,7 @@ from .common import CATEGORY, MERGED_TYPE
 IF_EXISTS = ("add number", "error", "overwrite")
 
 
-def target_path(name: str) -> Path:
+def target_path(name: str, check: bool = True) -> Path:
     """The file for ``name`` inside the first loras folder; refuses names that leave that folder, names with
     control characters, no file name (``folder/``, ``.``, ``..``) and names too long for the file system.
 
@@ -35,7 +35,11 @@ def target_path(name: str) -> Path:
     path = Path(os.path.normpath(root / name))
     if os.path.isabs(name) or root not in path.parents:
         raise LoraRarError(f"{name}: the merged LoRA must be saved inside the loras folder {root}")
-    return check_target(path)
+    return check_target(path) if check else path
+
+
+def _numbered(path: Path, number: int) -> Path:
+    return path.with_name(f"{path.stem}_{number:05d}.safetensors")
 
 
 class LoraRarSaveMergedLora:
@@ -63,13 +67,15 @@ class LoraRarSaveMergedLora:
     def save(self, merged_lora, file_name, dtype, if_exists):
         if if_exists not in IF_EXISTS:
             raise LoraRarError(f"if_exists must be one of {', '.join(IF_EXISTS)}, not {if_exists!r}")
-        path = target_path(file_name)
+        # with "add number" a folder may hold the name (the next number is taken): each candidate is checked
+        path = target_path(file_name, check=if_exists != "add number")
+        if if_exists == "add number":  # the longest numbered name must fit too, not only the first one
+            check_target(_numbered(path, 99_999))
         state_dict = merged_lora.kohya_state_dict(DTYPES[dtype])
         metadata = merged_lora.metadata(hypernet_pkg.__version__)
-        candidates = [path] if if_exists != "add number" else \
-            [path, *(path.with_name(f"{path.stem}_{n:05d}.safetensors") for n in range(1, 100_000))]
+        candidates = [path] if if_exists != "add number" else [path, *(_numbered(path, n) for n in range(1, 100_000))]
         for candidate in candidates:
-            if if_exists == "add number" and candidate.exists():
+            if if_exists == "add number" and os.path.lexists(candidate):  # a file, folder or link: next number
                 continue
             try:
                 save_lora(candidate, state_dict, metadata, overwrite=if_exists == "overwrite",

@@ -32,11 +32,13 @@ def _broken(tmp_path, case):
         "int8": {f"{Q}.lora_up.weight": torch.ones(640, 4, dtype=torch.int8), f"{Q}.lora_down.weight": torch.ones(4, 640, dtype=torch.int8)},
         "huge_alpha": {f"{Q}.lora_up.weight": torch.ones(640, 4), f"{Q}.lora_down.weight": torch.full((4, 640), 10.0),
                        f"{Q}.alpha": torch.tensor(3e38)},
+        "fp4_packed": {f"{Q}.lora_up.weight": torch.zeros(640, 2, dtype=torch.uint8).view(torch.float4_e2m1fn_x2),
+                       f"{Q}.lora_down.weight": torch.zeros(2, 640, dtype=torch.uint8).view(torch.float4_e2m1fn_x2)},
     }
     if case in files:
         bad = _write(tmp_path / f"{case}.safetensors", files[case])
         expected = {"rank0": "empty factors", "rank0_alpha": "empty factors", "alpha_vector": "alpha must be one number",
-                    "int8": "is int8", "huge_alpha": "overflows float32"}[case]
+                    "int8": "is int8", "huge_alpha": "overflows float32", "fp4_packed": "is float4_e2m1fn_x2"}[case]
         return subject, bad, out, [], [f"{case}.safetensors", "attn1_to_q", expected]
     if case == "odd_hypernet":
         hypernet = tmp_path / "odd_hypernet.pth"
@@ -58,6 +60,9 @@ def _broken(tmp_path, case):
         return subject, style, tmp_path / "link.safetensors", ["--overwrite"], ["is the style LoRA of this merge"]
     if case == "out_newline":
         return subject, style, tmp_path / "bad\nname.safetensors", [], ["control character U+000A"]
+    if case == "out_a_fifo":  # with --overwrite: a pipe (or, as root, /dev/null) is never replaced by a file
+        os.mkfifo(tmp_path / "pipe.safetensors")
+        return subject, style, tmp_path / "pipe.safetensors", ["--overwrite"], ["not a regular file"]
     if case == "out_too_long":
         return subject, style, tmp_path / ("x" * 250 + ".safetensors"), [], ["too long"]
     raise ValueError(case)
@@ -65,7 +70,7 @@ def _broken(tmp_path, case):
 
 CASES = ["rank0", "rank0_alpha", "alpha_vector", "int8", "huge_alpha", "odd_hypernet", "nan_strength", "inf_strength",
          "huge_strength", "out_inside_a_file", "out_a_folder", "out_is_the_subject", "out_hard_link_to_style",
-         "out_newline", "out_too_long"]
+         "out_newline", "out_too_long", "fp4_packed", "out_a_fifo"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -92,3 +97,29 @@ def test_fp8_lora_merges_and_the_report_says_it_was_widened(tmp_path, shared_wei
     result = run_cli("merge", "--subject", subject, "--style", style, "--out", tmp_path / "m.safetensors", weights_dir=shared_weights)
     assert result.returncode == 0, result.stderr
     assert "note: style LoRA: float8_e4m3fn factors of 4 layers widened to float32 (exact)" in result.stdout
+
+
+def test_a_full_disk_is_one_line_naming_the_file(tmp_path, shared_weights):
+    """A write that fails half-way (here: a file-size limit, as a full disk fails) is one line, and no file stays."""
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    from tests.unit.test_cli import REPO
+
+    subject = write_lora(tmp_path / "subject.safetensors", random_lora(rank=4, seed=1, modules=MODULES))
+    style = write_lora(tmp_path / "style.safetensors", random_lora(rank=4, seed=2, modules=MODULES))
+    out = tmp_path / "out.safetensors"
+
+    def small_files():  # in the child: writes past 4 KB fail with EFBIG instead of killing it with SIGXFSZ
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    env = dict(os.environ, LORARAR_WEIGHTS_DIR=str(shared_weights))
+    result = subprocess.run([sys.executable, "-m", "hypernet", "merge", "--subject", str(subject), "--style", str(style),
+                             "--out", str(out)], cwd=REPO, env=env, capture_output=True, text=True, timeout=120,
+                            preexec_fn=small_files)
+    assert result.returncode == 2 and "Traceback" not in result.stderr and result.stderr.count("\n") == 1
+    assert "out.safetensors: could not write the merged LoRA" in result.stderr
+    assert not out.exists() and not list(tmp_path.glob(".*.tmp"))
