@@ -140,9 +140,12 @@ class MergedLora:
         return [self.report.subject, self.report.style]
 
     def named(self, subject: str, style: str, subject_path: str, style_path: str) -> "MergedLora":
-        """A copy whose report, metadata and protected inputs name these files (same content, maybe renamed)."""
-        report = dataclasses.replace(self.report, subject=subject, style=style)
+        """A copy whose report, metadata and protected inputs name these files (same content, maybe renamed);
+        itself when it already names them, so a merge reused for the same inputs is the same object."""
         paths = {**self.source_paths, "subject LoRA": str(subject_path), "style LoRA": str(style_path)}
+        if (self.report.subject, self.report.style, self.source_paths) == (subject, style, paths):
+            return self
+        report = dataclasses.replace(self.report, subject=subject, style=style)
         return dataclasses.replace(self, report=report, source_paths=paths)
 
     def without(self, dropped: dict[str, str]) -> "MergedLora":
