@@ -14,7 +14,7 @@ from ..hypernet import methods
 from ..hypernet.checkpoints import load_manifest
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
 from ..hypernet.keys import is_text_encoder
-from ..hypernet.lora_io import read_lora
+from ..hypernet.lora_io import read_lora, to_kohya_state_dict
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
 
@@ -193,10 +193,8 @@ def apply_merged(model, clip, merged: MergedLora):
     misfits = _misfits(merged, key_map, shapes)
     applied = merged.without(misfits) if misfits else merged
     unknown = [name for name in applied.layers if not _in_model(name, key_map, shapes)]
-    state_dict = applied.kohya_state_dict(dtype=None)  # each layer as merged (float32 where float16 would overflow)
-    for name in unknown:
-        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff_b"):
-            state_dict.pop(name + suffix, None)
+    # each layer as merged (float32 where float16 would overflow); the layers not in this model are left out
+    state_dict = to_kohya_state_dict({n: layer for n, layer in applied.layers.items() if n not in unknown}, dtype=None)
     if not state_dict:
         example = next(iter(misfits.items()), None)
         raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: none of the merged layers fits this "
