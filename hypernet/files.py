@@ -129,9 +129,6 @@ def check_target(path: str | Path) -> Path:
                            f"(at most {path_max - _TEMP_NAME_EXTRA - 1}); choose a shorter folder or name")
     if os.path.isdir(path):
         raise LoraRarError(f"{path}: is a folder; give the name of the file to write inside it")
-    if os.path.lexists(path) and not os.path.islink(path) and not os.path.isfile(path):
-        # a device, FIFO or socket: replacing it with a regular file (as root, /dev/null) breaks the system
-        raise LoraRarError(f"{path}: is not a regular file (a device, pipe or socket); choose a file to write")
     if not os.path.isdir(ancestor):
         raise LoraRarError(f"{path}: {ancestor} is a file, not a folder; choose another place to write")
     return path
@@ -149,21 +146,24 @@ def refuse_replacing(target: str | Path, inputs: dict[str, str]) -> None:
                                f"an input, choose another file name")
 
 
-def _create_temp(path: Path) -> Path:
-    """A new empty file ``.{name}.<8 hex digits>.tmp`` beside ``path``, created with mode 0o666.
+def _create_temp(path: Path) -> tuple[Path, int]:
+    """A new empty file ``.{name}.<8 hex digits>.tmp`` beside ``path``, and the permission bits it was given.
 
-    Why not mkstemp and a chmod: mkstemp creates 0o600, and restoring the usual permissions needs the umask,
-    which can only be read by setting it (os.umask), process-wide and racy in ComfyUI's multi-threaded server.
-    os.open with mode 0o666 lets the kernel apply the umask (and a folder's default ACL) as it does for any
-    new file, with no umask call; O_EXCL makes the name ours, as mkstemp does.
+    Why not mkstemp and a chmod to 0o666 less the umask: mkstemp creates 0o600, and the umask can only be read
+    by setting it (os.umask), process-wide and racy in ComfyUI's multi-threaded server. os.open with mode
+    0o666 lets the kernel apply the umask (and a folder's default ACL) as for any new file; the bits it chose
+    are then read back from the file. O_EXCL makes the name ours, as mkstemp does.
     """
     for _ in range(100):
         temp = path.parent / f".{path.name}.{secrets.token_hex(4)}.tmp"
         try:
-            os.close(os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666))
-            return temp
+            handle = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
         except FileExistsError:
             continue
+        try:
+            return temp, os.fstat(handle).st_mode & 0o777
+        finally:
+            os.close(handle)
     raise FileExistsError(f"no free temp name beside {path.name}")
 
 
@@ -180,15 +180,14 @@ def atomic_file(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
         raise LoraRarFileExists(f"{path}: file exists; choose another name or allow overwriting")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        temp = _create_temp(path)
-        usual_mode = os.stat(temp).st_mode & 0o7777  # what the kernel gave a new file here (umask, default ACL)
+        temp, mode = _create_temp(path)
     except OSError as exc:  # read-only folder, no permission, disk full: one line naming the file
         raise LoraRarError(f"{path}: cannot write the file ({exc.strerror or exc})") from None
     try:
         yield temp
-        # a writer may have replaced the temp file with one of its own (safetensors 0.8 makes it 0o600)
-        os.chmod(temp, usual_mode)
         with open(temp, "rb") as written:
+            if os.fstat(written.fileno()).st_mode & 0o777 != mode:  # the writer replaced the file (safetensors
+                os.fchmod(written.fileno(), mode)  # >= 0.8 writes its own 0o600 temp file and renames it)
             os.fsync(written.fileno())
         _move_into_place(temp, path, overwrite)
     finally:

@@ -15,7 +15,7 @@ from ..hypernet import methods
 from ..hypernet.checkpoints import load_manifest
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
 from ..hypernet.keys import is_text_encoder
-from ..hypernet.lora_io import read_lora
+from ..hypernet.lora_io import read_lora, to_kohya_state_dict
 from ..hypernet.lowrank import patched_overflow
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
@@ -243,10 +243,8 @@ def apply_merged(model, clip, merged: MergedLora):
                            + "; are the LoRAs for another base model?")
     _shared_targets(patched, key_map)
     _overflows(model, applied, key_map, weights, patched)
-    state_dict = applied.kohya_state_dict(dtype=None)  # each layer as merged (float32 where float16 would overflow)
-    for name in unknown:
-        for suffix in (".lora_up.weight", ".lora_down.weight", ".alpha", ".diff_b"):
-            state_dict.pop(name + suffix, None)
+    # each layer as merged (float32 where float16 would overflow); the layers not in this model are left out
+    state_dict = to_kohya_state_dict({name: applied.layers[name] for name in patched}, dtype=None)
     model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
     text = f"applied to the model: {len(patched)} layers"
     if misfits:

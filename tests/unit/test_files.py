@@ -72,3 +72,15 @@ def test_reader_errors_name_the_file_and_what_it_should_be(tmp_path):
     broken.write_bytes(b"\x00" * 16)
     with pytest.raises(LoraRarError, match="broken.safetensors: cannot read LoRA file"):
         read_state_dict(broken, "LoRA")
+
+
+def test_a_writer_that_replaces_the_temp_file_still_gives_the_usual_permissions(tmp_path):
+    """safetensors >= 0.8 writes its own 0o600 temp file and renames it over the path it is given."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    with atomic_file(tmp_path / "out.bin") as temp:
+        private = tmp_path / "private.tmp"
+        private.write_bytes(b"data")
+        os.chmod(private, 0o600)
+        os.replace(private, temp)
+    assert (tmp_path / "out.bin").stat().st_mode & 0o777 == 0o666 & ~umask
