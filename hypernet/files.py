@@ -129,6 +129,9 @@ def check_target(path: str | Path) -> Path:
                            f"(at most {path_max - _TEMP_NAME_EXTRA - 1}); choose a shorter folder or name")
     if os.path.isdir(path):
         raise LoraRarError(f"{path}: is a folder; give the name of the file to write inside it")
+    if os.path.lexists(path) and not os.path.islink(path) and not os.path.isfile(path):
+        # a device, FIFO or socket: replacing it with a regular file (as root, /dev/null) breaks the system
+        raise LoraRarError(f"{path}: is not a regular file (a device, pipe or socket); choose a file to write")
     if not os.path.isdir(ancestor):
         raise LoraRarError(f"{path}: {ancestor} is a file, not a folder; choose another place to write")
     return path
