@@ -1,3 +1,3 @@
 """LoRA.rar math: the hypernetwork, LoRA file normalisation and the factored merge (no ComfyUI imports)."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
