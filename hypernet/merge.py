@@ -249,7 +249,7 @@ def merge_many(
     for style in styles:
         check_compatible(subject, style, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    ctx = MergeContext(hypernet, device, resolve_params(rule, params), use_batched(device, batched))
+    ctx = MergeContext(hypernet, device, layout, resolve_params(rule, params), use_batched(device, batched))
     plans = [_plan(subject, style, rule, policy, strengths, dtype or _merged_dtype(subject, style), ctx)
              for style in styles]
     computed = compute(plans, rule, ctx, progress)

@@ -57,7 +57,7 @@ def resolve_params(method: MergeMethod, given: dict[str, float] | None) -> dict[
 
 
 # imported for their register() calls; the order is the order the node and CLI list them
-from . import lorarar, direct  # noqa: E402,F401
+from . import lorarar, direct, np_lora, b_lora  # noqa: E402,F401
 
 __all__ = ["Claim", "LayerJob", "MergeContext", "MergedLayer", "MergeMethod", "Param", "all_methods", "get",
            "names", "param_key", "register", "resolve_params", "unregister"]

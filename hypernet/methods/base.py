@@ -65,6 +65,7 @@ class MergeContext:
 
     hypernet: object | None
     device: torch.device
+    layout: object | None = None  # the UNetLayout the LoRAs fit (None: not known, e.g. the CLI without --base)
     params: dict[str, float] = field(default_factory=dict)
     batched: bool = False
     memo: dict = field(default_factory=dict)  # emptied before each layer
