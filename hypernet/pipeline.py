@@ -14,9 +14,8 @@ from typing import Callable
 
 import torch
 
-from .errors import LoraRarError
 from .keys import is_text_encoder
-from .lora_io import LoraFile, LowRankLayer, OtherLayer
+from .lora_io import LowRankLayer, OtherLayer
 from .lowrank import weighted_sum
 from .methods import LayerJob, MergeContext, MergedLayer, MergeMethod
 from .methods.base import Claim
