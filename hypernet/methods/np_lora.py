@@ -3,9 +3,10 @@
 
 dW = b * dW_style + a * dW_subject (I - c V V^T), c = mu / (1 + mu), where V holds the style update's top-k right
 singular vectors, k = the style LoRA's rank (a, b: strengths). Exactly from the factors: the style's row space
-is span(down_style^T), so with Q from a thin QR of down_style^T (d_in x r_style), V V^T = Q Q^T and the merged
-layer is up = [up_subject | up_style], down = [down_subject - c (down_subject Q) Q^T ; down_style]: rank
-r_subject + r_style, never a dense update. Projecting the style instead would erase it.
+lies in span(down_style^T): with Q from a thin QR of down_style^T (d_in x r_style) and the SVD of the small core
+up_style R^T, V = Q W (W: the core's right singular vectors with non-zero singular values; V V^T = Q Q^T when the
+style has full rank), and the merged layer is up = [up_subject | up_style], down = [down_subject - c (down_subject V)
+V^T ; down_style]: rank r_subject + r_style, never a dense update. Projecting the style instead would erase it.
 """
 
 from __future__ import annotations
@@ -18,11 +19,25 @@ from . import register
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
 
 
+def style_directions(style: LowRankLayer) -> torch.Tensor:
+    """An orthonormal basis (d_in, k) of the style update's row space, k its true rank (<= r_style).
+
+    span(down^T) holds it, but is larger when up loses rank (e.g. columns never trained away from zero), and then
+    the subject would also be projected off directions the style does not use. So: down^T = Q R, the update is
+    (up R^T) Q^T, and the right singular vectors of the small (d_out, r) core with non-zero singular values,
+    mapped through Q, are the style's principal input directions.
+    """
+    q, r = torch.linalg.qr(style.down.double().T)  # (d_in, r), (r, r)
+    _, singular, wh = torch.linalg.svd(style.up.double() @ r.T, full_matrices=False)
+    kept = singular > singular[:1].clamp_min(torch.finfo(torch.float64).tiny) * 1e-10
+    return q @ wh[kept].T
+
+
 def project_away(subject: LowRankLayer, style: LowRankLayer, strength: float) -> LowRankLayer:
     """The subject layer with ``strength`` (= c) of its input side projected onto the style's row space removed."""
-    q, _ = torch.linalg.qr(style.down.double().T)  # (d_in, r_style), orthonormal: the style's input directions
+    v = style_directions(style)  # (d_in, k)
     down = subject.down.double()
-    down = down - strength * (down @ q) @ q.T  # (r_subject, d_in): only r x r and r x d_in products
+    down = down - strength * (down @ v) @ v.T  # (r_subject, d_in): only r x k and k x d_in products
     return LowRankLayer(up=subject.up, down=down.float(), scale=subject.scale, kernel=subject.kernel, bias=subject.bias)
 
 

@@ -54,6 +54,23 @@ def test_np_lora_matches_the_dense_projection(mu):
         assert relative_error((layer.up.double() @ layer.down.double()) * layer.scale, expected) <= 1e-5
 
 
+@pytest.mark.parametrize("dead_columns", [2, 5])
+def test_np_lora_projects_only_on_directions_the_style_uses(dead_columns):
+    """A style whose up factor has untrained (zero) columns has a smaller row space than its down factor spans:
+    the subject keeps what lies along the unused down rows (all of it when the style layer is entirely zero)."""
+    small = [m for m in MODULES if m.startswith("input_blocks.4.")][:2]
+    subject = lora_from_tensors(random_lora(rank=8, seed=1, modules=small, alpha=4.0), "subject.safetensors")
+    tensors = random_lora(rank=5, seed=2, modules=small)
+    for key in tensors:
+        if key.endswith("lora_up.weight"):
+            tensors[key][:, :dead_columns] = 0
+    style = lora_from_tensors(tensors, "style.safetensors")
+    merged = merge_loras(subject, style, None, method="np-lora", dtype=torch.float32)
+    for name, layer in merged.layers.items():
+        expected = dense_np_lora(dense(subject, name), dense(style, name), 0.5)
+        assert relative_error((layer.up.double() @ layer.down.double()) * layer.scale, expected) <= 1e-5
+
+
 def test_np_lora_removes_the_subjects_overlap_with_the_style_inputs(pair):
     """With mu -> infinity (c -> 1) the subject part has no component left along the style's input directions."""
     subject, style = pair
