@@ -12,6 +12,7 @@ holds one factor pair per piece, each updating a band of the fused weight's outp
 
 Formats (``FORMATS[family]``):
     kohya      ``lora_unet_<native with _>.lora_up/.lora_down/.alpha``: one pair per native (fused) linear
+    comfy      ``diffusion_model.<native>.lora_up/.lora_down/.alpha``: ComfyUI's generic form, one pair per native linear
     peft       ``transformer.<diffusers>.lora_B/.lora_A.weight``: split pieces (diffusers / PEFT trainers)
     diffsynth  ``<diffusers>.lora_B/.lora_A.weight`` with no prefix (Flux; ComfyUI 0.33.0 maps it, 0.3.75 does not)
 
@@ -30,9 +31,10 @@ from safetensors.torch import save_file
 
 from devkit.synthetic_dit import FLUX, SD35, DitFamily
 
-FORMATS = {"flux": ("kohya", "peft", "diffsynth"), "sd35": ("kohya", "peft")}
+FORMATS = {"flux": ("kohya", "comfy", "peft", "diffsynth"), "sd35": ("kohya", "comfy", "peft")}
 # The formats each host's comfy.lora.model_lora_keys_unet maps (checked by tests/host/test_synthetic_dit.py).
-FORMATS_BY_HOST = {"0.33.0": FORMATS, "0.3.75": {"flux": ("kohya", "peft"), "sd35": ("kohya", "peft")}}
+FORMATS_BY_HOST = {"0.33.0": FORMATS, "0.3.75": {"flux": ("kohya", "comfy", "peft"), "sd35": ("kohya", "comfy", "peft")}}
+_FUSED_FORMATS = ("kohya", "comfy")  # one pair per native linear; the others split fused ones into pieces
 
 # Native linears a LoRA trains: attention and MLP, not the modulation (adaLN) layers.
 _TARGETS = {
@@ -110,18 +112,21 @@ def _pair_keys(fmt: str, module: str) -> tuple[str, str, str | None]:
     if fmt == "kohya":
         stem = "lora_unet_" + module.replace(".", "_")
         return f"{stem}.lora_up.weight", f"{stem}.lora_down.weight", f"{stem}.alpha"
+    if fmt == "comfy":
+        stem = f"diffusion_model.{module}"
+        return f"{stem}.lora_up.weight", f"{stem}.lora_down.weight", f"{stem}.alpha"
     if fmt == "peft":
         return f"transformer.{module}.lora_B.weight", f"transformer.{module}.lora_A.weight", None
     if fmt == "diffsynth":
         return f"{module}.lora_B.weight", f"{module}.lora_A.weight", None
-    raise ValueError(f"unknown DiT LoRA format {fmt!r}; known: kohya, peft, diffsynth")
+    raise ValueError(f"unknown DiT LoRA format {fmt!r}; known: kohya, comfy, peft, diffsynth")
 
 
 def random_dit_lora(family: DitFamily, fmt: str, *, rank: int = 4, seed: int = 0, alpha: float | None = None,
                     std: float = 0.05, root=None, modules: list[str] | None = None) -> dict[str, torch.Tensor]:
     """A random float32 LoRA for the family's synthetic model in format ``fmt``.
 
-    ``modules`` limits it to some native linears. kohya: one (d_out, rank) x (rank, d_in) pair per native
+    ``modules`` limits it to some native linears. kohya / comfy: one (d_out, rank) x (rank, d_in) pair per native
     linear (``alpha`` written when given); peft / diffsynth: one pair per diffusers piece, shaped to its band.
     """
     if fmt not in FORMATS[family.name]:
@@ -131,7 +136,7 @@ def random_dit_lora(family: DitFamily, fmt: str, *, rank: int = 4, seed: int = 0
     for native, (d_out, d_in) in native_linears(family, root).items():
         if modules is not None and native not in modules:
             continue
-        pieces = [Piece(native, 0, d_out)] if fmt == "kohya" else diffusers_pieces(family, native, d_out)
+        pieces = [Piece(native, 0, d_out)] if fmt in _FUSED_FORMATS else diffusers_pieces(family, native, d_out)
         for piece in pieces:
             up_key, down_key, alpha_key = _pair_keys(fmt, piece.diffusers)
             state[up_key] = torch.randn(piece.rows, rank, generator=generator) * std
@@ -146,7 +151,7 @@ def dense_updates(family: DitFamily, fmt: str, state: dict[str, torch.Tensor], r
     at strength 1 (up @ down x alpha / rank, pieces placed on their rows). Tiny models only."""
     out = {}
     for native, (d_out, d_in) in native_linears(family, root).items():
-        pieces = [Piece(native, 0, d_out)] if fmt == "kohya" else diffusers_pieces(family, native, d_out)
+        pieces = [Piece(native, 0, d_out)] if fmt in _FUSED_FORMATS else diffusers_pieces(family, native, d_out)
         update, found = torch.zeros(d_out, d_in), False
         for piece in pieces:
             up_key, down_key, alpha_key = _pair_keys(fmt, piece.diffusers)
