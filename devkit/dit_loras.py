@@ -29,7 +29,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from devkit.synthetic_dit import FLUX, SD35, DitFamily
+from devkit.synthetic_dit import FLUX, DitFamily
 
 FORMATS = {"flux": ("kohya", "comfy", "peft", "diffsynth"), "sd35": ("kohya", "comfy", "peft")}
 # The formats each host's comfy.lora.model_lora_keys_unet maps (checked by tests/host/test_synthetic_dit.py).

@@ -114,7 +114,7 @@ def _recipe_of(path: Path) -> str | None:
     try:
         with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("lorarar_synthetic_dit")
-    except (OSError, ValueError, Exception):  # a truncated or foreign file counts as missing
+    except Exception:  # safetensors raises its own error type: a missing, truncated or foreign file counts as missing
         return None
 
 
