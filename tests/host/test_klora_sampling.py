@@ -165,3 +165,14 @@ def test_k_lora_linear_with_heun_karras_under_a_stock_lora_on_the_same_layers(co
     seen = _check_calls(originals, calls, records, DenseKLora(layout, *pair, "k-lora-linear"), extra)
     assert set().union(*seen.values()) == {"subject", "style"}, seen
     comfy.model_management.unload_all_models()
+
+
+def test_the_save_node_refuses_a_k_lora_merge_in_one_line(comfy_host, synthetic_model, pair):
+    from tests.host.test_nodes_inprocess import _merge
+
+    nodes, folder_paths, loras = comfy_host
+    model, _ = synthetic_model
+    _, _, merged, _ = _merge(comfy_host, model, None, "ks_subject.safetensors", "ks_style.safetensors", method="k-lora")
+    with pytest.raises(ValueError, match="k-lora chooses per step at sampling time; it cannot be saved as one LoRA file") as error:
+        nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]().save(merged, "merged/k_lora", "fp16", "error")
+    assert "\n" not in str(error.value) and not (loras / "merged" / "k_lora.safetensors").exists()
