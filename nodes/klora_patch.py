@@ -42,7 +42,7 @@ def sampling_progress(sigma: torch.Tensor, transformer_options: dict, model_samp
     level = float(sigma.max()) if isinstance(sigma, torch.Tensor) else float(sigma)  # one sigma per batch row
     schedule = transformer_options.get("sample_sigmas")
     if schedule is not None and len(schedule) >= 2:
-        return schedule_progress(level, [float(s) for s in schedule])
+        return schedule_progress(level, schedule.tolist() if isinstance(schedule, torch.Tensor) else list(schedule))
     first = float(model_sampling.timestep(torch.as_tensor(model_sampling.sigma_max)))
     last = float(model_sampling.timestep(torch.as_tensor(model_sampling.sigma_min)))
     now = float(model_sampling.timestep(torch.as_tensor(level)))
