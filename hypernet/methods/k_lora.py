@@ -32,19 +32,18 @@ from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
 
 PATTERNS = ("s*", "linear")
 OUTLIER_FACTOR = 3.0  # ratios at least this many times the mean are left out of gamma (the published rule)
-SLAB_ENTRIES = 1 << 20  # entries of dW formed at once when computing top-k and L1
+SLAB_COLUMNS = 256  # input columns of dW formed at once for top-k and L1: d_out x 256, far below any d_out x d_in
 
 
-def top_k_and_l1(layer: LowRankLayer, k: int, device=None, columns: int | None = None) -> tuple[float, float]:
+def top_k_and_l1(layer: LowRankLayer, k: int, device=None, columns: int = SLAB_COLUMNS) -> tuple[float, float]:
     """(sum of the k largest |entries|, sum of all |entries|) of dW = scale * up @ down, exact.
 
-    dW is formed ``columns`` input columns at a time (default: about a million entries per slab), keeping a
-    running top-k, so memory is O(d_out * columns + k), never d_out x d_in. float32 products, float64 sums.
+    dW is formed ``columns`` input columns at a time, keeping a running top-k, so memory is
+    O(d_out * columns + k), never d_out x d_in. float32 products, float64 sums.
     """
     device = torch.device(device) if device is not None else torch.device("cpu")
     up = layer.up.to(device, torch.float32).flatten(1) * layer.scale
     down = layer.down.to(device, torch.float32).flatten(1)
-    columns = columns or max(1, SLAB_ENTRIES // layer.d_out)
     k = min(k, layer.d_out * layer.d_in)
     largest = torch.empty(0, device=device)
     l1 = 0.0

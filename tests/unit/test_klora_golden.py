@@ -83,7 +83,7 @@ def test_the_outlier_ratio_is_dropped_from_gamma(pair):
     assert gamma < mean and relative(gamma_of(ratios), gamma) <= 1e-12  # ... and gamma leaves it out
 
 
-@pytest.mark.parametrize("columns", [1, 7, 256, None])
+@pytest.mark.parametrize("columns", [1, 7, 256])
 def test_top_k_in_slabs_equals_the_dense_top_k(columns):
     generator = torch.Generator().manual_seed(5)
     layer = LowRankLayer(torch.randn(96, 6, generator=generator), torch.randn(6, 130, generator=generator), scale=0.7)
@@ -92,6 +92,21 @@ def test_top_k_in_slabs_equals_the_dense_top_k(columns):
         top, l1 = top_k_and_l1(layer, k, columns=columns)
         expected = float(torch.topk(dense.abs().flatten(), min(k, dense.numel())).values.sum())
         assert relative(top, expected) <= 1e-5 and relative(l1, float(dense.abs().sum())) <= 1e-5
+
+
+def test_k_lora_never_forms_a_dense_update(pair):
+    """Top-k and L1 come from slabs of 256 columns: no op returns a d_out x d_in tensor (the guard of
+    tests/unit/test_no_dense_update.py)."""
+    from tests.unit.test_no_dense_update import LargestOutputs
+
+    subject, style = pair
+    subject, style = lora_from_tensors(subject, "s.safetensors"), lora_from_tensors(style, "t.safetensors")
+    smallest_dense = min(layer.d_out * layer.d_in for layer in subject.layers.values())
+    with LargestOutputs() as watch:
+        merged = merge_loras(subject, style, None, method="k-lora")
+    assert len(merged.switch.layers) == len(MODULES)
+    numel, op = watch.largest
+    assert 0 < numel < smallest_dense, f"{op} returned {numel} elements: a dense update ({smallest_dense}+) was formed"
 
 
 def test_progress_is_the_place_in_the_schedule():
