@@ -603,8 +603,8 @@ def _sampling_section(rows: list[tuple[dict, dict]]) -> list[str]:
     if not sampling:
         return []
     out = ["## K-LoRA sampling overhead per step vs a plain LoRA", "",
-           "The merge node's MODEL sampled by the stock KSampler path (`nodes.common_ksampler`, euler, cfg 2, so "
-           "cond and uncond in one batch) on the synthetic KOALA-700M-class checkpoint, CPU. *plain LoRA*: method "
+           "The merge node's MODEL sampled by the stock KSampler path (`comfy.sample.sample`, which the KSampler "
+           "node calls; euler, cfg 2, so cond and uncond in one batch) on the synthetic KOALA-700M-class checkpoint, CPU. *plain LoRA*: method "
            "direct, the sum patched into the weights once; *K-LoRA*: method k-lora, every attention linear adds "
            "the chosen side's up(down(x)) in its forward, the choice made from the current sigma. Per step: "
            "the median over runs of the time between the sampler's per-step callbacks (loading and weight patching "
