@@ -320,7 +320,56 @@ def row_node(spec: dict) -> dict:
         loras.rmdir()
 
 
-ROWS = {"math": row_math, "many": row_many, "save": row_save, "node": row_node}
+def row_sampling(spec: dict) -> dict:
+    """K-LoRA's per-step sampling cost: the merge node's MODEL with method k-lora (the chosen factors applied in
+    each attention linear's forward) vs with method direct (a plain LoRA patched into the weights), the same
+    synthetic model, sampler, steps and latent. A step's time is taken between the sampler's per-step callbacks,
+    so loading the model and patching its weights (what direct pays once per load) are left out; the two paths
+    alternate run by run, so a change in the machine's load falls on both."""
+    import torch
+
+    from hypernet.base_models import UNetLayout
+    from devkit.loras import random_lora, write_lora
+
+    loras = Path(tempfile.mkdtemp(prefix="lorarar-bench-", dir=REPO / ".cache"))
+    try:
+        nodes = _comfy(loras)
+        import comfy.model_management
+        import comfy.sample
+
+        model, _ = _node_model("koala-synthetic")
+        layout = UNetLayout.from_unet_config("bench", model.model.model_config.unet_config)
+        files = [write_lora(loras / f"{name}.safetensors", random_lora(layout, rank=spec["rank"], seed=seed)).name
+                 for name, seed in (("subject", 1), ("style", 2))]
+        (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto")
+        merge = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]()
+        patched = {method: merge.merge(model, hypernet, files[0], files[1], 1.0, 1.0, 1.0, 1.0, method, "sum")[0]
+                   for method in ("direct", "k-lora")}
+        generator = torch.Generator().manual_seed(0)
+        cond = [[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+        latent = torch.zeros(1, 4, spec["latent"] // 8, spec["latent"] // 8)
+
+        def step_seconds(method: str) -> float:
+            stamps = []
+            comfy.sample.sample(patched[method], torch.randn(latent.shape, generator=generator), spec["steps"], 2.0,
+                                "euler", "normal", cond, cond, latent, callback=lambda *_: stamps.append(time.perf_counter()),
+                                disable_pbar=True)
+            return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
+
+        times = {"direct": [], "k-lora": []}
+        for _ in range(spec["runs"]):
+            for method in times:
+                times[method].append(step_seconds(method))
+        comfy.model_management.unload_all_models()
+        return {"layers": len(layout.attention_linears()), "steps": spec["steps"],
+                **{f"{method}_step_s": statistics.median(values) for method, values in times.items()}}
+    finally:
+        for file in loras.iterdir():
+            file.unlink()
+        loras.rmdir()
+
+
+ROWS = {"math": row_math, "many": row_many, "save": row_save, "node": row_node, "sampling": row_sampling}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -349,6 +398,7 @@ def plan(quick: bool) -> list[dict]:
             {"kind": "math", "layout": "sdxl", "rank": 128, "dtype": "float32", "runs": 3},
             {"kind": "node", "model": "koala-synthetic", "rank": 64, "dtype": "float16", "runs": 2},
             {"kind": "save", "layout": "sdxl", "rank": 64, "file_dtype": "fp16", "runs": 2},
+            {"kind": "sampling", "rank": 64, "latent": 64, "steps": 3, "runs": 1},
         ]
     rows = []
     for layout in ("sdxl", "koala-700m"):
@@ -364,6 +414,8 @@ def plan(quick: bool) -> list[dict]:
     rows.append({"kind": "node", "model": "koala-synthetic", "rank": 64, "dtype": "float16", "runs": 3})
     rows.append({"kind": "save", "layout": "sdxl", "rank": 64, "file_dtype": "fp16", "runs": 3})
     rows.append({"kind": "save", "layout": "sdxl", "rank": 64, "file_dtype": "fp32", "runs": 3})
+    rows.append({"kind": "sampling", "rank": 64, "latent": 128, "steps": 8, "runs": 3})
+    rows.append({"kind": "sampling", "rank": 64, "latent": 256, "steps": 8, "runs": 3})
     return rows
 
 
@@ -537,12 +589,33 @@ def report(rows: list[tuple[dict, dict]], info: dict, loads: tuple[str, str], co
                        f"{r['bytes']:,} | {_ms(r['save_s'])} | {r['save_mb']:,.0f} MB |")
         out.append("")
 
+    out += _sampling_section(rows)
     out += ["## Targets (issue 5)", "", "| target | measured | | note |", "|---|---:|---|---|"]
     out += [f"| {name} | {value} | {verdict} | {note} |" for name, value, verdict, note in targets]
     failed = [(s, r) for s, r in rows if "error" in r]
     if failed:
         out += ["", "Rows that failed:", ""] + [f"- `{json.dumps(s)}`: {r['error']}" for s, r in failed]
     return "\n".join(out) + "\n"
+
+
+def _sampling_section(rows: list[tuple[dict, dict]]) -> list[str]:
+    sampling = [(s, r) for s, r in rows if s["kind"] == "sampling" and "error" not in r]
+    if not sampling:
+        return []
+    out = ["## K-LoRA sampling overhead per step vs a plain LoRA", "",
+           "The merge node's MODEL sampled by the stock KSampler path (`comfy.sample.sample`, which the KSampler "
+           "node calls; euler, cfg 2, so cond and uncond in one batch) on the synthetic KOALA-700M-class checkpoint, CPU. *plain LoRA*: method "
+           "direct, the sum patched into the weights once; *K-LoRA*: method k-lora, every attention linear adds "
+           "the chosen side's up(down(x)) in its forward, the choice made from the current sigma. Per step: "
+           "the median over runs of the time between the sampler's per-step callbacks (loading and weight patching "
+           "excluded), the two paths alternating run by run.", "",
+           "| model | LoRAs | latent | steps | plain LoRA per step | K-LoRA per step | ratio |",
+           "|---|---|---:|---:|---:|---:|---:|"]
+    for s, r in sampling:
+        out.append(f"| synthetic KOALA-700M-class | {r['layers']} layers, rank {s['rank']} | {s['latent']} px | "
+                   f"{r['steps']} | {_ms(r['direct_step_s'])} | {_ms(r['k-lora_step_s'])} | "
+                   f"**{r['k-lora_step_s'] / r['direct_step_s']:.2f}x** |")
+    return out + [""]
 
 
 GPU_SECTION = "\n## GPU check"

@@ -3,6 +3,8 @@
 It forms every dW = up @ down and feeds the concatenated columns through H, exactly as the rule reads.
 """
 
+import math
+
 import torch
 
 
@@ -27,3 +29,24 @@ def dense_rule(hypernet_state, dw_subject, dw_style, role, dtype=torch.float64):
     return dw_subject * coefficients[:, 0] + dw_style * coefficients[:, 1]
 
 
+
+
+def dense_k_lora_scores(dw_subject, dw_style, k):
+    """K-LoRA's S_c, S_s: the sum of the k largest |entries| of each dense update (torch.topk on all entries)."""
+    return (float(torch.topk(dw_subject.abs().flatten(), k).values.sum()),
+            float(torch.topk(dw_style.abs().flatten(), k).values.sum()))
+
+
+def dense_k_lora_gamma(pairs):
+    """gamma: the mean of L1(dW_c) / L1(dW_s) over the layers' (dW_c, dW_s), ratios >= 3x the mean dropped."""
+    ratios = torch.tensor([float(c.abs().sum() / s.abs().sum()) for c, s in pairs], dtype=torch.float64)
+    return float(ratios[ratios < 3 * ratios.mean()].mean())
+
+
+def dense_k_lora_choice(score_subject, score_style, gamma, p, pattern, alpha, beta):
+    """"subject" when (S_c / gamma) / (S_s * S(p)) > 1, S(p) = alpha p + beta ("linear") or that mod alpha ("s*")."""
+    scale = alpha * p + beta
+    if pattern == "s*":
+        scale = math.fmod(scale, alpha)
+    ratio = (score_subject / gamma) / (score_style * scale) if score_style * scale else math.inf
+    return "subject" if ratio > 1 else "style"

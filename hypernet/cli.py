@@ -90,9 +90,13 @@ def _check_out(args: argparse.Namespace) -> dict[str, str]:
 
 
 def run_merge(args: argparse.Namespace) -> int:
+    rule = methods.get(args.method)
+    if rule.sampling_time:  # before any other check: no --out or input could make it work
+        raise LoraRarError(f"{rule.name} chooses per step at sampling time; it cannot be saved as one LoRA file; "
+                           "use it in ComfyUI through the merge node's MODEL output, or choose another --method")
     strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
     inputs = _check_out(args)
-    rule, params = methods.get(args.method), _method_params(args)
+    params = _method_params(args)
     manifest = load_manifest()
     info = manifest.get(args.hypernet)
     hypernet, trained_on = (None, None)

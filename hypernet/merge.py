@@ -24,6 +24,7 @@ from .keys import is_text_encoder
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
 from .lowrank import update_bound
 from .methods import MergeContext, MergedLayer, MergeMethod, resolve_params
+from .methods.k_lora import KLoraSwitch
 from .methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched  # noqa: F401  (public API)
 from .model import LoraRarHypernet
 from .pipeline import LAYER_POLICIES, LayerPlan, compute, plan_layer, use_batched
@@ -75,6 +76,7 @@ class MergeReport:
     ignored: dict[str, list[str]] = field(default_factory=dict)  # "subject"/"style" -> tensor keys that are no LoRA tensor
     notes: list[str] = field(default_factory=list)  # what was changed on purpose, e.g. fp8 factors widened
     params: dict[str, float] = field(default_factory=dict)  # the method's own parameters (e.g. NP-LoRA's mu)
+    sampling: dict = field(default_factory=dict)  # a sampling-time merge's summary (K-LoRA: gamma, choices)
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -95,6 +97,8 @@ class MergeReport:
                   "reasons": {k: len(v) for k, v in sorted(reasons.items())}}
         if self.params:
             result["params"] = dict(self.params)
+        if self.sampling:
+            result["sampling"] = dict(self.sampling)
         if self.notes:
             result["notes"] = list(self.notes)
         if self.ignored:
@@ -119,6 +123,11 @@ class MergeReport:
         for side, keys in self.ignored.items():
             lines.append(f"ignored {len(keys)} tensors of the {side} LoRA that are no LoRA layer of this model type, e.g. {keys[0]}")
         lines.extend(f"note: {note}" for note in self.notes)
+        if self.sampling:
+            chosen = ", ".join(f"p={p}: {n}" for p, n in self.sampling["subject_layers_at_progress"].items())
+            lines.append(f"sampling time: {self.sampling['switched_layers']} layers switched per step, gamma "
+                         f"{self.sampling['gamma']:.4g}, {self.sampling['pattern']} scaling; layers on the subject "
+                         f"at progress {chosen}")
         if "coefficients" in data:
             c = data["coefficients"]
             lines.append(f"mean coefficients: subject {c['subject_mean']:.3f}, style {c['style_mean']:.3f}")
@@ -132,6 +141,14 @@ class MergedLora:
     sources: dict[str, str]  # "subject"/"style"/"hypernet" -> sha256
     strengths: Strengths = Strengths()
     source_paths: dict[str, str] = field(default_factory=dict)  # "subject LoRA"/... -> the input file, never to be overwritten
+    switch: "KLoraSwitch | None" = None  # layers chosen per sampling step (k-lora); ``layers`` holds the static rest
+
+    def check_savable(self) -> None:
+        """Refuse to write a sampling-time merge as a file: no single LoRA holds a per-step choice."""
+        if self.switch is not None:
+            raise LoraRarError(
+                f"{self.report.method} chooses per step at sampling time; it cannot be saved as one LoRA file; "
+                "use the merge node's MODEL output, or save a merge made with another method")
 
     def files_of(self, name: str) -> list[str]:
         """The input LoRAs (report names) that layer ``name`` came from."""
@@ -158,6 +175,7 @@ class MergedLora:
         return dataclasses.replace(self, layers=layers, report=report)
 
     def kohya_state_dict(self, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
+        self.check_savable()
         return to_kohya_state_dict(self.layers, dtype)
 
     def metadata(self, pack_version: str) -> dict[str, str]:
@@ -294,13 +312,15 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     report.coefficient_means = [tuple(m.coefficients.mean(0).tolist()) for m in computed.values() if m.coefficients is not None]
     if not computed:
         raise LoraRarError(f"{subject.name} + {style.name}: no layer could be merged ({report.to_text()})")
-    layers = {name: computed[name].layer for name in plan if name in computed}
+    layers = {name: computed[name].layer for name in plan if name in computed and computed[name].layer is not None}
+    switch = rule.finish({name: m.switched for name, m in computed.items() if m.switched is not None}, params)
+    report.sampling = switch.summary() if switch is not None else {}
     _check_finite(layers, subject, style)
     sources = {"subject": subject.sha256, "style": style.sha256}
     if rule.needs_hypernet and hypernet.sha256:
         sources["hypernet"] = hypernet.sha256
     return MergedLora(layers=layers, report=report, sources=sources, strengths=strengths,
-                      source_paths=_source_paths(subject, style, hypernet if rule.needs_hypernet else None))
+                      source_paths=_source_paths(subject, style, hypernet if rule.needs_hypernet else None), switch=switch)
 
 
 def _new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hypernet: str | None) -> MergeReport:

@@ -18,6 +18,7 @@ from ..hypernet.keys import is_text_encoder
 from ..hypernet.lora_io import read_lora, to_kohya_state_dict
 from ..hypernet.lowrank import patched_overflow
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
+from .klora_patch import patch_switched
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
 
 # The last merge, keyed by the inputs' content (files' sha256, hypernet, method, parameters, strengths, layout):
@@ -236,7 +237,8 @@ def apply_merged(model, clip, merged: MergedLora):
     applied = merged.without(misfits) if misfits else merged
     unknown = [name for name in applied.layers if not _in_model(name, key_map, weights)]
     patched = [name for name in applied.layers if name not in unknown]
-    if not patched:
+    switched = merged.switch.layers if merged.switch is not None else {}
+    if not patched and not any(_in_model(name, key_map, weights) for name in switched):
         example = next(iter(misfits.items()), None)
         raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: none of the merged layers fits this "
                            f"{model_class(model)} model" + (f" (e.g. {example[0]}: {example[1]})" if example else "")
@@ -247,6 +249,11 @@ def apply_merged(model, clip, merged: MergedLora):
     state_dict = to_kohya_state_dict({name: applied.layers[name] for name in patched}, dtype=None)
     model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
     text = f"applied to the model: {len(patched)} layers"
+    if merged.switch is not None:  # k-lora: chosen per sampling step, not a weight patch
+        model_out, count, switched_text = patch_switched(model_out, merged.switch, key_map)
+        if not count and not patched:
+            raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: {switched_text}")
+        text += f"; {switched_text}"
     if misfits:
         text += (f"; not applied: {len(misfits)} layers whose shape does not fit this model: "
                  + "; ".join(f"{name}: {why}" for name, why in list(misfits.items())[:5])

@@ -65,6 +65,7 @@ class LoraRarSaveMergedLora:
         }}
 
     def save(self, merged_lora, file_name, dtype, if_exists):
+        merged_lora.check_savable()  # a sampling-time merge (k-lora) is no single file: say so before any name check
         if if_exists not in IF_EXISTS:
             raise LoraRarError(f"if_exists must be one of {', '.join(IF_EXISTS)}, not {if_exists!r}")
         # with "add number" a folder may hold the name (the next number is taken): each candidate is checked

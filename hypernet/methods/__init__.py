@@ -7,7 +7,7 @@ A new method is one module here with one :class:`~hypernet.methods.base.MergeMet
 from __future__ import annotations
 
 from ..errors import LoraRarError
-from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
+from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param, SwitchedLayer
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -57,7 +57,7 @@ def resolve_params(method: MergeMethod, given: dict[str, float] | None) -> dict[
 
 
 # imported for their register() calls; the order is the order the node and CLI list them
-from . import lorarar, direct, np_lora, b_lora  # noqa: E402,F401
+from . import lorarar, direct, k_lora, np_lora, b_lora  # noqa: E402,F401
 
 __all__ = ["Claim", "LayerJob", "MergeContext", "MergedLayer", "MergeMethod", "Param", "all_methods", "get",
-           "names", "param_key", "register", "resolve_params", "unregister"]
+           "names", "param_key", "register", "resolve_params", "SwitchedLayer", "unregister"]

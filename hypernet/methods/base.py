@@ -51,10 +51,30 @@ class LayerJob:
     action: str = ""
 
 
+@dataclass(frozen=True)
+class SwitchedLayer:
+    """A layer merged at sampling time: each step applies the subject's OR the style's update, never a sum.
+
+    subject, style: the two sides with their strengths folded in (scale 1); subject_score, style_score: the
+    numbers the method's rule compares (K-LoRA: sums of the top-k absolute entries of each update).
+    """
+
+    subject: LowRankLayer
+    style: LowRankLayer
+    subject_score: float
+    style_score: float
+    subject_l1: float  # sum of |entries| of each side's update, for rules that compare layers' magnitudes
+    style_l1: float
+
+
 @dataclass
 class MergedLayer:
-    layer: LowRankLayer
+    """One merged layer: ``layer`` patched once (static), or ``switched`` chosen per sampling step (then
+    ``layer`` is None)."""
+
+    layer: LowRankLayer | None
     coefficients: torch.Tensor | None = None  # (d_in, 2) subject/style column coefficients, when the rule has them
+    switched: SwitchedLayer | None = None
 
 
 @dataclass
@@ -80,6 +100,7 @@ class MergeMethod:
     help: str = ""
     params: tuple[Param, ...] = ()
     needs_hypernet: bool = False
+    sampling_time: bool = False  # the result is chosen per sampling step (K-LoRA): no single LoRA file holds it
 
     def claim(self, name: str, subject: LowRankLayer | None, style: LowRankLayer | None,
               ctx: MergeContext) -> Claim | str | None:
@@ -89,6 +110,11 @@ class MergeMethod:
 
     def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:
         raise NotImplementedError
+
+    def finish(self, switched: dict[str, SwitchedLayer], params: dict[str, float]) -> object | None:
+        """The sampling-time part of one merged LoRA, from all its switched layers (a rule that compares layers,
+        like K-LoRA's gamma, needs every layer); None for methods whose result is a plain LoRA."""
+        return None
 
     def merge_batch(self, jobs: list[LayerJob], ctx: MergeContext) -> list[MergedLayer]:
         """Many claimed layers at once (used when ``ctx.batched``); the default merges them one by one."""

@@ -1,0 +1,165 @@
+"""k-lora / k-lora-linear: K-LoRA (arXiv 2502.18461), a sampling-time choice between the two LoRAs.
+
+For every UNet attention projection (to_q, to_k, to_v, to_out.0) present in both LoRAs, each sampling step
+applies the subject's update dW_c OR the style's dW_s, never both:
+
+- S_c, S_s: the sum of the k largest |entries| of each update (strength and alpha included), k = r_c * r_s;
+- gamma: the mean over layers of L1(dW_c) / L1(dW_s), after dropping ratios >= 3x the mean;
+- S(p), p in [0, 1] the sampler's progress (0 at the first step): "linear" alpha * p + beta (k-lora-linear:
+  alpha 1.5, beta 0.5), or the current default "s*" (alpha * p + beta) mod alpha (k-lora: beta 1.275);
+- the subject when (S_c / gamma) / (S_s * S(p)) > 1, else the style.
+
+S_c, S_s and gamma are computed once per merge, from the factors in slabs of columns (the whole d_out x d_in
+update never exists); only S(p) changes with the step. Every other layer follows the layer policy and is
+patched statically. The official code's t counts forward calls; here p is the sampler's progress (the
+ComfyUI side, nodes/klora_patch.py, derives it from the current sigma), so any sampler and step count
+gives the same choice at the same point of the schedule.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from ..errors import LoraRarError
+from ..keys import attention_role
+from ..lora_io import LowRankLayer
+from ..lowrank import weighted_sum
+from . import register
+from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param, SwitchedLayer
+
+PATTERNS = ("s*", "linear")
+OUTLIER_FACTOR = 3.0  # ratios at least this many times the mean are left out of gamma (the published rule)
+SLAB_COLUMNS = 256  # input columns of dW formed at once for top-k and L1: d_out x 256, far below any d_out x d_in
+
+
+def top_k_and_l1(layer: LowRankLayer, k: int, device=None, columns: int = SLAB_COLUMNS) -> tuple[float, float]:
+    """(sum of the k largest |entries|, sum of all |entries|) of dW = scale * up @ down, exact.
+
+    dW is formed ``columns`` input columns at a time, keeping a running top-k, so memory is
+    O(d_out * columns + k), never d_out x d_in. float32 products, float64 sums.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    up = layer.up.to(device, torch.float32).flatten(1) * layer.scale
+    down = layer.down.to(device, torch.float32).flatten(1)
+    k = min(k, layer.d_out * layer.d_in)
+    largest = torch.empty(0, device=device)
+    l1 = 0.0
+    for start in range(0, layer.d_in, columns):
+        block = (up @ down[:, start:start + columns]).abs_().flatten()
+        l1 += float(block.sum(dtype=torch.float64))
+        candidates = torch.cat([largest, block])
+        largest = torch.topk(candidates, min(k, candidates.numel()), sorted=False).values
+    return float(largest.sum(dtype=torch.float64)), l1
+
+
+def gamma_of(ratios: list[float]) -> float:
+    """The mean of L1(dW_c) / L1(dW_s) over layers, after dropping ratios >= 3x the mean (outlier layers)."""
+    if not ratios:
+        return 1.0
+    mean = sum(ratios) / len(ratios)
+    kept = [ratio for ratio in ratios if ratio < OUTLIER_FACTOR * mean]
+    return sum(kept) / len(kept) if kept else mean
+
+
+def time_scale(p: float, pattern: str, alpha: float, beta: float) -> float:
+    """S(p): "linear" alpha * p + beta, or "s*" (alpha * p + beta) mod alpha."""
+    value = alpha * p + beta
+    return value % alpha if pattern == "s*" else value
+
+
+def schedule_progress(sigma: float, sigmas: list[float]) -> float:
+    """The progress p in [0, 1] of noise level ``sigma`` in a decreasing schedule of len(sigmas) - 1 steps.
+
+    p = index / steps with the index of sigma in the schedule, interpolated linearly between two schedule
+    points (second-order samplers evaluate there: heun at the next point, dpm_2 between); 0 at or above the
+    first sigma, 1 below the last.
+    """
+    steps = len(sigmas) - 1
+    if steps < 1 or sigma >= sigmas[0]:
+        return 0.0
+    for index in range(steps):
+        high, low = sigmas[index], sigmas[index + 1]
+        if high >= sigma >= low:
+            fraction = (high - sigma) / (high - low) if high > low else 0.0
+            return min(1.0, (index + fraction) / steps)
+    return 1.0
+
+
+@dataclass(frozen=True, eq=False)
+class KLoraSwitch:
+    """The sampling-time part of a K-LoRA merge: the switched layers, gamma and the time scaling.
+
+    layers: layer name -> SwitchedLayer (each side's factors with its strength folded in, S_c and S_s).
+    """
+
+    layers: dict[str, SwitchedLayer]
+    gamma: float
+    pattern: str
+    alpha: float
+    beta: float
+
+    def scale(self, p: float) -> float:
+        return time_scale(p, self.pattern, self.alpha, self.beta)
+
+    def choose(self, p: float) -> dict[str, str]:
+        """Layer -> "subject" or "style" at progress p (0: first step, 1: end)."""
+        if not 0.0 <= p <= 1.0:  # also refuses NaN
+            raise LoraRarError(f"k-lora progress {p!r}: must be between 0 and 1")
+        scale = self.scale(p)
+        # (S_c / gamma) / (S_s * S(p)) > 1, multiplied out so S_s * S(p) = 0 picks the subject without dividing by 0
+        return {name: "subject" if layer.subject_score / self.gamma > layer.style_score * scale else "style"
+                for name, layer in self.layers.items()}
+
+    def summary(self) -> dict:
+        """What the report shows: layers switched, gamma, and how many pick the subject at p = 0, 0.5, 1."""
+        subject_at = {f"{p:g}": sum(side == "subject" for side in self.choose(p).values()) for p in (0.0, 0.5, 1.0)}
+        return {"switched_layers": len(self.layers), "gamma": self.gamma, "pattern": self.pattern,
+                "subject_layers_at_progress": subject_at}
+
+
+class KLoraMethod(MergeMethod):
+    name = "k-lora"
+    pattern = "s*"
+    help = ("K-LoRA: per attention layer and sampling step, the subject's or the style's update (top-K rule, "
+            "current s* time scaling); sampling-time only, cannot be saved as one file")
+    params = (Param("alpha", 1.5, 0.01, 10.0, "time-scaling slope: S(p) = (alpha * p + beta) mod alpha"),
+              Param("beta", 1.275, 0.0, 10.0, "time-scaling offset (the published s* default 1.275)"))
+    sampling_time = True
+
+    def claim(self, name, subject, style, ctx: MergeContext) -> Claim | None:
+        if subject is None or style is None or attention_role(name) is None:
+            return None
+        return Claim("switched", "K-LoRA: the subject or the style, chosen per sampling step")
+
+    def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:
+        subject = weighted_sum([(job.subject, job.subject_weight)], ctx.device, job.dtype)
+        style = weighted_sum([(job.style, job.style_weight)], ctx.device, job.dtype)
+        k = job.subject.rank * job.style.rank
+        subject_score, subject_l1 = top_k_and_l1(subject, k, ctx.device)
+        style_score, style_l1 = top_k_and_l1(style, k, ctx.device)
+        if not all(map(math.isfinite, (subject_score, style_score, subject_l1, style_l1))):
+            raise LoraRarError(f"layer {job.name}: k-lora's top-k sums are not finite (subject {subject_score:.3g}, "
+                               f"style {style_score:.3g}); the files' values or the strengths are too large")
+        return MergedLayer(None, switched=SwitchedLayer(subject, style, subject_score, style_score, subject_l1,
+                                                        style_l1))
+
+    def finish(self, switched: dict[str, SwitchedLayer], params: dict[str, float]) -> KLoraSwitch:
+        # a layer whose style update is zero (style strength 0) has no ratio; its choice is the subject anyway
+        ratios = [layer.subject_l1 / layer.style_l1 for layer in switched.values() if layer.style_l1 > 0]
+        return KLoraSwitch(dict(switched), gamma_of(ratios), self.pattern, params["alpha"], params["beta"])
+
+
+class KLoraLinearMethod(KLoraMethod):
+    name = "k-lora-linear"
+    pattern = "linear"
+    help = ("K-LoRA with the paper's first, linear time scaling S(p) = alpha * p + beta; sampling-time only, "
+            "cannot be saved as one file")
+    params = (Param("alpha", 1.5, 0.01, 10.0, "time-scaling slope: S(p) = alpha * p + beta"),
+              Param("beta", 0.5, 0.0, 10.0, "time-scaling offset (the paper's 0.5)"))
+
+
+register(KLoraMethod())
+register(KLoraLinearMethod())
