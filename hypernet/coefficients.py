@@ -11,6 +11,7 @@ column is "style-dominant" where |m_style| > |m_subject|.
 from __future__ import annotations
 
 import re
+import textwrap
 import warnings
 from dataclasses import asdict, dataclass
 from typing import Mapping
@@ -149,8 +150,7 @@ def _draw_projection(axes, projection: str, groups: dict[tuple[str, str], list[s
         axes.hlines(q[:, 2, side], [v - width / 2 for v in xs], [v + width / 2 for v in xs], color="black",
                     linewidth=0.8, zorder=4)
     axes.axhline(0.0, color="#999999", linewidth=0.6, zorder=1)
-    axes.set_xticks(ticks, labels, rotation=30 if len(labels) > 6 else 0, ha="right" if len(labels) > 6 else "center",
-                    fontsize=8)
+    axes.set_xticks(ticks, labels, rotation=25, ha="right", rotation_mode="anchor", fontsize=8)
     axes.set_xlim(-1, position - 1)
     everything = overall(coefficients, projection)
     axes.set_title(f"to_{projection}: {everything.layers} layers, subject mean {everything.subject_mean:.2f}, style mean "
@@ -187,10 +187,12 @@ def coefficient_picture(coefficients: Mapping[str, torch.Tensor], title: str = "
                f"{everything.style_mean:.3f}, style dominates {everything.style_dominant:.1%} of columns")
     legend = ("one pair of boxes per layer, in model order (box: middle half of its columns, line: median, "
               "whiskers: 5-95%); above each block: its share of style-dominant columns")
-    figure.suptitle("\n".join(filter(None, [title, summary, legend])), fontsize=10, x=0.01, ha="left")
+    characters = int(figure.get_figwidth() * 100 / 7.2)  # about what one line of 10-point text holds
+    lines = [wrapped for line in filter(None, [title, summary, legend]) for wrapped in textwrap.wrap(line, characters)]
+    figure.suptitle("\n".join(lines), fontsize=10, x=0.01, ha="left")
     figure.legend(handles=[Patch(color=SUBJECT_COLOUR, label="subject coefficient"),
                            Patch(color=STYLE_COLOUR, label="style coefficient")],
-                  loc="outside upper right", ncol=1, frameon=False)
+                  loc="outside lower center", ncol=2, frameon=False)
     with warnings.catch_warnings():  # file names outside the font's glyphs are drawn as boxes, not warned about
         warnings.filterwarnings("ignore", message="Glyph .* missing from font")
         canvas.draw()
