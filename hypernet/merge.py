@@ -18,8 +18,8 @@ from typing import Callable
 import torch
 
 from . import methods
-from .coefficients import CoefficientGroup, summarize, summary_lines
 from .base_models import UNetLayout
+from .coefficients import CoefficientGroup, summarize, summary_lines
 from .errors import LoraRarError
 from .keys import is_text_encoder
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
