@@ -173,6 +173,44 @@ def row_many(spec: dict) -> dict:
     return result
 
 
+def row_methods(spec: dict) -> dict:
+    """Every registered merge method on one SDXL pair, each against ``direct`` in this subprocess.
+
+    Methods that need a hypernet get the published one of the layout; a method whose work happens at
+    sampling time still has a merge call (what the merge node pays), which is what is timed here.
+    """
+    import torch
+
+    from hypernet import methods
+    from hypernet.base_models import LAYOUTS
+    from hypernet.lora_io import lora_from_tensors
+    from hypernet.merge import merge_loras
+    from hypernet.model import LoraRarHypernet
+
+    layout = LAYOUTS[spec["layout"]]
+    hypernet = LoraRarHypernet.load(shared_hypernet(spec["layout"]))
+    modules = [module for module, _, _ in layout.attention_linears()[::spec.get("every", 1)]]  # --quick: a spread subset
+    subject_sd, style_sd = _random_pair(layout, spec["rank"], getattr(torch, spec["dtype"]), modules)
+    subject = lora_from_tensors(subject_sd, "subject.safetensors", layout=layout)
+    style = lora_from_tensors(style_sd, "style.safetensors", layout=layout)
+    result = {"layers": len(subject.layers), "methods": {}}
+    for method in methods.all_methods():
+        def merge(method=method):
+            return merge_loras(subject, style, hypernet if method.needs_hypernet else None, method.name, layout=layout)
+        try:
+            merge()  # warm-up: first-call allocations (e.g. H converted to float32)
+            seconds, peak_mb, merged = _timed(merge, spec["runs"])
+        except Exception as error:  # one method's failure is its own row, not the table's
+            result["methods"][method.name] = {"error": f"{type(error).__name__}: {error}"[:300]}
+            continue
+        actions = {}
+        for action in merged.report.actions.values():
+            actions[action] = actions.get(action, 0) + 1
+        result["methods"][method.name] = {"seconds": seconds, "peak_mb": peak_mb, "actions": actions}
+        del merged
+    return result
+
+
 def row_save(spec: dict) -> dict:
     """Saving a merged LoRA: kohya state dict in the file dtype, written atomically."""
     import torch
@@ -278,6 +316,7 @@ def row_node(spec: dict) -> dict:
 
         def clear():
             merge_module._MERGES.clear()
+            getattr(merge_module, "_VERDICT", {}).clear()
             pack_files._SHA256_CACHE.clear()
             nodes.LoraLoader.loaded_lora = None  # stock LoraLoader keeps the last file it read
 
@@ -320,6 +359,7 @@ def row_node(spec: dict) -> dict:
         loras.rmdir()
 
 
+ROWS = {"math": row_math, "many": row_many, "save": row_save, "node": row_node, "methods": row_methods}
 def row_sampling(spec: dict) -> dict:
     """K-LoRA's per-step sampling cost: the merge node's MODEL with method k-lora (the chosen factors applied in
     each attention linear's forward) vs with method direct (a plain LoRA patched into the weights), the same
@@ -398,6 +438,7 @@ def plan(quick: bool) -> list[dict]:
             {"kind": "math", "layout": "sdxl", "rank": 128, "dtype": "float32", "runs": 3},
             {"kind": "node", "model": "koala-synthetic", "rank": 64, "dtype": "float16", "runs": 2},
             {"kind": "save", "layout": "sdxl", "rank": 64, "file_dtype": "fp16", "runs": 2},
+            {"kind": "methods", "layout": "sdxl", "rank": 64, "dtype": "float32", "runs": 1, "every": 3},
             {"kind": "sampling", "rank": 64, "latent": 64, "steps": 3, "runs": 1},
         ]
     rows = []
@@ -414,6 +455,7 @@ def plan(quick: bool) -> list[dict]:
     rows.append({"kind": "node", "model": "koala-synthetic", "rank": 64, "dtype": "float16", "runs": 3})
     rows.append({"kind": "save", "layout": "sdxl", "rank": 64, "file_dtype": "fp16", "runs": 3})
     rows.append({"kind": "save", "layout": "sdxl", "rank": 64, "file_dtype": "fp32", "runs": 3})
+    rows.append({"kind": "methods", "layout": "sdxl", "rank": 64, "dtype": "float32", "runs": 3})
     rows.append({"kind": "sampling", "rank": 64, "latent": 128, "steps": 8, "runs": 3})
     rows.append({"kind": "sampling", "rank": 64, "latent": 256, "steps": 8, "runs": 3})
     return rows
@@ -589,6 +631,7 @@ def report(rows: list[tuple[dict, dict]], info: dict, loads: tuple[str, str], co
                        f"{r['bytes']:,} | {_ms(r['save_s'])} | {r['save_mb']:,.0f} MB |")
         out.append("")
 
+    out += _methods_section(rows)
     out += _sampling_section(rows)
     out += ["## Targets (issue 5)", "", "| target | measured | | note |", "|---|---:|---|---|"]
     out += [f"| {name} | {value} | {verdict} | {note} |" for name, value, verdict, note in targets]
@@ -616,6 +659,33 @@ def _sampling_section(rows: list[tuple[dict, dict]]) -> list[str]:
                    f"{r['steps']} | {_ms(r['direct_step_s'])} | {_ms(r['k-lora_step_s'])} | "
                    f"**{r['k-lora_step_s'] / r['direct_step_s']:.2f}x** |")
     return out + [""]
+
+
+def _methods_section(rows: list[tuple[dict, dict]]) -> list[str]:
+    """Each registered method's merge time next to direct's, measured in one subprocess."""
+    out = []
+    for spec, r in rows:
+        if spec["kind"] != "methods" or "error" in r:
+            continue
+        direct = r["methods"].get("direct", {}).get("seconds")
+        out += [f"## Merge methods vs direct ({spec['layout'].upper()}, rank {spec['rank']}, {spec['dtype']} inputs)", "",
+                f"`merge_loras(subject, style, method=...)` on one pair of random rank-{spec['rank']} LoRAs of "
+                f"{r['layers']} attention layers ("
+                + ("all" if spec.get("every", 1) == 1 else f"every {spec['every']}th of the model's, in model order")
+                + "), inputs in memory, default parameters; lorarar with the published "
+                f"{spec['layout']} hypernet, b-lora on the {spec['layout']} layout. Median of {spec['runs']} run(s) "
+                "after one warm-up, all methods side by side in one subprocess. A sampling-time method's row is its "
+                "merge call (what the merge node pays before sampling).", "",
+                "| method | merge time | vs direct | peak extra | layers |", "|---|---:|---:|---:|---|"]
+        for name, m in r["methods"].items():
+            if "error" in m:
+                out.append(f"| {name} | failed: {m['error']} | | | |")
+                continue
+            ratio = f"{m['seconds'] / direct:.2f}x" if direct else "-"
+            layers = ", ".join(f"{action} {n}" for action, n in sorted(m["actions"].items()))
+            out.append(f"| {name} | {_ms(m['seconds'])} | {ratio} | {m['peak_mb']:,.0f} MB | {layers} |")
+        out.append("")
+    return out
 
 
 GPU_SECTION = "\n## GPU check"

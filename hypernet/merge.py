@@ -19,6 +19,7 @@ import torch
 
 from . import methods
 from .base_models import UNetLayout
+from .coefficients import CoefficientGroup, summarize, summary_lines
 from .errors import LoraRarError
 from .keys import is_text_encoder
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
@@ -77,6 +78,7 @@ class MergeReport:
     notes: list[str] = field(default_factory=list)  # what was changed on purpose, e.g. fp8 factors widened
     params: dict[str, float] = field(default_factory=dict)  # the method's own parameters (e.g. NP-LoRA's mu)
     sampling: dict = field(default_factory=dict)  # a sampling-time merge's summary (K-LoRA: gamma, choices)
+    coefficient_blocks: list[CoefficientGroup] = field(default_factory=list)  # per (UNet block, projection)
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -108,6 +110,8 @@ class MergeReport:
             style = [m for _, m in self.coefficient_means]
             result["coefficients"] = {"subject_mean": sum(subject) / len(subject),
                                       "style_mean": sum(style) / len(style)}
+        if self.coefficient_blocks:
+            result["coefficient_blocks"] = [group.as_dict() for group in self.coefficient_blocks]
         return result
 
     def to_text(self) -> str:
@@ -131,6 +135,9 @@ class MergeReport:
         if "coefficients" in data:
             c = data["coefficients"]
             lines.append(f"mean coefficients: subject {c['subject_mean']:.3f}, style {c['style_mean']:.3f}")
+        if self.coefficient_blocks:
+            lines.append("coefficients per block (column means; style-dominant: |style| > |subject|):")
+            lines.extend(f"  {line}" for line in summary_lines(self.coefficient_blocks))
         return "\n".join(lines)
 
 
@@ -149,6 +156,8 @@ class MergedLora:
             raise LoraRarError(
                 f"{self.report.method} chooses per step at sampling time; it cannot be saved as one LoRA file; "
                 "use the merge node's MODEL output, or save a merge made with another method")
+    # layer -> (d_in, 2) float32 CPU subject/style column coefficients, for methods that predict them (lorarar)
+    coefficients: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def files_of(self, name: str) -> list[str]:
         """The input LoRAs (report names) that layer ``name`` came from."""
@@ -172,7 +181,9 @@ class MergedLora:
         for name, why in dropped.items():
             report.actions[name], report.reasons[name] = "skipped", why
         layers = {name: layer for name, layer in self.layers.items() if name not in dropped}
-        return dataclasses.replace(self, layers=layers, report=report)
+        coefficients = {name: c for name, c in self.coefficients.items() if name not in dropped}
+        report.coefficient_blocks = summarize(coefficients)
+        return dataclasses.replace(self, layers=layers, report=report, coefficients=coefficients)
 
     def kohya_state_dict(self, dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
         self.check_savable()
@@ -310,6 +321,8 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     report.actions = {name: layer.action for name, layer in plan.items()}
     report.reasons = {name: layer.reason for name, layer in plan.items() if layer.reason}
     report.coefficient_means = [tuple(m.coefficients.mean(0).tolist()) for m in computed.values() if m.coefficients is not None]
+    coefficients = {name: m.coefficients.to("cpu", torch.float32) for name, m in computed.items() if m.coefficients is not None}
+    report.coefficient_blocks = summarize(coefficients)
     if not computed:
         raise LoraRarError(f"{subject.name} + {style.name}: no layer could be merged ({report.to_text()})")
     layers = {name: computed[name].layer for name in plan if name in computed and computed[name].layer is not None}
@@ -320,7 +333,8 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     if rule.needs_hypernet and hypernet.sha256:
         sources["hypernet"] = hypernet.sha256
     return MergedLora(layers=layers, report=report, sources=sources, strengths=strengths,
-                      source_paths=_source_paths(subject, style, hypernet if rule.needs_hypernet else None), switch=switch)
+                      source_paths=_source_paths(subject, style, hypernet if rule.needs_hypernet else None),
+                      coefficients=coefficients, switch=switch)
 
 
 def _new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hypernet: str | None) -> MergeReport:

@@ -1,5 +1,6 @@
 """ComfyUI nodes of the pack: thin adapters around hypernet/."""
 
+from .coefficients import LoraRarCoefficientPicture
 from .evaluate import LoraRarEvaluate
 from .loader import LoraRarHypernetLoader
 from .merge import LoraRarMerge
@@ -10,10 +11,12 @@ NODE_CLASS_MAPPINGS = {
     "LoraRarMerge": LoraRarMerge,
     "LoraRarSaveMergedLora": LoraRarSaveMergedLora,
     "LoraRarEvaluate": LoraRarEvaluate,
+    "LoraRarCoefficientPicture": LoraRarCoefficientPicture,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraRarHypernetLoader": "LoRA.rar Hypernet Loader",
     "LoraRarMerge": "LoRA.rar Merge (subject + style)",
     "LoraRarSaveMergedLora": "LoRA.rar Save Merged LoRA",
     "LoraRarEvaluate": "LoRA.rar Evaluate (MLLM judge)",
+    "LoraRarCoefficientPicture": "LoRA.rar Coefficient Picture (subject vs style per block)",
 }

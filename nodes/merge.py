@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 
 import comfy.lora
@@ -222,13 +223,38 @@ def _misfits(merged: MergedLora, key_map: dict, weights: dict) -> dict[str, str]
     return misfits
 
 
-def apply_merged(model, clip, merged: MergedLora):
-    """Patch MODEL/CLIP with the merged LoRA through ComfyUI's key map and patcher.
+# The last apply_merged verdict (layers that fit, overflow check, the state dict to patch): a re-run where
+# only the prompt or the seed changed reuses it and costs what ComfyUI's own patching costs. Keyed by the
+# objects themselves (weak references: a model that is let go is not kept alive) and by what else decides
+# the verdict: the weights' dtypes and devices, the compute dtype of LoRA patches, the patches already on
+# the incoming MODEL/CLIP.
+_VERDICT: dict = {}
 
-    Returns (model, clip, the merged LoRA as applied, text): layers whose shape does not fit the model are
-    left out of the patch and of the returned LoRA (so a saved file holds only what was applied here), and
-    listed with their file; layers the model does not have stay in the LoRA and are counted as not applied.
-    """
+
+def _verdict_key(model, clip) -> tuple:
+    compute = getattr(comfy.model_management, "lora_compute_dtype", None)
+    weights = [model.model] + ([clip.cond_stage_model] if clip is not None else [])
+    return (tuple(frozenset((p.dtype, p.device) for p in module.parameters()) for module in weights),
+            compute(model.load_device) if compute else None, model.patches_uuid,
+            clip.patcher.patches_uuid if clip is not None else None)
+
+
+def _cached_verdict(model, clip, merged: MergedLora):
+    """(applied, patched names, state dict, text) of :func:`_verdict`, reused while nothing it read changed."""
+    key = _verdict_key(model, clip)
+    objects = (merged, model.model, clip.cond_stage_model if clip is not None else None)
+    cached = _VERDICT.get("entry")
+    if cached is not None and cached[0] == key and all(
+            (ref() if ref is not None else None) is obj for ref, obj in zip(cached[1], objects)):
+        return cached[2]
+    verdict = _verdict(model, clip, merged)
+    _VERDICT["entry"] = (key, tuple(weakref.ref(obj) if obj is not None else None for obj in objects), verdict)
+    return verdict
+
+
+def _verdict(model, clip, merged: MergedLora):
+    """Which merged layers this model can take and the kohya state dict that patches them; refuses merges
+    that fit nowhere, name one weight twice, or would overflow the model's weights."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     if clip is not None:
         key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
@@ -247,7 +273,6 @@ def apply_merged(model, clip, merged: MergedLora):
     _overflows(model, applied, key_map, weights, patched)
     # each layer as merged (float32 where float16 would overflow); the layers not in this model are left out
     state_dict = to_kohya_state_dict({name: applied.layers[name] for name in patched}, dtype=None)
-    model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
     text = f"applied to the model: {len(patched)} layers"
     if merged.switch is not None:  # k-lora: chosen per sampling step, not a weight patch
         model_out, count, switched_text = patch_switched(model_out, merged.switch, key_map)
@@ -263,4 +288,16 @@ def apply_merged(model, clip, merged: MergedLora):
         text += (f"; not applied: {len(unknown)} layers not in this model"
                  + (f" ({text_layers} text-encoder layers: connect a CLIP)" if text_layers and clip is None else "")
                  + f", e.g. {unknown[0]}")
+    return applied, patched, state_dict, text
+
+
+def apply_merged(model, clip, merged: MergedLora):
+    """Patch MODEL/CLIP with the merged LoRA through ComfyUI's key map and patcher.
+
+    Returns (model, clip, the merged LoRA as applied, text): layers whose shape does not fit the model are
+    left out of the patch and of the returned LoRA (so a saved file holds only what was applied here), and
+    listed with their file; layers the model does not have stay in the LoRA and are counted as not applied.
+    """
+    applied, _, state_dict, text = _cached_verdict(model, clip, merged)
+    model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
     return model_out, clip_out, applied, text

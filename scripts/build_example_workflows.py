@@ -20,8 +20,8 @@ OUT = REPO / "example_workflows"
 SUBJECT, STYLE = "my_subject_lora.safetensors", "my_style_lora.safetensors"
 
 
-def merge_and_sample(checkpoint: str, steps: int, cfg: float, prompt: str) -> list[dict]:
-    return [
+def merge_and_sample(checkpoint: str, steps: int, cfg: float, prompt: str, picture: bool = False) -> list[dict]:
+    nodes = [
         {"id": 1, "type": "CheckpointLoaderSimple", "pos": [40, 120], "widgets": {"ckpt_name": checkpoint}},
         {"id": 2, "type": "LoraRarHypernetLoader", "pos": [40, 320], "widgets": {"hypernet": "auto"},
          "links": {"model": (1, 0)}},
@@ -42,6 +42,14 @@ def merge_and_sample(checkpoint: str, steps: int, cfg: float, prompt: str) -> li
         {"id": 10, "type": "PreviewAny", "pos": [420, 500], "size": [400, 260], "title": "Merge report",
          "links": {"source": (3, 3)}},
     ]
+    if picture:  # where the hypernet kept the subject and where the style, per UNet block
+        nodes += [
+            {"id": 11, "type": "LoraRarCoefficientPicture", "pos": [840, 600], "size": [320, 80],
+             "links": {"merged_lora": (3, 2)}},
+            {"id": 12, "type": "PreviewImage", "pos": [1290, 600], "size": [1000, 460], "title": "Coefficient picture",
+             "links": {"images": (11, 0)}},
+        ]
+    return nodes
 
 
 def merge_and_save() -> list[dict]:
@@ -62,7 +70,8 @@ def merge_and_save() -> list[dict]:
 WORKFLOWS = {
     "lorarar_sdxl_merge_and_sample": ("LoRA.rar: merge subject + style LoRAs, sample with SDXL",
                                       merge_and_sample("sd_xl_base_1.0.safetensors", 30, 7.0,
-                                                       "A photo of sks dog in watercolor painting style")),
+                                                       "A photo of sks dog in watercolor painting style",
+                                                       picture=True)),
     "lorarar_merge_and_save_lora": ("LoRA.rar: merge subject + style LoRAs and save the merged LoRA", merge_and_save()),
     "lorarar_koala700m_merge_and_sample": ("LoRA.rar: merge subject + style LoRAs, sample with KOALA-700M",
                                            merge_and_sample("koala-700m.safetensors", 25, 5.0,

@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json") if "evaluate" not in p.stem)  # evaluate: test_evaluate_workflow.py
 # workflows as the first release (0.1.0) saved them: what users already have must keep loading and running
 OLD_WORKFLOWS = sorted((REPO / "tests" / "fixtures" / "workflows_0.1.0").glob("*.json"))
-PACK_NODES = ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora")
+PACK_NODES = ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora", "LoraRarCoefficientPicture")
 
 
 def for_this_machine(prompt: dict, **merge_inputs) -> dict:
@@ -37,6 +37,12 @@ def reports(entry: dict) -> list[str]:
     return [text for output in entry["outputs"].values() for text in output.get("text", []) if "LoRA.rar merge" in text]
 
 
+def images_of(server, entry: dict, prompt: dict, class_type: str) -> list[Path]:
+    """The image files the nodes of one class wrote (SaveImage: output folder, PreviewImage: temp)."""
+    ids = [node_id for node_id, node in prompt.items() if node["class_type"] == class_type]
+    return server.output_files({"outputs": {i: out for i, out in entry["outputs"].items() if i in ids}})
+
+
 def execution_error(entry: dict) -> str:
     return " ".join(m[1].get("exception_message", "") for m in entry["status"]["messages"] if m[0] == "execution_error")
 
@@ -54,8 +60,14 @@ def test_example_workflow_runs(workflow, pack_server, synthetic_layout):
     (report,) = reports(entry)
     assert f"hypernet {attention // 2}," in report and f"applied to the model: {attention} layers" in report
     if "SaveImage" in kinds:
-        (image,) = server.output_files(entry)
+        (image,) = images_of(server, entry, prompt, "SaveImage")
         assert image.read_bytes().startswith(b"\x89PNG")
+    if "LoraRarCoefficientPicture" in kinds:
+        from PIL import Image
+
+        (picture,) = images_of(server, entry, prompt, "PreviewImage")
+        with Image.open(picture) as drawn:
+            assert drawn.width >= 600 and drawn.height >= 300 and len(drawn.convert("RGB").getcolors(2**24)) > 50
     if "LoraRarSaveMergedLora" in kinds:
         (saved,) = [Path(t) for o in entry["outputs"].values() for t in o.get("text", []) if t.endswith(".safetensors")]
         assert saved.is_file() and saved.parent.parent == loras

@@ -57,3 +57,33 @@ def test_two_names_for_one_weight_are_refused(comfy_host, synthetic_model, layou
         write_lora(loras / name, state)
     with pytest.raises(ValueError, match=rf"lora_te_{q} and lora_te1_{q} both patch .*only one"):
         _merge(nodes, model, "te_subject.safetensors", "te1_style.safetensors", clip=clip)
+
+
+def test_a_rerun_reuses_the_patch_check_but_another_model_is_checked_again(comfy_host, synthetic_model, fp16_model,
+                                                                             layout, monkeypatch):
+    """The verdict (fit, overflow, state dict) is cached per merged LoRA and model: a re-run with the same
+    inputs skips it, a model with other weights (float16 here) or with other patches upstream is rechecked."""
+    import sys
+
+    nodes, _, loras = comfy_host
+    model, _ = synthetic_model
+    merge_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__]
+    checks = []
+    real_verdict = merge_module._verdict
+    monkeypatch.setattr(merge_module, "_verdict", lambda *args: checks.append(args[0]) or real_verdict(*args))
+    write_lora(loras / "rerun_subject.safetensors", random_lora(layout, rank=4, seed=95))
+    style = random_lora(layout, rank=4, seed=96)
+    style[f"{TO_K}.lora_up.weight"] = torch.full((640, 4), 100.0)  # fine in float32, overflows float16
+    style[f"{TO_K}.lora_down.weight"] = torch.full((4, 640), 250.0)
+    write_lora(loras / "rerun_style.safetensors", style)
+
+    first = _merge(nodes, model, "rerun_subject.safetensors", "rerun_style.safetensors")
+    again = _merge(nodes, model, "rerun_subject.safetensors", "rerun_style.safetensors")
+    assert len(checks) == 1 and again[3] == first[3]
+    assert set(again[0].patches) == set(first[0].patches) and again[0] is not first[0]  # a fresh patched clone
+    with pytest.raises(ValueError, match=rf"layer {TO_K} of .*rerun_style.*float16"):
+        _merge(nodes, fp16_model, "rerun_subject.safetensors", "rerun_style.safetensors")
+    assert checks[-1] is fp16_model and len(checks) == 2
+    upstream, _ = nodes.NODE_CLASS_MAPPINGS["LoraLoader"]().load_lora(model, None, "rerun_subject.safetensors", 0.5, 0.0)
+    _merge(nodes, upstream, "rerun_subject.safetensors", "rerun_style.safetensors")
+    assert checks[-1] is upstream and len(checks) == 3
