@@ -1,5 +1,6 @@
 """ComfyUI nodes of the pack: thin adapters around hypernet/."""
 
+from .compare import LoraRarCompare
 from .evaluate import LoraRarEvaluate
 from .loader import LoraRarHypernetLoader
 from .merge import LoraRarMerge
@@ -10,10 +11,12 @@ NODE_CLASS_MAPPINGS = {
     "LoraRarMerge": LoraRarMerge,
     "LoraRarSaveMergedLora": LoraRarSaveMergedLora,
     "LoraRarEvaluate": LoraRarEvaluate,
+    "LoraRarCompare": LoraRarCompare,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraRarHypernetLoader": "LoRA.rar Hypernet Loader",
     "LoraRarMerge": "LoRA.rar Merge (subject + style)",
     "LoraRarSaveMergedLora": "LoRA.rar Save Merged LoRA",
     "LoraRarEvaluate": "LoRA.rar Evaluate (MLLM judge)",
+    "LoraRarCompare": "LoRA.rar Compare Methods (grid)",
 }
