@@ -22,6 +22,9 @@ from .errors import LoraRarError
 NO_LORA, SUBJECT_ONLY, STYLE_ONLY = "no LoRA", "subject only", "style only"
 BASELINES = (NO_LORA, SUBJECT_ONLY, STYLE_ONLY)
 ALL = "all"
+# a LoRA alone is the direct sum with the other LoRA at strength 0: read by the pack's reader (so every format the
+# merge node takes, also those ComfyUI's LoRA loader skips) and patched exactly as each method's merge is
+ALONE_METHOD = "direct"
 TILE_MIN, TILE_MAX = 256, 512  # px of a tile's long side in the grid: titles stay legible, the grid stays small
 
 

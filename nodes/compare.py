@@ -8,6 +8,7 @@ own sampler and decoded with the VAE. The columns and the grid come from hyperne
 from __future__ import annotations
 
 import time
+import weakref
 
 import comfy.model_management
 import comfy.samplers
@@ -30,15 +31,48 @@ def _column_model(column: str, model, clip, hypernet, subject_lora, style_lora, 
     """(model, clip, merge report) of one column; LoraRarError when this column cannot run on these inputs."""
     if column == comparison.NO_LORA:
         return model, clip, ""
+    method, strengths = column, (1.0, 1.0, 1.0, 1.0)
     if column in (comparison.SUBJECT_ONLY, comparison.STYLE_ONLY):
-        name = subject_lora if column == comparison.SUBJECT_ONLY else style_lora
-        patched_model, patched_clip = comfy_nodes.LoraLoader().load_lora(model, clip, name, 1.0, 1.0)
-        return patched_model, patched_clip, f"{name} alone at strength 1 (ComfyUI's LoRA loader)"
-    if merge_methods.get(column).needs_hypernet and hypernet is None:
+        # one LoRA alone: the other at strength 0, read and patched exactly as the methods' merges are
+        method = comparison.ALONE_METHOD
+        strengths = (1.0, 0.0, 1.0, 0.0) if column == comparison.SUBJECT_ONLY else (0.0, 1.0, 0.0, 1.0)
+    elif merge_methods.get(column).needs_hypernet and hypernet is None:
         raise LoraRarError(f"{column} needs a hypernet: connect the LoRA.rar Hypernet Loader")
     patched_model, patched_clip, _, report = LoraRarMerge().merge(
-        model, hypernet, subject_lora, style_lora, 1.0, 1.0, 1.0, 1.0, column, layer_policy, clip=clip, **given)
+        model, hypernet, subject_lora, style_lora, *strengths, method, layer_policy, clip=clip, **given)
     return patched_model, patched_clip, report
+
+
+class _Encodings:
+    """The prompts' conditioning per text encoder. A column whose CLIP has the same weights as one encoded before
+    (ComfyUI's own test: same model, same patches, hooks and wrappers) reuses that encoding: the LoRAs without
+    text-encoder layers, the baselines, the previous run while the same CLIP stays connected. Every other column
+    encodes with its own patched CLIP, so a merge's text-encoder layers shape its conditioning. A few entries,
+    holding weak references only (a CLIP no longer used by anything is never kept alive here)."""
+
+    MAX = 4
+
+    def __init__(self):
+        self.entries: list[tuple[weakref.ref, tuple, tuple]] = []
+
+    def encode(self, clip, positive: str, negative: str, connected=None) -> tuple:
+        """(positive, negative) conditioning of ``clip``; ``connected``: the node's CLIP input, which outlives the
+        columns' clones, so an encoding stored under it is found again by the next column and the next run."""
+        if connected is not None and connected.patcher.clone_has_same_weights(clip.patcher):
+            clip = connected
+        texts = (positive, negative, getattr(clip, "layer_idx", None), repr(getattr(clip, "tokenizer_options", None)))
+        for patcher_ref, key, conditioning in self.entries:
+            patcher = patcher_ref()
+            if key == texts and patcher is not None and patcher.clone_has_same_weights(clip.patcher):
+                return conditioning
+        encode = comfy_nodes.CLIPTextEncode().encode
+        conditioning = (encode(clip, positive)[0], encode(clip, negative)[0])
+        alive = [entry for entry in self.entries if entry[0]() is not None]
+        self.entries = [(weakref.ref(clip.patcher), texts, conditioning), *alive][:self.MAX]
+        return conditioning
+
+
+_ENCODINGS = _Encodings()
 
 
 def _params_of(column: str, given: dict) -> dict[str, float]:
@@ -121,7 +155,7 @@ class LoraRarCompare:
                 reports.append(f"{column.label}: did not run: {error}")
             else:
                 sampled = self._sample(column_model, column_clip, vae, positive, negative, latent_image, seed, steps,
-                                       cfg, sampler_name, scheduler, denoise)
+                                       cfg, sampler_name, scheduler, denoise, clip)
                 images.append(sampled)
                 column.images = to_pil(sampled)
                 reports.append(f"{column.label}: {len(column.images)} image(s) in {time.perf_counter() - started:.1f} s"
@@ -139,10 +173,9 @@ class LoraRarCompare:
 
     @staticmethod
     def _sample(model, clip, vae, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                denoise):
+                denoise, connected):
         """One column: the prompts encoded with this column's CLIP, ComfyUI's KSampler, the VAE's decode."""
-        encode = comfy_nodes.CLIPTextEncode().encode
-        (latent,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler,
-                                                encode(clip, positive)[0], encode(clip, negative)[0], latent_image,
-                                                denoise=denoise)
+        conditioning = _ENCODINGS.encode(clip, positive, negative, connected)
+        (latent,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, *conditioning,
+                                                latent_image, denoise=denoise)
         return comfy_nodes.VAEDecode().decode(vae, latent)[0]
