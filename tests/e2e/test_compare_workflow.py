@@ -158,7 +158,8 @@ def test_interrupting_a_comparison_stops_it_and_the_next_prompt_runs(pack_server
         stop.set()
         worker.join()
     assert entry["status"]["status_str"] == "error"
-    assert any(m[0] == "execution_interrupted" for m in entry["status"]["messages"]), entry["status"]
+    (interrupted,) = [m[1] for m in entry["status"]["messages"] if m[0] == "execution_interrupted"]
+    assert interrupted["node_type"] == "LoraRarCompare", interrupted  # stopped inside the comparison
 
     after = without_judge(for_this_machine(json.loads(json.dumps(compare_prompt)), "direct"))
     entry = server.wait(server.queue_prompt(after), timeout=300)
