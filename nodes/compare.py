@@ -66,8 +66,8 @@ class _Encodings:
             if key == texts and patcher is not None and patcher.clone_has_same_weights(clip.patcher):
                 return conditioning
         encode = comfy_nodes.CLIPTextEncode().encode
-        positive_conditioning = encode(clip, positive)[0]
-        conditioning = (positive_conditioning, positive_conditioning if negative == positive else encode(clip, negative)[0])
+        encoded = encode(clip, positive)[0]
+        conditioning = (encoded, encoded if negative == positive else encode(clip, negative)[0])
         alive = [entry for entry in self.entries if entry[0]() is not None]
         self.entries = [(weakref.ref(clip.patcher), texts, conditioning), *alive][:self.MAX]
         return conditioning
