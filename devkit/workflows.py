@@ -7,8 +7,10 @@ MUTED_OR_BYPASSED = (2, 4)
 
 
 def _is_widget(spec) -> bool:
+    """Whether the frontend shows this input as a widget (stored in widgets_values); forceInput ones are sockets."""
     kind = spec[0]
-    return isinstance(kind, list) or kind in WIDGET_TYPES
+    options = spec[1] if len(spec) > 1 and isinstance(spec[1], dict) else {}
+    return (isinstance(kind, list) or kind in WIDGET_TYPES) and not options.get("forceInput")
 
 
 def _has_control_widget(name: str, spec) -> bool:

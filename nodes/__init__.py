@@ -1,6 +1,7 @@
 """ComfyUI nodes of the pack: thin adapters around hypernet/."""
 
 from .coefficients import LoraRarCoefficientPicture
+from .compare import LoraRarCompare
 from .evaluate import LoraRarEvaluate
 from .loader import LoraRarHypernetLoader
 from .merge import LoraRarMerge
@@ -12,6 +13,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraRarSaveMergedLora": LoraRarSaveMergedLora,
     "LoraRarEvaluate": LoraRarEvaluate,
     "LoraRarCoefficientPicture": LoraRarCoefficientPicture,
+    "LoraRarCompare": LoraRarCompare,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraRarHypernetLoader": "LoRA.rar Hypernet Loader",
@@ -19,4 +21,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraRarSaveMergedLora": "LoRA.rar Save Merged LoRA",
     "LoraRarEvaluate": "LoRA.rar Evaluate (MLLM judge)",
     "LoraRarCoefficientPicture": "LoRA.rar Coefficient Picture (subject vs style per block)",
+    "LoraRarCompare": "LoRA.rar Compare Methods (grid)",
 }

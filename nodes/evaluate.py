@@ -41,14 +41,15 @@ def clip_i(clip_vision, generated: torch.Tensor, *reference_sets: torch.Tensor) 
 
 class LoraRarEvaluate:
     CATEGORY = CATEGORY
-    RETURN_TYPES = ("FLOAT", "FLOAT", "FLOAT", "STRING", "IMAGE")
-    RETURN_NAMES = ("subject_score", "style_score", "overall_score", "table", "grid")
+    RETURN_TYPES = ("FLOAT", "FLOAT", "FLOAT", "STRING", "IMAGE", "STRING")
+    RETURN_NAMES = ("subject_score", "style_score", "overall_score", "table", "grid", "ranking")
     OUTPUT_TOOLTIPS = (
         "Fraction (0-1) of images whose subject the judge approved (yes on strictly more than half of the subject references).",
         "Fraction (0-1) of images the judge found in the named style (yes on strictly more than half of the style references).",
         "Fraction (0-1) of images approved for both subject and style: the paper's headline number.",
         "JSON: scores, unparsed answers, CLIP-I when connected, and per image every verdict and raw answer.",
         "The generated images (at most 512 px) with their verdicts drawn on them; green border: both approved.",
+        "With labels connected: the labels (methods) ranked by both %, then subject %, then style %; else per image.",
     )
     OUTPUT_NODE = True
     FUNCTION = "evaluate"
@@ -80,6 +81,7 @@ class LoraRarEvaluate:
                 "clip_vision": ("CLIP_VISION", {"tooltip": "Optional CLIP vision model (Load CLIP Vision) for CLIP-I: cosine similarity to the subject and style references, reported in the table."}),
                 "timeout_s": ("FLOAT", {"default": 120.0, "min": 1.0, "max": MAX_TIMEOUT_S, "step": 1.0, "tooltip": "Seconds allowed for each request in all (connect, headers and the whole answer) before retrying."}),
                 "retries": ("INT", {"default": 3, "min": 0, "max": MAX_RETRIES, "tooltip": "Extra attempts on server errors (5xx), timeouts and refused connections, waiting 1, 2, 4 ... s between them."}),
+                "labels": ("STRING", {"forceInput": True, "tooltip": "One label per image, one per line (the LoRA.rar Compare node's labels): the ranking output and the table rank the labels by both %, subject %, style %."}),
             },
         }
 
@@ -97,12 +99,13 @@ class LoraRarEvaluate:
         raise comfy.model_management.InterruptProcessingException()
 
     def evaluate(self, images, subject_references, style_references, style_name, judge_url, judge_model,
-                 api_key_env, clip_vision=None, timeout_s=120.0, retries=3):
+                 api_key_env, clip_vision=None, timeout_s=120.0, retries=3, labels=None):
         if not style_name.strip():
             raise LoraRarError("style_name is empty: name the style, e.g. 'watercolor painting'")
         # Cancel is polled during each request and each wait between retries, not only between questions
         judge = ChatCompletionsJudge(judge_url, judge_model, api_key_env, timeout=timeout_s, retries=retries,
                                      cancelled=comfy.model_management.processing_interrupted)
+        names = evaluation.parse_labels(labels, len(images)) if labels is not None else None  # before any question
         generated = [evaluation.resize_long_side(p) for p in to_pil(images)]
         subject_refs = [evaluation.resize_long_side(p) for p in to_pil(subject_references)]
         style_refs = [evaluation.resize_long_side(p) for p in to_pil(style_references)]
@@ -119,8 +122,15 @@ class LoraRarEvaluate:
             "unparsed": total.unparsed, "clip_i_subject": total.clip_i_subject, "clip_i_style": total.clip_i_style,
             "images": [{"index": i, **r.as_dict()} for i, r in enumerate(results)],
         }
+        ranked = evaluation.rank(names or [f"#{i}" for i in range(len(results))], results)
+        if names is not None:
+            table["ranking"] = evaluation.ranking_rows(ranked)
+            for row, name in zip(table["images"], names):
+                row["label"] = name
         picture = evaluation.grid([evaluation.annotate(p, r) for p, r in zip(generated, results)])
         summary = (f"subject {100 * total.subject:.0f}%, style {100 * total.style:.0f}%, both {100 * total.both:.0f}% "
                    f"of {total.images} images" + (f"; {total.unparsed} unparsed answers" if total.unparsed else ""))
-        return {"ui": {"text": [summary]},
-                "result": (total.subject, total.style, total.both, json.dumps(table, indent=1), to_image(picture))}
+        ranking = evaluation.format_ranking(ranked)
+        return {"ui": {"text": [summary] + ([ranking] if names is not None else [])},
+                "result": (total.subject, total.style, total.both, json.dumps(table, indent=1), to_image(picture),
+                           ranking)}

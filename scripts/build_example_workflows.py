@@ -67,6 +67,34 @@ def merge_and_save() -> list[dict]:
     ]
 
 
+def compare_methods() -> list[dict]:
+    """Every merge method and baseline on one seed into a labelled grid, ranked by the evaluation node."""
+    return [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": [40, 120], "widgets": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        {"id": 2, "type": "LoraRarHypernetLoader", "pos": [40, 320], "widgets": {"hypernet": "auto"},
+         "links": {"model": (1, 0)}},
+        {"id": 3, "type": "EmptyLatentImage", "pos": [40, 480], "widgets": {"width": 1024, "height": 1024}},
+        {"id": 4, "type": "LoraRarCompare", "pos": [420, 120], "size": [380, 560],
+         "widgets": {"subject_lora": SUBJECT, "style_lora": STYLE, "seed": 42, "steps": 30, "cfg": 7.0,
+                     "sampler_name": "dpmpp_2m", "scheduler": "karras"},
+         "links": {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "latent_image": (3, 0), "hypernet": (2, 0)}},
+        {"id": 5, "type": "PreviewImage", "pos": [860, 60], "size": [520, 560], "title": "Methods side by side",
+         "links": {"images": (4, 0)}},
+        {"id": 6, "type": "PreviewAny", "pos": [420, 740], "size": [380, 240], "title": "Compare report",
+         "links": {"source": (4, 3)}},
+        {"id": 7, "type": "LoadImage", "pos": [860, 680], "size": [300, 320], "title": "Subject reference photo",
+         "widgets": {"image": "lorarar_subject_1.png"}},
+        {"id": 8, "type": "LoadImage", "pos": [1180, 680], "size": [300, 320], "title": "Style reference image",
+         "widgets": {"image": "lorarar_style_1.png"}},
+        {"id": 9, "type": "LoraRarEvaluate", "pos": [1440, 60], "size": [380, 330],
+         "links": {"images": (4, 1), "labels": (4, 2), "subject_references": (7, 0), "style_references": (8, 0)}},
+        {"id": 10, "type": "PreviewAny", "pos": [1880, 60], "size": [460, 260], "title": "Ranking (both %, subject %, style %)",
+         "links": {"source": (9, 5)}},
+        {"id": 11, "type": "PreviewImage", "pos": [1880, 360], "size": [460, 520], "title": "Judged images",
+         "links": {"images": (9, 4)}},
+    ]
+
+
 WORKFLOWS = {
     "lorarar_sdxl_merge_and_sample": ("LoRA.rar: merge subject + style LoRAs, sample with SDXL",
                                       merge_and_sample("sd_xl_base_1.0.safetensors", 30, 7.0,
@@ -76,6 +104,7 @@ WORKFLOWS = {
     "lorarar_koala700m_merge_and_sample": ("LoRA.rar: merge subject + style LoRAs, sample with KOALA-700M",
                                            merge_and_sample("koala-700m.safetensors", 25, 5.0,
                                                             "A photo of sks dog in watercolor painting style")),
+    "lorarar_compare_methods": ("LoRA.rar: every merge method side by side, ranked by an MLLM judge", compare_methods()),
 }
 
 

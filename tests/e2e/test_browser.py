@@ -450,6 +450,7 @@ def workflow_files(root: Path, workflows: dict[str, dict]) -> Path:
     checkpoint = next((synthetic / "checkpoints").glob("*.safetensors"))
     lora = next((synthetic / "loras").glob("*.safetensors"), None) or _a_lora(root)
     targets = {"CheckpointLoaderSimple": ("checkpoints", checkpoint), "LoraRarMerge": ("loras", lora),
+               "LoraRarCompare": ("loras", lora),
                "LoadImage": ("input", None)}
     for wf in workflows.values():
         for node in wf.get("nodes", []):

@@ -12,10 +12,12 @@ from devkit.workflows import ui_to_api
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json") if "evaluate" not in p.stem)  # evaluate: test_evaluate_workflow.py
+# evaluate and compare (they need a judge): test_evaluate_workflow.py, test_compare_workflow.py
+WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json") if not {"evaluate", "compare"} & set(p.stem.split("_")))
 # workflows as the first release (0.1.0) saved them: what users already have must keep loading and running
 OLD_WORKFLOWS = sorted((REPO / "tests" / "fixtures" / "workflows_0.1.0").glob("*.json"))
-PACK_NODES = ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora", "LoraRarCoefficientPicture")
+PACK_NODES = ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora", "LoraRarCoefficientPicture",
+              "LoraRarCompare", "LoraRarEvaluate")
 
 
 def for_this_machine(prompt: dict, **merge_inputs) -> dict:

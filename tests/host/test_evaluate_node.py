@@ -90,7 +90,7 @@ def test_scores_table_grid_and_progress(node, monkeypatch):
     with FakeJudge(responder=_answer) as server:
         out = _run(node, server, _batch(RED, BLUE, GREEN, size=(1024, 640)), _batch((100, 100, 100), (90, 90, 90)),
                    _batch(*STYLE_REFS))
-    subject, style, overall, table_text, picture = out["result"]
+    subject, style, overall, table_text, picture, ranking = out["result"]
     assert len(server.requests) == 3 * (2 + 3)
     assert progress == [(i, 15) for i in range(1, 16)]
     assert {_colour(url)[1] for r in server.requests for url in r.image_urls[:1]} == {(320, 512)}  # long side 512
@@ -104,6 +104,26 @@ def test_scores_table_grid_and_progress(node, monkeypatch):
     assert "both 33%" in out["ui"]["text"][0]
     assert {r.headers.get("Authorization") for r in server.requests} == {f"Bearer {KEY}"}
     assert KEY not in table_text and KEY not in json.dumps(out["ui"])
+    assert "ranking" not in table  # no labels: the table is as before; the ranking output ranks the images
+    assert [line.split()[:2] for line in ranking.splitlines()[1:]] == [["1", "#0"], ["2", "#1"], ["3", "#2"]]
+
+
+def test_labels_rank_the_images_and_a_wrong_count_asks_nothing(node):
+    with FakeJudge(responder=_answer) as server:
+        out = _run(node, server, _batch(RED, BLUE, GREEN), _batch((100, 100, 100)), _batch(*STYLE_REFS),
+                   labels="direct\nlorarar\ndirect\n")
+        with pytest.raises(ValueError, match="labels: 2 lines for 3 images"):
+            _run(node, server, _batch(RED, BLUE, GREEN), _batch(RED), _batch(RED), labels="direct\nlorarar")
+        asked = len(server.requests)
+    assert asked == 3 * (1 + 3)  # the refused call asked nothing
+    table = json.loads(out["result"][3])
+    assert [image["label"] for image in table["images"]] == ["direct", "lorarar", "direct"]
+    by_label = {row["label"]: row for row in table["ranking"]}
+    images = table["images"]
+    assert by_label["direct"]["images"] == 2 and by_label["lorarar"]["images"] == 1
+    assert by_label["direct"]["both_pct"] == 50 * (images[0]["both"] + images[2]["both"])
+    assert by_label["lorarar"]["both_pct"] == 100 * images[1]["both"]
+    assert [line.split()[1] for line in out["result"][5].splitlines()[1:]] == [r["label"] for r in table["ranking"]]
 
 
 def test_unparsed_answers_are_reported(node):
