@@ -240,7 +240,7 @@ def _verdict_key(model, clip) -> tuple:
 
 
 def _cached_verdict(model, clip, merged: MergedLora):
-    """(applied, patched names, state dict, text) of :func:`_verdict`, reused while nothing it read changed."""
+    """(applied, patched names, state dict, text, key map) of :func:`_verdict`, reused while nothing it read changed."""
     key = _verdict_key(model, clip)
     objects = (merged, model.model, clip.cond_stage_model if clip is not None else None)
     cached = _VERDICT.get("entry")
@@ -274,11 +274,6 @@ def _verdict(model, clip, merged: MergedLora):
     # each layer as merged (float32 where float16 would overflow); the layers not in this model are left out
     state_dict = to_kohya_state_dict({name: applied.layers[name] for name in patched}, dtype=None)
     text = f"applied to the model: {len(patched)} layers"
-    if merged.switch is not None:  # k-lora: chosen per sampling step, not a weight patch
-        model_out, count, switched_text = patch_switched(model_out, merged.switch, key_map)
-        if not count and not patched:
-            raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: {switched_text}")
-        text += f"; {switched_text}"
     if misfits:
         text += (f"; not applied: {len(misfits)} layers whose shape does not fit this model: "
                  + "; ".join(f"{name}: {why}" for name, why in list(misfits.items())[:5])
@@ -288,7 +283,7 @@ def _verdict(model, clip, merged: MergedLora):
         text += (f"; not applied: {len(unknown)} layers not in this model"
                  + (f" ({text_layers} text-encoder layers: connect a CLIP)" if text_layers and clip is None else "")
                  + f", e.g. {unknown[0]}")
-    return applied, patched, state_dict, text
+    return applied, patched, state_dict, text, key_map
 
 
 def apply_merged(model, clip, merged: MergedLora):
@@ -298,6 +293,11 @@ def apply_merged(model, clip, merged: MergedLora):
     left out of the patch and of the returned LoRA (so a saved file holds only what was applied here), and
     listed with their file; layers the model does not have stay in the LoRA and are counted as not applied.
     """
-    applied, _, state_dict, text = _cached_verdict(model, clip, merged)
+    applied, patched, state_dict, text, key_map = _cached_verdict(model, clip, merged)
     model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
+    if merged.switch is not None:  # k-lora: chosen per sampling step, not a weight patch
+        model_out, count, switched_text = patch_switched(model_out, merged.switch, key_map)
+        if not count and not patched:
+            raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: {switched_text}")
+        text += f"; {switched_text}"
     return model_out, clip_out, applied, text
