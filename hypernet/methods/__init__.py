@@ -56,8 +56,10 @@ def resolve_params(method: MergeMethod, given: dict[str, float] | None) -> dict[
     return values
 
 
-# imported for their register() calls; the order is the order the node and CLI list them
-from . import lorarar, direct, k_lora, np_lora, b_lora  # noqa: E402,F401
+# imported for their register() calls; the order is the order the node and CLI list them, and the order of the
+# methods' parameter inputs on the nodes: saved workflows keep widget values by position, so a new method's
+# parameters go last (after np_lora_mu, which 0.2.0 workflows already hold)
+from . import lorarar, direct, np_lora, b_lora, k_lora  # noqa: E402,F401
 
 __all__ = ["Claim", "LayerJob", "MergeContext", "MergedLayer", "MergeMethod", "Param", "all_methods", "get",
            "names", "param_key", "register", "resolve_params", "SwitchedLayer", "unregister"]

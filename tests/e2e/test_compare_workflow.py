@@ -20,13 +20,16 @@ REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = REPO / "example_workflows" / "lorarar_compare_methods.json"
 REFERENCES = {"lorarar_subject_1.png": (200, 60, 60), "lorarar_style_1.png": (60, 60, 200)}
 # b-lora has no published block split for the synthetic (KOALA-700M) layout: it must come back as a tile
-METHODS = "subject only, style only, direct, np-lora, b-lora, lorarar"
-COLUMNS = ["subject only", "style only", "direct", "np-lora mu=0.5", "b-lora", "lorarar"]  # labels, in order
+# k-lora: sampling time (its MODEL switches layers per step), so the grid also checks that path end to end
+METHODS = "subject only, style only, direct, k-lora, np-lora, b-lora, lorarar"
+COLUMNS = ["subject only", "style only", "direct", "k-lora alpha=1.5 beta=1.275", "np-lora mu=0.5", "b-lora",
+           "lorarar"]  # labels, in order
 RAN = [label for label in COLUMNS if label != "b-lora"]
 # per image in RAN's order: (subject answer, style answer); one reference of each, so one answer decides each test
-ANSWERS = [("yes", "no"), ("no", "yes"), ("no", "no"), ("no", "no"), ("yes", "yes")]
+ANSWERS = [("yes", "no"), ("no", "yes"), ("no", "no"), ("no", "no"), ("no", "no"), ("yes", "yes")]
 RANKING = [(1, "lorarar", 100, 100, 100), (2, "subject only", 100, 0, 0), (3, "style only", 0, 100, 0),
-           (4, "direct", 0, 0, 0), (4, "np-lora mu=0.5", 0, 0, 0)]  # equal scores share a rank, in column order
+           (4, "direct", 0, 0, 0), (4, "k-lora alpha=1.5 beta=1.275", 0, 0, 0),
+           (4, "np-lora mu=0.5", 0, 0, 0)]  # equal scores share a rank, in column order
 SAVED, TABLE = "90", "91"  # nodes the test adds: a SaveImage of the compare node's images, a PreviewAny of the table
 
 
@@ -115,7 +118,7 @@ def test_every_method_and_baseline_is_a_column_and_a_failing_one_a_labelled_tile
     grid_node = next(key for key, node in prompt.items() if node["class_type"] == "PreviewImage"
                      and node["inputs"]["images"][0] == node_of(prompt, "LoraRarCompare"))
     (grid,) = images_of(server, entry, grid_node)
-    # six columns of one image each: a 3 x 2 grid of 256 px tiles, the failed column's tile grey
+    # seven columns of one image each: a 3 x 3 grid of 256 px tiles, the failed column's tile grey
     assert grid.shape[1] >= 3 * 256 and grid.shape[0] >= 2 * 256
     assert (np.abs(grid.astype(int) - 230).max(axis=-1) <= 2).sum() > 0.5 * 256 * 256
 
