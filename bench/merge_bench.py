@@ -671,7 +671,7 @@ def _methods_section(rows: list[tuple[dict, dict]]) -> list[str]:
         out += [f"## Merge methods vs direct ({spec['layout'].upper()}, rank {spec['rank']}, {spec['dtype']} inputs)", "",
                 f"`merge_loras(subject, style, method=...)` on one pair of random rank-{spec['rank']} LoRAs of "
                 f"{r['layers']} attention layers ("
-                + ("all" if spec.get("every", 1) == 1 else f"every {spec['every']}th of the model's, in model order")
+                + ("all" if spec.get("every", 1) == 1 else f"one in every {spec['every']} of the model's, in model order")
                 + "), inputs in memory, default parameters; lorarar with the published "
                 f"{spec['layout']} hypernet, b-lora on the {spec['layout']} layout. Median of {spec['runs']} run(s) "
                 "after one warm-up, all methods side by side in one subprocess. A sampling-time method's row is its "
