@@ -359,7 +359,6 @@ def row_node(spec: dict) -> dict:
         loras.rmdir()
 
 
-ROWS = {"math": row_math, "many": row_many, "save": row_save, "node": row_node, "methods": row_methods}
 def row_sampling(spec: dict) -> dict:
     """K-LoRA's per-step sampling cost: the merge node's MODEL with method k-lora (the chosen factors applied in
     each attention linear's forward) vs with method direct (a plain LoRA patched into the weights), the same
@@ -409,7 +408,8 @@ def row_sampling(spec: dict) -> dict:
         loras.rmdir()
 
 
-ROWS = {"math": row_math, "many": row_many, "save": row_save, "node": row_node, "sampling": row_sampling}
+ROWS = {"math": row_math, "many": row_many, "save": row_save, "node": row_node, "methods": row_methods,
+        "sampling": row_sampling}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -701,6 +701,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description="LoRA.rar merge benchmarks (writes docs/BENCHMARKS.md)")
     parser.add_argument("--quick", action="store_true", help="a few rows, under 2 minutes")
     parser.add_argument("--out", default=str(REPO / "docs" / "BENCHMARKS.md"), help="where the markdown table goes ('-': nowhere)")
+    parser.add_argument("--only", help="comma-separated row kinds to run (e.g. node,methods,sampling); the others are left out")
     parser.add_argument("--row", help=argparse.SUPPRESS)  # internal: run one row in this process
     args = parser.parse_args(argv)
     if args.row:
@@ -713,12 +714,16 @@ def main(argv=None) -> int:
         return 0
 
     (REPO / ".cache").mkdir(exist_ok=True)
-    command = ".host/0.33.0/venv/bin/python bench/merge_bench.py" + (" --quick" if args.quick else "")
+    command = ".host/0.33.0/venv/bin/python bench/merge_bench.py" + (" --quick" if args.quick else "") + (
+        f" --only {args.only}" if args.only else "")
+    kinds = set(args.only.split(",")) if args.only else set(ROWS)
+    if kinds - set(ROWS):
+        parser.error(f"--only: unknown row kinds {', '.join(sorted(kinds - set(ROWS)))}; known: {', '.join(ROWS)}")
     load_start = " ".join(open("/proc/loadavg").read().split()[:3])
     info = machine()
     rows = []
     start = time.perf_counter()
-    for spec in plan(args.quick):
+    for spec in [spec for spec in plan(args.quick) if spec["kind"] in kinds]:
         print(f"[{time.perf_counter() - start:6.0f} s] {json.dumps(spec)}", file=sys.stderr, flush=True)
         result = run_row(spec)
         if "error" in result:
