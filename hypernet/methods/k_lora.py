@@ -13,7 +13,8 @@ S_c, S_s and gamma are computed once per merge, from the factors in slabs of col
 update never exists); only S(p) changes with the step. Every other layer follows the layer policy and is
 patched statically. The official code's t counts forward calls; here p is the sampler's progress (the
 ComfyUI side, nodes/klora_patch.py, derives it from the current sigma), so any sampler and step count
-gives the same choice at the same point of the schedule.
+gives the same choice at the same point of the schedule. The schedule is the part being sampled: with
+denoise < 1, and in each stage of a KSamplerAdvanced split, p runs from 0 to 1 through that part.
 """
 
 from __future__ import annotations
@@ -109,8 +110,9 @@ class KLoraSwitch:
         if not 0.0 <= p <= 1.0:  # also refuses NaN
             raise LoraRarError(f"k-lora progress {p!r}: must be between 0 and 1")
         scale = self.scale(p)
-        # (S_c / gamma) / (S_s * S(p)) > 1, multiplied out so S_s * S(p) = 0 picks the subject without dividing by 0
-        return {name: "subject" if layer.subject_score / self.gamma > layer.style_score * scale else "style"
+        # (S_c / gamma) / (S_s * S(p)) > 1, multiplied out (gamma > 0 or 0): S_s * S(p) = 0 picks the subject,
+        # gamma = 0 (every subject update is zero, e.g. subject strength 0) the style, without dividing by 0
+        return {name: "subject" if layer.subject_score > layer.style_score * scale * self.gamma else "style"
                 for name, layer in self.layers.items()}
 
     def summary(self) -> dict:

@@ -161,3 +161,14 @@ def test_the_cli_refuses_k_lora_in_one_line(pair, tmp_path, method):
     assert result.returncode == 2 and not out.exists()
     assert f"{method} chooses per step at sampling time; it cannot be saved as one LoRA file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("method", ["k-lora", "k-lora-linear"])
+def test_a_zero_subject_leaves_every_layer_to_the_style(pair, method):
+    """Subject strength 0 (inside the node's range): every L1 ratio and gamma are 0; the rule must not divide by
+    them, and the side with an update, the style, is chosen everywhere (style strength 0: the subject)."""
+    subject, style = (lora_from_tensors(t, n) for t, n in ((pair[0], "s.safetensors"), (pair[1], "t.safetensors")))
+    for strengths, side in ((Strengths(0.0, 1.0), "style"), (Strengths(1.0, 0.0), "subject")):
+        switch = merge_loras(subject, style, None, method=method, strengths=strengths).switch
+        for p in (0.0, 0.5, 1.0):
+            assert set(switch.choose(p).values()) == {side}
