@@ -187,6 +187,23 @@ def _overflows(model, applied: MergedLora, key_map: dict, weights: dict, names: 
                 f"would reach {largest:.3g} (the most {dtype} holds is {torch.finfo(dtype).max:.3g}): lower the strengths")
 
 
+def _switched_overflows(model, merged: MergedLora, key_map: dict, weights: dict) -> None:
+    """K-LoRA's switched layers add a side's update in the layer's forward, in the model's compute dtype: refuse
+    one that would overflow there, as a static patch of the same update would (each side checked alone)."""
+    for name, layer in (merged.switch.layers.items() if merged.switch is not None else ()):
+        if not _in_model(name, key_map, weights) or layer.subject.misfit(*_target_shape(key_map[name], weights)):
+            continue  # not switched in this model: patch_switched reports it
+        weight = _target_weight(key_map[name], weights)
+        dtype = _patch_dtype(model, weight)
+        for side, update in (("subject", layer.subject), ("style", layer.style)):
+            largest = patched_overflow(update, weight, dtype)
+            if largest is not None:
+                raise LoraRarError(
+                    f"layer {name} of {getattr(merged.report, side)} ({merged.report.method}, {side} side): added to "
+                    f"this model's {dtype} weights it would reach {largest:.3g} (the most {dtype} holds is "
+                    f"{torch.finfo(dtype).max:.3g}): lower the strengths")
+
+
 def _shared_targets(names: list[str], key_map: dict) -> None:
     """Two layer names for one model weight: ComfyUI would apply only one of them, silently."""
     seen: dict[str, str] = {}
@@ -271,6 +288,7 @@ def _verdict(model, clip, merged: MergedLora):
                            + "; are the LoRAs for another base model?")
     _shared_targets(patched, key_map)
     _overflows(model, applied, key_map, weights, patched)
+    _switched_overflows(model, merged, key_map, weights)
     # each layer as merged (float32 where float16 would overflow); the layers not in this model are left out
     state_dict = to_kohya_state_dict({name: applied.layers[name] for name in patched}, dtype=None)
     text = f"applied to the model: {len(patched)} layers"

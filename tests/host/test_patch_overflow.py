@@ -46,6 +46,24 @@ def test_an_update_float16_cannot_hold_is_refused_naming_the_layer(comfy_host, f
     assert f"applied to the model: {len(layout.attention_linears())} layers" in report
 
 
+def test_k_lora_refuses_a_side_float16_cannot_hold(comfy_host, fp16_model, layout):
+    """K-LoRA adds a side's update in the layer's forward, not by patching: the same float16 bound applies."""
+    nodes, _, loras = comfy_host
+    to_q = TO_K.replace("to_k", "to_q")  # a layer K-LoRA switches (in both LoRAs)
+    style = random_lora(layout, rank=4, seed=92)
+    style[f"{to_q}.lora_up.weight"] = torch.full((640, 4), 100.0)
+    style[f"{to_q}.lora_down.weight"] = torch.full((4, 640), 250.0)
+    write_lora(loras / "fp16_klora_subject.safetensors", random_lora(layout, rank=4, seed=91))
+    write_lora(loras / "fp16_klora_style_huge.safetensors", style)
+    (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto")
+    merge = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]()
+    with pytest.raises(ValueError, match=rf"layer {to_q} of fp16_klora_style_huge.* \(k-lora, style side\).*float16"
+                                         ".*lower the strengths") as error:
+        merge.merge(fp16_model, hypernet, "fp16_klora_subject.safetensors", "fp16_klora_style_huge.safetensors",
+                    1.0, 1.0, 1.0, 1.0, "k-lora", "sum")
+    assert "\n" not in str(error.value)
+
+
 def test_two_names_for_one_weight_are_refused(comfy_host, synthetic_model, layout):
     nodes, _, loras = comfy_host
     model, clip = synthetic_model
