@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from .errors import LoraRarError
+from .plotting import plain_text
 
 _LAYER = re.compile(r"^lora_unet_(?:input_blocks_(?P<input>\d+)|(?P<middle>middle_block)|output_blocks_(?P<output>\d+))"
                     r"_\d+_(?:transformer_blocks_(?P<depth>\d+)_)?.*_(?P<proj>to_q|to_k|to_v|to_out_0)$")
@@ -161,6 +162,7 @@ def _draw_projection(axes, projection: str, groups: dict[tuple[str, str], list[s
     axes.set_axisbelow(True)
 
 
+@plain_text
 def coefficient_picture(coefficients: Mapping[str, torch.Tensor], title: str = "") -> Image.Image:
     """RGB picture of every layer's subject and style coefficients (box: middle half of the layer's columns,
     black line: median, whiskers: 5th to 95th percentile), one row per projection, layers in model order and

@@ -18,6 +18,7 @@ from PIL import Image
 
 from . import methods
 from .errors import LoraRarError
+from .plotting import plain_text
 
 NO_LORA, SUBJECT_ONLY, STYLE_ONLY = "no LoRA", "subject only", "style only"
 BASELINES = (NO_LORA, SUBJECT_ONLY, STYLE_ONLY)
@@ -113,6 +114,7 @@ def _tile_size(columns: Sequence[Column]) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+@plain_text
 def comparison_grid(columns: Sequence[Column], title: str = "") -> Image.Image:
     """The columns as one RGB picture: every image under its label; a failed column as a grey tile saying why.
 
@@ -129,7 +131,9 @@ def comparison_grid(columns: Sequence[Column], title: str = "") -> Image.Image:
     figure = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
     canvas = FigureCanvasAgg(figure)
     if title:
-        figure.text(0.5, 1 - 18 / height, title, ha="center", va="center", fontsize=12, weight="bold", wrap=True)
+        # shortened here, not wrap=True: matplotlib measures wrapped text as math when it holds a $ pair
+        figure.text(0.5, 1 - 18 / height, textwrap.shorten(title, width=max(20, width // 9), placeholder=" ..."),
+                    ha="center", va="center", fontsize=12, weight="bold")
     for tile in tiles:
         column = columns[tile.column]
         left = 8 + tile.col * (tile_w + 8)
@@ -145,7 +149,7 @@ def comparison_grid(columns: Sequence[Column], title: str = "") -> Image.Image:
             axes.set_facecolor("#e6e6e6")
             reason = textwrap.fill(f"did not run: {column.failure}", width=max(16, tile_w // 7))
             axes.text(0.5, 0.5, reason, ha="center", va="center", fontsize=8.5, color="#a02020",
-                      transform=axes.transAxes, wrap=True)
+                      transform=axes.transAxes)
         else:
             picture = column.images[tile.image].convert("RGB").resize((tile_w, tile_h), Image.Resampling.LANCZOS)
             axes.imshow(picture, interpolation="nearest")

@@ -9,6 +9,7 @@ from typing import Sequence
 from PIL import Image, ImageDraw, ImageFont
 
 from ..errors import LoraRarError
+from ..plotting import plain_text
 from .protocol import ImageResult, Score
 
 
@@ -64,6 +65,7 @@ def grid(images: Sequence[Image.Image], columns: int | None = None, gap: int = 4
 SCORE_COLOURS = {"subject": "#4285f4", "style": "#fb8c00", "both": "#34a853"}  # bar colours, one per test
 
 
+@plain_text
 def summary_chart(pairs: Sequence[Score], mean: Score) -> Image.Image:
     """Grouped bars (subject, style, both, in %) per pair plus the mean, as an RGB image.
 
