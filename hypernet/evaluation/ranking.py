@@ -11,6 +11,8 @@ from typing import Sequence
 from ..errors import LoraRarError
 from .protocol import ImageResult, Score, score
 
+MAX_LABEL = 200  # characters per label: a method name and its parameters need far fewer
+
 
 def parse_labels(text: str, images: int) -> list[str]:
     """One label per line, one line per image (blank lines at the end ignored); a one-line error otherwise."""
@@ -21,6 +23,9 @@ def parse_labels(text: str, images: int) -> list[str]:
     blank = next((i for i, label in enumerate(labels) if not label), None)
     if blank is not None:
         raise LoraRarError(f"labels: line {blank + 1} is blank; give every image a label")
+    long = next((i for i, label in enumerate(labels) if len(label) > MAX_LABEL), None)
+    if long is not None:  # the ranking text pads every row to the longest label
+        raise LoraRarError(f"labels: line {long + 1} has {len(labels[long])} characters; at most {MAX_LABEL}")
     return labels
 
 
