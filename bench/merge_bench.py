@@ -438,8 +438,8 @@ def plan(quick: bool) -> list[dict]:
             {"kind": "math", "layout": "sdxl", "rank": 128, "dtype": "float32", "runs": 3},
             {"kind": "node", "model": "koala-synthetic", "rank": 64, "dtype": "float16", "runs": 2},
             {"kind": "save", "layout": "sdxl", "rank": 64, "file_dtype": "fp16", "runs": 2},
-            {"kind": "methods", "layout": "sdxl", "rank": 64, "dtype": "float32", "runs": 1, "every": 3},
-            {"kind": "sampling", "rank": 64, "latent": 64, "steps": 3, "runs": 1},
+            {"kind": "methods", "layout": "sdxl", "rank": 64, "dtype": "float32", "runs": 1, "every": 10},
+            {"kind": "sampling", "rank": 64, "latent": 32, "steps": 2, "runs": 1},
         ]
     rows = []
     for layout in ("sdxl", "koala-700m"):
