@@ -50,3 +50,13 @@ def dense_k_lora_choice(score_subject, score_style, gamma, p, pattern, alpha, be
         scale = math.fmod(scale, alpha)
     ratio = (score_subject / gamma) / (score_style * scale) if score_style * scale else math.inf
     return "subject" if ratio > 1 else "style"
+
+
+def dense_np_lora(dw_subject, dw_style, mu, a=1.0, b=1.0):
+    """NP-LoRA as published: dW = dW_style + dW_subject (I - mu/(1+mu) V_k V_k^T), V_k: the style update's top-k
+    right singular vectors, k = its rank; strengths a, b scale each side."""
+    _, singular, vh = torch.linalg.svd(dw_style, full_matrices=False)
+    k = int((singular > singular[0] * 1e-10).sum())  # the style update's rank
+    v = vh[:k].T
+    projector = torch.eye(dw_style.shape[1], dtype=torch.float64) - mu / (1 + mu) * (v @ v.T)
+    return b * dw_style + a * dw_subject @ projector

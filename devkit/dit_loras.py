@@ -146,18 +146,19 @@ def random_dit_lora(family: DitFamily, fmt: str, *, rank: int = 4, seed: int = 0
     return state
 
 
-def dense_updates(family: DitFamily, fmt: str, state: dict[str, torch.Tensor], root=None) -> dict[str, torch.Tensor]:
+def dense_updates(family: DitFamily, fmt: str, state: dict[str, torch.Tensor], root=None,
+                  dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Golden reference for tests only: native weight key -> the dense (d_out, d_in) update ``state`` makes
     at strength 1 (up @ down x alpha / rank, pieces placed on their rows). Tiny models only."""
     out = {}
     for native, (d_out, d_in) in native_linears(family, root).items():
         pieces = [Piece(native, 0, d_out)] if fmt in _FUSED_FORMATS else diffusers_pieces(family, native, d_out)
-        update, found = torch.zeros(d_out, d_in), False
+        update, found = torch.zeros(d_out, d_in, dtype=dtype), False
         for piece in pieces:
             up_key, down_key, alpha_key = _pair_keys(fmt, piece.diffusers)
             if up_key not in state:
                 continue
-            up, down = state[up_key].float(), state[down_key].float()
+            up, down = state[up_key].to(dtype), state[down_key].to(dtype)
             scale = float(state[alpha_key]) / down.shape[0] if alpha_key in state else 1.0
             update[piece.row_start:piece.row_start + piece.rows] += (up @ down) * scale
             found = True

@@ -59,8 +59,9 @@ def for_model_class(model_class: str, manifest: dict[str, CheckpointInfo] | None
             return info
     served = sorted(c for info in manifest.values() for c in info.comfy_model_classes)
     raise LoraRarError(
-        f"no published LoRA.rar hypernet for a {model_class} model (published for: {', '.join(served)}); "
-        f"pick a hypernet file by name or use method 'direct'")
+        f"no published LoRA.rar hypernet for {model_class} models (published for: {', '.join(served)}); "
+        f"choose a hypernet file trained for {model_class} in the loader (README: 'Other model families'), "
+        f"or use method direct, np-lora or k-lora")
 
 
 def _download(url: str, target: Path, timeout: float) -> None:

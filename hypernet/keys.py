@@ -158,15 +158,25 @@ def is_text_encoder(name: str) -> bool:
     return name.startswith(_TEXT_ENCODER_NAMES)
 
 
-_ATTENTION = re.compile(r"^lora_unet_.*_(attn[12])_(to_q|to_k|to_v|to_out_0)$")
+_ATTENTION = re.compile(r"^lora_unet_.*_(attn[12]?)_(to_q|to_k|to_v|to_out_0)$")
+# DiT blocks that fuse q, k and v into one linear (Flux img_attn/txt_attn, SD3 attn/attn2) and their output projection
+_FUSED_ATTENTION = re.compile(r"^lora_unet_.*_attn2?_(qkv|proj)$")
 
 
 def attention_role(name: str) -> str | None:
-    """'to_q', 'to_k', 'to_v' or 'to_out' for a canonical UNet attention projection name, else None."""
+    """The attention projection a canonical diffusion-model layer name is: 'to_q', 'to_k', 'to_v', 'to_out', or
+    'qkv' for a DiT's fused q/k/v linear ('proj', its output projection, is 'to_out'); None for other layers.
+
+    UNets and DiTs with separate projections (Qwen-Image's ``attn.to_q``) name them as SDXL does. A single
+    linear that fuses attention with the MLP (Flux single blocks' linear1 / linear2) is no attention role.
+    """
     match = _ATTENTION.match(name)
-    if not match:
-        return None
-    return "to_out" if match.group(2) == "to_out_0" else match.group(2)
+    if match:
+        return "to_out" if match.group(2) == "to_out_0" else match.group(2)
+    match = _FUSED_ATTENTION.match(name)
+    if match:
+        return "qkv" if match.group(1) == "qkv" else "to_out"
+    return None
 
 
 def sgm_to_canonical(module: str) -> str:

@@ -86,6 +86,7 @@ class LoraFile:
     layers: dict[str, LowRankLayer | OtherLayer]
     ignored_keys: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what reading changed on purpose, e.g. fp8 widened
+    unmapped: list[str] = field(default_factory=list)  # layer stems the model's key map does not know (model_keys)
 
     @property
     def name(self) -> str:
@@ -136,7 +137,7 @@ def _usable(path: Path, key: str, tensor: torch.Tensor, number: bool = False) ->
     return tensor.float() if _is_float8(tensor) else tensor
 
 
-def _layer(path: Path, stem: str, roles: dict[str, torch.Tensor], keys: dict[str, str]) -> LowRankLayer | OtherLayer:
+def layer_from_roles(path: Path, stem: str, roles: dict[str, torch.Tensor], keys: dict[str, str]) -> LowRankLayer | OtherLayer:
     """One layer's tensors (by role: up, down, alpha, bias, ...) as a LowRankLayer, or an OtherLayer for adapters
     that are no plain up @ down product; refuses factors whose shapes, types or alpha do not make a LoRA."""
     other = [role[len("other:"):] for role in roles if role.startswith("other:")]
@@ -192,20 +193,31 @@ def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256
     path = Path(path)
     if not tensors:
         raise LoraRarError(f"{path}: empty LoRA (the file holds no tensors)")
+    check_finite_tensors(tensors, path)
     grouped, stems, ignored = _group_by_layer(tensors, path, layout)
     layers: dict[str, LowRankLayer | OtherLayer] = {}
-    widened: dict[str, int] = {}
     for name, parts in grouped.items():
         roles = {role: tensor for role, (_, tensor) in parts.items()}
         keys = {role: key for role, (key, _) in parts.items()}
-        for role, tensor in roles.items():
-            if not _all_finite(tensor):
-                raise LoraRarError(f"{path}: tensor {keys[role]} holds NaN or Inf values")
-        layers[name] = _layer(path, stems[name], roles, keys)
-        for dtype in {_dtype_name(roles[role]) for role in ("up", "down") if role in roles and _is_float8(roles[role])}:
-            widened[dtype] = widened.get(dtype, 0) + 1
-    notes = [f"{dtype} factors of {n} layers widened to float32 (exact)" for dtype, n in sorted(widened.items())]
-    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored, notes=notes)
+        layers[name] = layer_from_roles(path, stems[name], roles, keys)
+    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored, notes=notes_for(tensors))
+
+
+def check_finite_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """Refuse a file holding a LoRA tensor with NaN or Inf values, naming the tensor."""
+    for key, tensor in tensors.items():
+        if split_key(key) is not None and not _all_finite(tensor):
+            raise LoraRarError(f"{path}: tensor {key} holds NaN or Inf values")
+
+
+def notes_for(tensors: dict[str, torch.Tensor]) -> list[str]:
+    """What reading changes on purpose: fp8 factors widened to float32 (exact), counted per type in layers."""
+    widened: dict[str, set[str]] = {}
+    for key, tensor in tensors.items():
+        split = split_key(key)
+        if split is not None and split[1] in ("up", "down") and _is_float8(tensor):
+            widened.setdefault(_dtype_name(tensor), set()).add(split[0])
+    return [f"{dtype} factors of {len(stems)} layers widened to float32 (exact)" for dtype, stems in sorted(widened.items())]
 
 
 def _group_by_layer(tensors: dict[str, torch.Tensor], path: Path, layout: UNetLayout):

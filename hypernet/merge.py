@@ -75,6 +75,7 @@ class MergeReport:
     reasons: dict[str, str] = field(default_factory=dict)  # layer -> why it was summed / kept / skipped
     coefficient_means: list[tuple[float, float]] = field(default_factory=list)
     ignored: dict[str, list[str]] = field(default_factory=dict)  # "subject"/"style" -> tensor keys that are no LoRA tensor
+    unmapped: dict[str, list[str]] = field(default_factory=dict)  # "subject"/"style" -> layers the model's key map lacks
     notes: list[str] = field(default_factory=list)  # what was changed on purpose, e.g. fp8 factors widened
     params: dict[str, float] = field(default_factory=dict)  # the method's own parameters (e.g. NP-LoRA's mu)
     sampling: dict = field(default_factory=dict)  # a sampling-time merge's summary (K-LoRA: gamma, choices)
@@ -105,6 +106,8 @@ class MergeReport:
             result["notes"] = list(self.notes)
         if self.ignored:
             result["ignored_tensors"] = {side: len(keys) for side, keys in self.ignored.items()}
+        if self.unmapped:
+            result["unmapped_layers"] = {side: len(stems) for side, stems in self.unmapped.items()}
         if self.coefficient_means:
             subject = [m for m, _ in self.coefficient_means]
             style = [m for _, m in self.coefficient_means]
@@ -126,6 +129,9 @@ class MergeReport:
             lines.append(f"  {n} x {reason}")
         for side, keys in self.ignored.items():
             lines.append(f"ignored {len(keys)} tensors of the {side} LoRA that are no LoRA layer of this model type, e.g. {keys[0]}")
+        for side, stems in self.unmapped.items():
+            lines.append(f"not merged: {len(stems)} layers of the {side} LoRA that ComfyUI's key map does not know for "
+                         f"this model (ComfyUI would not apply them either), e.g. {stems[0]}")
         lines.extend(f"note: {note}" for note in self.notes)
         if self.sampling:
             chosen = ", ".join(f"p={p}: {n}" for p, n in self.sampling["subject_layers_at_progress"].items())
@@ -236,15 +242,16 @@ def merge_loras(
     progress: Callable[[int, int], None] | None = None,
     params: dict[str, float] | None = None,
     batched: bool | None = None,
+    family: str | None = None,
 ) -> MergedLora:
     """Merge two LoRAs layer by layer; the result's layers are low-rank (rank r_subject + r_style at most).
 
     device: where the method's math runs (the model's device); dtype: of the merged factors (default: the
     inputs' common type, float32 when they differ); progress(done, total) is called per layer; params and
-    batched: see :func:`merge_many`.
+    batched, family: see :func:`merge_many`.
     """
     return merge_many(subject, [style], hypernet, method, policy, strengths, layout, device, dtype, progress,
-                      params, batched)[0]
+                      params, batched, family)[0]
 
 
 def _merged_dtype(subject: LoraFile, style: LoraFile) -> torch.dtype:
@@ -266,6 +273,7 @@ def merge_many(
     progress: Callable[[int, int], None] | None = None,
     params: dict[str, float] | None = None,
     batched: bool | None = None,
+    family: str | None = None,
 ) -> list[MergedLora]:
     """One subject merged with each of several styles: ``merge_loras(subject, style)`` for every style.
 
@@ -273,12 +281,17 @@ def merge_many(
     bias + W_subject @ dW_subject once), so n styles cost about (n + 1) / 2n of n separate merges' H work.
     params: the method's own parameters by name (defaults otherwise); batched: force the compute branch
     (default: :func:`hypernet.pipeline.use_batched`). progress(done, total) counts layers of all inputs.
+    family: the model family (ComfyUI's class name, e.g. "Flux"), for methods that serve only some families.
     """
     rule = _checked_method(method, policy, hypernet, styles)
     for style in styles:
         check_compatible(subject, style, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
-    ctx = MergeContext(hypernet, device, layout, resolve_params(rule, params), use_batched(device, batched))
+    ctx = MergeContext(hypernet, device, layout, resolve_params(rule, params), use_batched(device, batched),
+                       family=family)
+    why = rule.unsupported(ctx)
+    if why:
+        raise LoraRarError(f"{rule.name}: {why}")
     plans = [_plan(subject, style, rule, policy, strengths, dtype or _merged_dtype(subject, style), ctx)
              for style in styles]
     computed = compute(plans, rule, ctx, progress)
@@ -341,6 +354,7 @@ def _new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hy
     sides = (("subject", subject), ("style", style))
     return MergeReport(method, policy, subject.name, style.name, hypernet,
                        ignored={side: lora.ignored_keys for side, lora in sides if lora.ignored_keys},
+                       unmapped={side: lora.unmapped for side, lora in sides if lora.unmapped},
                        notes=[f"{side} LoRA: {note}" for side, lora in sides for note in lora.notes])
 
 

@@ -51,6 +51,8 @@ class LoraRarHypernet(nn.Module):
             self.widths[width] = name
         self.sha256: str | None = None
         self.source: str | None = None
+        # ComfyUI model classes the file says it was trained for (metadata lorarar_model_classes); () = not said
+        self.model_classes: tuple[str, ...] = ()
 
     @property
     def hidden(self) -> int:
@@ -112,4 +114,19 @@ class LoraRarHypernet(nn.Module):
             raise LoraRarError(f"{path}: hypernet file not found")
         net = cls.from_state_dict(read_state_dict(path, "LoRA.rar hypernet"), source=str(path))
         net.sha256 = file_sha256(path)
+        net.model_classes = model_classes_of(path)
         return net
+
+
+MODEL_CLASSES_KEY = "lorarar_model_classes"  # safetensors metadata: comma-separated ComfyUI model classes, "Flux,FluxSchnell"
+
+
+def model_classes_of(path: Path) -> tuple[str, ...]:
+    """The model classes a .safetensors hypernet's metadata names (``lorarar_model_classes``); () for others."""
+    if path.suffix != ".safetensors":
+        return ()
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        text = (handle.metadata() or {}).get(MODEL_CLASSES_KEY, "")
+    return tuple(name.strip() for name in text.split(",") if name.strip())

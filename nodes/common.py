@@ -9,7 +9,6 @@ import folder_paths
 
 from ..hypernet.base_models import UNetLayout
 from ..hypernet.checkpoints import WEIGHTS_DIR, load_manifest
-from ..hypernet.errors import LoraRarError
 from ..hypernet.files import file_sha256
 
 CATEGORY = "LoRA.rar"
@@ -52,11 +51,11 @@ def model_class(model) -> str:
     return type(model.model.model_config).__name__
 
 
-def model_layout(model) -> UNetLayout:
-    """The model's UNet layout; a one-line error for models that are no SDXL-family UNet (Flux, SD3, ...)."""
+def model_layout(model) -> UNetLayout | None:
+    """The model's UNet layout; None for models that are no SDXL-style UNet (Flux, SD3, ...): their layers are
+    matched through ComfyUI's key map alone, and the methods that need a UNet layout say so by family."""
     config = model.model.model_config.unet_config
     try:
         return UNetLayout.from_unet_config(model_class(model), config)
     except (KeyError, TypeError):
-        raise LoraRarError(f"LoRA.rar merges SDXL-family UNet LoRAs; this model is {model_class(model)}, "
-                           f"which has no UNet attention layout") from None
+        return None

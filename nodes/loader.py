@@ -37,6 +37,9 @@ class LoadedHypernets:
             raise LoraRarError(f"the Hypernet Loader resolved {', '.join(self.by_name)} for another model than this "
                                f"{model_class(model)} one; connect this model to the loader or choose a hypernet")
         hypernet, trained_on = self.by_name[name]
+        if hypernet.model_classes and model_class(model) not in hypernet.model_classes:
+            raise LoraRarError(f"{name}: this hypernet was trained for {', '.join(hypernet.model_classes)} models; "
+                               f"this model is {model_class(model)}: choose a hypernet for it")
         return hypernet, trained_on, name
 
 
@@ -55,6 +58,10 @@ def _load(name: str) -> tuple[LoraRarHypernet, UNetLayout | None]:
             _LOADED.popitem(last=False)
     _LOADED.move_to_end(key)
     return _LOADED[key]
+
+
+def _published_for(model) -> bool:
+    return any(model_class(model) in info.comfy_model_classes for info in load_manifest().values())
 
 
 class LoraRarHypernetLoader:
@@ -91,6 +98,8 @@ class LoraRarHypernetLoader:
         return fingerprint(path) if path else hypernet
 
     def load(self, hypernet: str, model=None):
+        if hypernet == "auto" and model is not None and not _published_for(model):
+            return (LoadedHypernets(hypernet),)  # the merge says why, per method: direct and friends still run
         if hypernet == "auto":
             names = [for_model_class(model_class(model)).name] if model is not None else list(load_manifest())
         else:

@@ -6,6 +6,7 @@ import weakref
 from collections import OrderedDict
 
 import comfy.lora
+import comfy.lora_convert
 import comfy.model_management
 import comfy.sd
 import comfy.utils
@@ -16,9 +17,11 @@ from ..hypernet import methods
 from ..hypernet.checkpoints import load_manifest
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
 from ..hypernet.keys import is_text_encoder
-from ..hypernet.lora_io import read_lora, to_kohya_state_dict
+from ..hypernet.files import read_state_dict
+from ..hypernet.lora_io import LoraFile, to_kohya_state_dict
 from ..hypernet.lowrank import patched_overflow
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
+from ..hypernet.model_keys import lora_for_model
 from .klora_patch import patch_switched
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
 
@@ -63,15 +66,30 @@ def _params_for(method: str, given: dict) -> dict[str, float]:
             if methods.param_key(rule, param) in given}
 
 
-def _merge_files(subject_path, style_path, net, method, layer_policy, strengths, layout, params) -> MergedLora:
+def _read(path: str, key_map: dict, shapes: dict, layout) -> LoraFile:
+    """A LoRA file's layers as this model's key map sends them (ComfyUI's own conversions applied first)."""
+    tensors = comfy.lora_convert.convert_lora(read_state_dict(path, "LoRA"))
+    return lora_for_model(tensors, path, key_map, shapes, fingerprint(path), layout, host="ComfyUI's key map")
+
+
+def _merge_files(subject_path, style_path, net, method, layer_policy, strengths, model, clip, params) -> MergedLora:
+    layout = model_layout(model)
+    key_map, weights = _key_map(model, clip), _model_weights(model, clip)
+    shapes = {key: tuple(weight.shape) for key, weight in weights.items()}
     with unforeseen_as_error(f"{subject_path} + {style_path}"):
-        subject = read_lora(subject_path, layout)
-        style = read_lora(style_path, layout)
+        subject = _read(subject_path, key_map, shapes, layout)
+        style = _read(style_path, key_map, shapes, layout)
         bar = comfy.utils.ProgressBar(1)
         # checked against the model itself: a LoRA for another base model is refused whatever the method
         return merge_loras(subject, style, net, method, layer_policy, strengths, layout=layout,
                            device=comfy.model_management.get_torch_device(), params=params,
-                           progress=lambda done, total: bar.update_absolute(done, total))
+                           progress=lambda done, total: bar.update_absolute(done, total), family=model_class(model))
+
+
+def _model_signature(model, clip) -> tuple:
+    """What decides how a file's layers are read for this model: its family and widths, the text encoders."""
+    return (model_class(model), str(model.model.model_config.unet_config),
+            type(clip.cond_stage_model).__name__ if clip is not None else None)
 
 
 class LoraRarMerge:
@@ -97,7 +115,7 @@ class LoraRarMerge:
         loras = folder_paths.get_filename_list("loras")
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model (SDXL family or KOALA-700M) to apply the merged LoRA to."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model to apply the merged LoRA to: SDXL family, KOALA-700M, Flux, SD3.5, ... (lorarar and b-lora serve only some families; the error says which)."}),
                 "hypernet": (HYPERNET_TYPE, {"tooltip": "From the LoRA.rar Hypernet Loader node."}),
                 "subject_lora": (loras, {"tooltip": "The subject (content) LoRA: your dog, your character."}),
                 "style_lora": (loras, {"tooltip": "The style LoRA: watercolour, 3D render, ..."}),
@@ -132,20 +150,25 @@ class LoraRarMerge:
         params = _params_for(method, method_params)
         subject_path = folder_paths.get_full_path_or_raise("loras", subject_lora)
         style_path = folder_paths.get_full_path_or_raise("loras", style_lora)
-        layout = model_layout(model)
         net, name = None, None
         if methods.get(method).needs_hypernet:
             net, _, name = hypernet.for_model(model)
         key = (fingerprint(subject_path), fingerprint(style_path), net.sha256 if net else None,
-               method, tuple(sorted(params.items())), layer_policy, strengths, layout)
+               method, tuple(sorted(params.items())), layer_policy, strengths, _model_signature(model, clip))
         merged = _MERGES.get(key) or _merge_files(subject_path, style_path, net, method, layer_policy, strengths,
-                                                  layout, params)
+                                                  model, clip, params)
         _remember(key, merged)
         # the names (and paths) given now, also when the merge itself was reused for files of the same content
         merged = merged.named(subject_lora, style_lora, subject_path, style_path)
         model_out, clip_out, applied, applied_text = apply_merged(model, clip, merged)
         note = _base_model_note(name, model)
         return (model_out, clip_out, applied, "\n".join(filter(None, [applied.report.to_text(), applied_text, note])))
+
+
+def _key_map(model, clip) -> dict:
+    """ComfyUI's map from every LoRA layer name it reads to the weight (or band of one) it patches."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map) if clip is not None else key_map
 
 
 def _model_weights(model, clip) -> dict:
@@ -272,10 +295,7 @@ def _cached_verdict(model, clip, merged: MergedLora):
 def _verdict(model, clip, merged: MergedLora):
     """Which merged layers this model can take and the kohya state dict that patches them; refuses merges
     that fit nowhere, name one weight twice, or would overflow the model's weights."""
-    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
-    if clip is not None:
-        key_map = comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map)
-    weights = _model_weights(model, clip)
+    key_map, weights = _key_map(model, clip), _model_weights(model, clip)
     misfits = _misfits(merged, key_map, weights)
     applied = merged.without(misfits) if misfits else merged
     unknown = [name for name in applied.layers if not _in_model(name, key_map, weights)]

@@ -19,13 +19,13 @@ from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod
 SPLITS = ((SDXL, "lora_unet_output_blocks_0_1_", "lora_unet_output_blocks_1_1_"),)
 
 
-def split_for(layout: UNetLayout | None) -> tuple[str, str]:
+def split_for(layout: UNetLayout | None, family: str | None = None) -> tuple[str, str]:
     """(content block prefix, style block prefix) of ``layout``, compared by structure, not by name."""
     if layout is not None:
         for known, content, style in SPLITS:
             if dataclasses.replace(layout, name=known.name) == known:
                 return content, style
-    named = layout.name if layout is not None else "an unknown base model"
+    named = layout.name if layout is not None else (f"{family} models" if family else "an unknown base model")
     raise LoraRarError(f"b-lora: no published content/style block split for {named} (known: "
                        f"{', '.join(known.name for known, _, _ in SPLITS)}); use another method")
 
@@ -33,6 +33,13 @@ def split_for(layout: UNetLayout | None) -> tuple[str, str]:
 class BLoraMethod(MergeMethod):
     name = "b-lora"
     help = "B-LoRA block split: the subject's content block and the style's style block (SDXL); the rest by layer policy"
+
+    def unsupported(self, ctx: MergeContext) -> str | None:
+        try:
+            split_for(ctx.layout, ctx.family)
+        except LoraRarError as error:
+            return str(error).removeprefix("b-lora: ")
+        return None
 
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str:
         content, style_block = split_for(ctx.layout)

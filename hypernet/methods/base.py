@@ -85,11 +85,12 @@ class MergeContext:
 
     hypernet: object | None
     device: torch.device
-    layout: object | None = None  # the UNetLayout the LoRAs fit (None: not known, e.g. the CLI without --base)
+    layout: object | None = None  # the UNetLayout the LoRAs fit (None: not known, or a model that is no UNet)
     params: dict[str, float] = field(default_factory=dict)
     batched: bool = False
     memo: dict = field(default_factory=dict)  # emptied before each layer
     state: dict = field(default_factory=dict)  # kept for the whole call (e.g. H converted to float32 once)
+    family: str | None = None  # the model family the LoRAs are for, as ComfyUI names it ("Flux", "SDXL"), if known
 
 
 class MergeMethod:
@@ -101,6 +102,10 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     needs_hypernet: bool = False
     sampling_time: bool = False  # the result is chosen per sampling step (K-LoRA): no single LoRA file holds it
+
+    def unsupported(self, ctx: MergeContext) -> str | None:
+        """Why this method cannot merge LoRAs for ``ctx``'s model family (a one-line reason), or None."""
+        return None
 
     def claim(self, name: str, subject: LowRankLayer | None, style: LowRankLayer | None,
               ctx: MergeContext) -> Claim | str | None:

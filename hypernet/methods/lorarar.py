@@ -117,12 +117,25 @@ class LoraRarMethod(MergeMethod):
     help = "the hypernetwork merge: per-column subject and style coefficients for to_q/to_out.0, to_k/to_v summed"
     needs_hypernet = True
 
+    def unsupported(self, ctx: MergeContext) -> str | None:
+        """A model that is no UNet (Flux, SD3, ...) needs a hypernet whose file says it was trained for it."""
+        trained_for = getattr(ctx.hypernet, "model_classes", ())
+        if ctx.layout is not None or ctx.family is None or ctx.family in trained_for:
+            return None
+        family = ctx.family
+        return (f"no LoRA.rar hypernet for {family} models: the published ones serve SDXL and KOALA-700M UNets"
+                + (f", and this one says it was trained for {', '.join(trained_for)}" if trained_for else "")
+                + f"; a hypernet for {family} must be trained first (README: 'Other model families'); "
+                "use direct, np-lora or k-lora meanwhile")
+
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str | None:
         role = attention_role(name)
         if subject is None or style is None or role is None:
             return None
         if role in ("to_k", "to_v"):
             return Claim("summed", "to_k/to_v (the published rule sums them)")
+        if role == "qkv":  # one column coefficient would scale the k and v rows too, which the rule sums
+            return Claim("summed", "fused q/k/v of a DiT block (summed like to_k/to_v; see docs/METHODS.md)")
         if ctx.hypernet.input_layer(subject.d_out) is None:
             return f"width {subject.d_out}: the hypernet has no input layer for it"
         return Claim("hypernet")

@@ -64,17 +64,26 @@ def test_k_lora_refuses_a_side_float16_cannot_hold(comfy_host, fp16_model, layou
     assert "\n" not in str(error.value)
 
 
-def test_two_names_for_one_weight_are_refused(comfy_host, synthetic_model, layout):
+def test_two_names_for_one_weight_pair_up_across_files_and_are_refused_within_one(comfy_host, synthetic_model, layout):
+    """lora_te_ and lora_te1_ both name SDXL's first text encoder in ComfyUI's key map: a subject written one way
+    and a style the other merge that layer once (before, ComfyUI would have applied only one of two patches);
+    one file holding both names is refused, naming them."""
     nodes, _, loras = comfy_host
     model, clip = synthetic_model
     q = "text_model_encoder_layers_0_self_attn_q_proj"
-    for name, prefix, seed in (("te_subject.safetensors", "lora_te_", 93), ("te1_style.safetensors", "lora_te1_", 94)):
+    for name, prefixes, seed in (("te_subject.safetensors", ("lora_te_",), 93), ("te1_style.safetensors", ("lora_te1_",), 94),
+                                 ("te_both.safetensors", ("lora_te_", "lora_te1_"), 95)):
         state = random_lora(layout, rank=4, seed=seed)
-        state[f"{prefix}{q}.lora_up.weight"] = torch.randn(768, 2) * 0.01
-        state[f"{prefix}{q}.lora_down.weight"] = torch.randn(2, 768) * 0.01
+        for prefix in prefixes:
+            state[f"{prefix}{q}.lora_up.weight"] = torch.randn(768, 2) * 0.01
+            state[f"{prefix}{q}.lora_down.weight"] = torch.randn(2, 768) * 0.01
         write_lora(loras / name, state)
-    with pytest.raises(ValueError, match=rf"lora_te_{q} and lora_te1_{q} both patch .*only one"):
-        _merge(nodes, model, "te_subject.safetensors", "te1_style.safetensors", clip=clip)
+    _, _, merged, report = _merge(nodes, model, "te_subject.safetensors", "te1_style.safetensors", clip=clip)
+    text_layers = [name for name in merged.layers if name.startswith("lora_te")]
+    assert text_layers == [f"lora_te1_{q}"] and merged.layers[text_layers[0]].rank == 4  # both sides, summed
+    with pytest.raises(ValueError, match=rf"te_both\.safetensors: layers lora_te1_{q}, lora_te_{q} all patch "
+                                         rf"lora_te1_{q} \(the same layer written twice\)"):
+        _merge(nodes, model, "te_both.safetensors", "te1_style.safetensors", clip=clip)
 
 
 def test_a_rerun_reuses_the_patch_check_but_another_model_is_checked_again(comfy_host, synthetic_model, fp16_model,

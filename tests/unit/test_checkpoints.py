@@ -151,5 +151,5 @@ def test_auto_picks_the_published_hypernet_by_comfyui_model_class():
 
     assert for_model_class("SDXL").name == "sdxl" and for_model_class("Segmind_Vega").name == "sdxl"
     assert for_model_class("KOALA_700M").name == "koala-700m"
-    with pytest.raises(LoraRarError, match="no published LoRA.rar hypernet for a Flux model"):
+    with pytest.raises(LoraRarError, match="no published LoRA.rar hypernet for Flux models"):
         for_model_class("Flux")

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from devkit.dense_rule import dense_np_lora
 from devkit.loras import random_lora
 from hypernet.base_models import KOALA_700M, SDXL
 from hypernet.errors import LoraRarError
@@ -21,16 +22,6 @@ def relative_error(actual, expected):
 def dense(lora, name):
     layer = lora.layers[name]
     return (layer.up.double() @ layer.down.double()) * layer.scale
-
-
-def dense_np_lora(dw_subject, dw_style, mu, a=1.0, b=1.0):
-    """NP-LoRA as published: dW = dW_style + dW_subject (I - mu/(1+mu) V_k V_k^T), V_k: the style update's top-k
-    right singular vectors, k = its rank; strengths a, b scale each side."""
-    _, singular, vh = torch.linalg.svd(dw_style, full_matrices=False)
-    k = int((singular > singular[0] * 1e-10).sum())  # the style update's rank
-    v = vh[:k].T
-    projector = torch.eye(dw_style.shape[1], dtype=torch.float64) - mu / (1 + mu) * (v @ v.T)
-    return b * dw_style + a * dw_subject @ projector
 
 
 @pytest.fixture

@@ -1,0 +1,188 @@
+"""The merge node on DiT models (synthetic Flux and SD3.5, devkit/synthetic_dit.py): layers matched through
+ComfyUI's own key map in every format it reads, fused projections merged as the one linear they are,
+direct and NP-LoRA equal to their dense formulas, unmapped layers reported, LoRA.rar and B-LoRA naming the family.
+"""
+
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from devkit import synthetic_dit
+from devkit.dense_rule import dense_np_lora
+from devkit.dit_loras import FORMATS_BY_HOST, dense_updates, random_dit_lora, write_lora
+from devkit.synthetic_dit import FAMILIES
+
+pytestmark = pytest.mark.host
+# the nodes raise the LoraRarError of the pack as ComfyUI imported it (another module): matched as its base, ValueError
+
+# Native linears the random LoRAs train (as tests/host/test_synthetic_dit.py counts them)
+TRAINED = {"flux": 2 * 8 + 2 * 2, "sd35": 6 + 4 + 4 + 1}
+# (subject format, style format): a fused format against split pieces, and the other way round
+PAIRS = [("kohya", "peft"), ("peft", "comfy")]
+CASES = [(family, pair, method) for family in FAMILIES for pair in PAIRS for method in ("direct", "np-lora")]
+
+
+@pytest.fixture(scope="module")
+def dit(comfy_host):
+    """(ComfyUI version, {family: ModelPatcher}) on the in-process host that has the pack registered."""
+    import comfyui_version
+
+    root = synthetic_dit.ensure_dit(in_process=True)
+    return comfyui_version.__version__, {name: synthetic_dit.load_patcher(family, root)[0]
+                                         for name, family in FAMILIES.items()}
+
+
+def lora_file(comfy_host, name: str, family: str, fmt: str, seed: int, rank: int = 4, alpha=None) -> dict:
+    """A random LoRA written into the host's loras folder; returns its tensors."""
+    state = random_dit_lora(FAMILIES[family], fmt, rank=rank, seed=seed, alpha=alpha)
+    write_lora(comfy_host[2] / name, state)
+    return state
+
+
+def merge(comfy_host, model, subject: str, style: str, method: str, hypernet=None, **params):
+    nodes = comfy_host[0]
+    merge_node = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]()
+    return merge_node.merge(model, hypernet, subject, style, 0.8, 1.3, 1.0, 1.0, method, "sum", **params)
+
+
+def dense(layer) -> torch.Tensor:
+    return (layer.up.double() @ layer.down.double()) * layer.scale
+
+
+def relative_error(actual, expected) -> float:
+    return float((actual - expected).norm() / expected.norm())
+
+
+def canonical(weight_key: str) -> str:
+    """``double_blocks.0.img_attn.qkv.weight`` (or with the model's ``diffusion_model.``) -> its kohya layer name."""
+    return "lora_unet_" + weight_key.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")
+
+
+@pytest.mark.parametrize("family,pair,method", CASES, ids=lambda v: "-".join(v) if isinstance(v, tuple) else v)
+def test_direct_and_np_lora_equal_their_dense_formulas_on_every_fused_layer(comfy_host, dit, family, pair, method):
+    _, models = dit
+    subject_fmt, style_fmt = pair
+    subject = lora_file(comfy_host, f"dit-{family}-{subject_fmt}-s.safetensors", family, subject_fmt, 1, alpha=2.0)
+    style = lora_file(comfy_host, f"dit-{family}-{style_fmt}-t.safetensors", family, style_fmt, 2, rank=3)
+    _, _, merged, report = merge(comfy_host, models[family], f"dit-{family}-{subject_fmt}-s.safetensors",
+                                 f"dit-{family}-{style_fmt}-t.safetensors", method)
+    dense_subject = dense_updates(FAMILIES[family], subject_fmt, subject, dtype=torch.float64)
+    dense_style = dense_updates(FAMILIES[family], style_fmt, style, dtype=torch.float64)
+    assert len(dense_subject) == len(dense_style) == TRAINED[family]
+    assert f"applied to the model: {TRAINED[family]} layers" in report
+    assert set(merged.layers) == {canonical(key) for key in dense_subject}
+    for key in dense_subject:
+        s, t = 0.8 * dense_subject[key], 1.3 * dense_style[key]
+        expected = s + t if method == "direct" else dense_np_lora(s, t, 0.5)
+        layer = merged.layers[canonical(key)]
+        assert relative_error(dense(layer), expected) <= 1e-5, key
+        assert layer.rank <= (4 if subject_fmt in ("kohya", "comfy") else 16) + (3 if style_fmt == "comfy" else 12)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_the_patched_weights_are_the_merged_update(comfy_host, dit, family):
+    import comfy.model_management
+
+    _, models = dit
+    lora_file(comfy_host, f"dit-{family}-p1.safetensors", family, "peft", 3)
+    lora_file(comfy_host, f"dit-{family}-k1.safetensors", family, "kohya", 4)
+    model, _, merged, _ = merge(comfy_host, models[family], f"dit-{family}-p1.safetensors",
+                                f"dit-{family}-k1.safetensors", "np-lora")
+    comfy.model_management.unload_all_models()
+    before = {k: v.detach().clone() for k, v in model.model.state_dict().items()}
+    comfy.model_management.load_models_gpu([model], force_full_load=True)
+    try:
+        after = model.model.state_dict()
+        changed = {k for k in before if not torch.equal(before[k], after[k])}
+        assert {canonical(k) for k in changed} == set(merged.layers)
+        for key in changed:
+            delta = (after[key] - before[key]).double()
+            assert relative_error(delta, dense(merged.layers[canonical(key)])) <= 1e-5, key
+    finally:
+        comfy.model_management.unload_all_models()
+
+
+def test_layers_the_key_map_does_not_know_are_reported_not_dropped(comfy_host, dit):
+    _, models = dit
+    state = random_dit_lora(FAMILIES["sd35"], "peft", seed=5)
+    state["transformer.not_a_block.0.attn.to_q.lora_A.weight"] = torch.randn(4, 128)
+    state["transformer.not_a_block.0.attn.to_q.lora_B.weight"] = torch.randn(128, 4)
+    write_lora(comfy_host[2] / "dit-extra.safetensors", state)
+    lora_file(comfy_host, "dit-sd35-k2.safetensors", "sd35", "kohya", 6)
+    _, _, merged, report = merge(comfy_host, models["sd35"], "dit-extra.safetensors", "dit-sd35-k2.safetensors", "direct")
+    assert ("not merged: 1 layers of the subject LoRA that ComfyUI's key map does not know for this model "
+            "(ComfyUI would not apply them either), e.g. transformer.not_a_block.0.attn.to_q") in report
+    assert merged.report.as_dict()["unmapped_layers"] == {"subject": 1}
+
+
+def test_a_file_no_layer_of_which_maps_is_refused_naming_it(comfy_host, dit):
+    version, models = dit
+    junk = {"transformer.nowhere.0.lora_A.weight": torch.randn(4, 128), "transformer.nowhere.0.lora_B.weight": torch.randn(128, 4)}
+    save_file(junk, str(comfy_host[2] / "dit-junk.safetensors"))
+    lora_file(comfy_host, "dit-sd35-k3.safetensors", "sd35", "kohya", 7)
+    with pytest.raises(ValueError, match=r"dit-junk\.safetensors: none of its 1 LoRA layers is a layer ComfyUI's key "
+                                           r"map maps onto this model \(e\.g\. transformer\.nowhere\.0\)"):
+        merge(comfy_host, models["sd35"], "dit-junk.safetensors", "dit-sd35-k3.safetensors", "direct")
+
+
+def test_diffsynth_flux_loras_follow_what_the_host_reads(comfy_host, dit):
+    """DiffSynth's unprefixed diffusers names: ComfyUI 0.33.0 maps them, 0.3.75 does not (and says nothing)."""
+    version, models = dit
+    lora_file(comfy_host, "dit-flux-diffsynth.safetensors", "flux", "diffsynth", 8)
+    lora_file(comfy_host, "dit-flux-k4.safetensors", "flux", "kohya", 9)
+    if "diffsynth" in FORMATS_BY_HOST.get(version, FORMATS_BY_HOST["0.33.0"])["flux"]:
+        _, _, merged, report = merge(comfy_host, models["flux"], "dit-flux-diffsynth.safetensors",
+                                     "dit-flux-k4.safetensors", "direct")
+        assert f"applied to the model: {TRAINED['flux']} layers" in report
+    else:
+        with pytest.raises(ValueError, match=r"dit-flux-diffsynth\.safetensors: none of its \d+ LoRA layers"):
+            merge(comfy_host, models["flux"], "dit-flux-diffsynth.safetensors", "dit-flux-k4.safetensors", "direct")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_lorarar_and_b_lora_say_the_family_has_no_hypernet_or_split(comfy_host, dit, family):
+    _, models = dit
+    nodes = comfy_host[0]
+    lora_file(comfy_host, f"dit-{family}-k5.safetensors", family, "kohya", 10)
+    lora_file(comfy_host, f"dit-{family}-k6.safetensors", family, "kohya", 11)
+    model_class = FAMILIES[family].model_class
+    (loaded,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto", models[family])
+    with pytest.raises(ValueError, match=rf"no published LoRA\.rar hypernet for {model_class} models .*trained for {model_class}"):
+        merge(comfy_host, models[family], f"dit-{family}-k5.safetensors", f"dit-{family}-k6.safetensors", "lorarar", loaded)
+    with pytest.raises(ValueError, match=rf"^b-lora: no published content/style block split for {model_class} models"):
+        merge(comfy_host, models[family], f"dit-{family}-k5.safetensors", f"dit-{family}-k6.safetensors", "b-lora")
+
+
+@pytest.fixture(scope="module")
+def dit_hypernet(comfy_host, tmp_path_factory):
+    """A random hypernet for the synthetic DiTs' widths whose metadata says it was trained for SD3."""
+    from hypernet.model import LoraRarHypernet
+
+    folder = tmp_path_factory.mktemp("dit_hypernets")
+    comfy_host[1].add_model_folder_path("lorarar", str(folder))
+    torch.manual_seed(0)
+    net = LoraRarHypernet({"input_1": 2 * 128, "input_2": 2 * 256}, hidden=16)
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(folder / "sd3-trained.safetensors"),
+              metadata={"lorarar_model_classes": "SD3"})
+    return "sd3-trained.safetensors"
+
+
+def test_a_hypernet_whose_metadata_names_the_family_merges_it_and_only_it(comfy_host, dit, dit_hypernet):
+    _, models = dit
+    nodes = comfy_host[0]
+    lora_file(comfy_host, "dit-sd35-k7.safetensors", "sd35", "kohya", 12)
+    lora_file(comfy_host, "dit-sd35-p7.safetensors", "sd35", "peft", 13)
+    (loaded,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load(dit_hypernet, models["sd35"])
+    _, _, merged, _ = merge(comfy_host, models["sd35"], "dit-sd35-k7.safetensors", "dit-sd35-p7.safetensors",
+                            "lorarar", loaded)
+    actions = merged.report.actions
+    projections = [name for name in actions if name.endswith("_proj")]
+    fused = [name for name in actions if name.endswith("_qkv")]
+    assert projections and all(actions[name] == "hypernet" for name in projections)
+    assert fused and all(actions[name] == "summed" for name in fused)
+    assert set(merged.coefficients) == set(projections)
+    (for_flux,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load(dit_hypernet, models["flux"])
+    lora_file(comfy_host, "dit-flux-k8.safetensors", "flux", "kohya", 14)
+    with pytest.raises(ValueError, match=r"sd3-trained\.safetensors: this hypernet was trained for SD3 models; this model is Flux"):
+        merge(comfy_host, models["flux"], "dit-flux-k8.safetensors", "dit-flux-k8.safetensors", "lorarar", for_flux)
