@@ -39,6 +39,23 @@ def refuse_method(rule: MergeMethod) -> None:
                        f"methods that can: {', '.join(LAYOUT_FREE_METHODS)}")
 
 
+def read_for_layout(path: Path, layout: UNetLayout, rule: MergeMethod) -> LoraFile:
+    """read_lora(path, layout); a file all of whose layers the parser does not know (a DiT LoRA given to a method
+    that needs the layout) is refused saying so, rather than as "not a LoRA"."""
+    try:
+        return read_lora(path, layout)
+    except LoraRarError:
+        try:
+            unknown = unknown_layers(read_lora(path, layout, keep_unknown=True))
+        except LoraRarError:
+            unknown = []
+        if not unknown:
+            raise
+    raise LoraRarError(f"{path}: none of its layers is a {layout.name} layer (e.g. {_shown(unknown)}): a LoRA for "
+                       f"another model family? {rule.name} needs the base model's layout; use --method "
+                       f"{' or '.join(LAYOUT_FREE_METHODS)} with --base {ANY}") from None
+
+
 def unknown_layers(lora: LoraFile) -> list[str]:
     """The layers kept under the stem as written, because the SDXL parser has no name for them."""
     return [name for name in lora.layers if canonical_name(name) is None]

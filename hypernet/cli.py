@@ -14,7 +14,7 @@ from .checkpoints import WEIGHTS_DIR, env_weight_dirs, load_hypernet, load_manif
 from .errors import LoraRarError, unforeseen_as_error
 from .evaluation import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
 from .files import check_target, refuse_replacing
-from .lora_io import SAVE_DTYPES as DTYPES, read_lora, save_lora
+from .lora_io import SAVE_DTYPES as DTYPES, save_lora
 from . import methods
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, Strengths, merge_loras
 
@@ -133,7 +133,8 @@ def _read_inputs(args: argparse.Namespace, rule, info, trained_on):
         if any_family.needs_any(subject, style):
             return subject, style, None, any_family.check_shared(subject, style)
         return subject, style, layout, None  # only names the layout's parser knows: the layers read_lora gives
-    return read_lora(args.subject, layout), read_lora(args.style, layout), layout, None
+    return (any_family.read_for_layout(args.subject, layout, rule), any_family.read_for_layout(args.style, layout, rule),
+            layout, None)
 
 
 def _method_params(args: argparse.Namespace) -> dict[str, float]:

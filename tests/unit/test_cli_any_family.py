@@ -155,3 +155,14 @@ def test_methods_that_need_a_layout_are_refused_with_base_any(tmp_path, method, 
     assert why in error
     if method != "k-lora":
         assert "methods that can: direct, np-lora" in error
+
+
+@pytest.mark.parametrize("method", ["lorarar", "b-lora"])
+def test_a_dit_lora_given_to_a_method_that_needs_a_layout_is_named_as_such(tmp_path, method):
+    subject = lora_file(tmp_path / "s.safetensors", PEFT, fmt="peft", rank=4, seed=1)
+    style = lora_file(tmp_path / "t.safetensors", PEFT, fmt="peft", rank=4, seed=2)
+
+    error = refused(tmp_path, subject, style, "--method", method)
+
+    assert "s.safetensors: none of its layers is a sdxl layer (e.g. transformer.single_transformer_blocks.1" in error
+    assert f"{method} needs the base model's layout; use --method direct or np-lora with --base any" in error
