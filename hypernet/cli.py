@@ -8,13 +8,13 @@ import sys
 from pathlib import Path
 
 
-from . import __version__, evaluation
+from . import __version__, any_family, evaluation
 from .base_models import LAYOUTS, SDXL
 from .checkpoints import WEIGHTS_DIR, env_weight_dirs, load_hypernet, load_manifest
 from .errors import LoraRarError, unforeseen_as_error
 from .evaluation import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
 from .files import check_target, refuse_replacing
-from .lora_io import SAVE_DTYPES as DTYPES, read_lora, save_lora
+from .lora_io import SAVE_DTYPES as DTYPES, save_lora
 from . import methods
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, Strengths, merge_loras
 
@@ -50,9 +50,11 @@ def _parser() -> argparse.ArgumentParser:
                                help=f"{method.name} only: {param.help} (default {param.default:g}, "
                                     f"{param.minimum:g} to {param.maximum:g})")
     merge.add_argument("--layer-policy", choices=LAYER_POLICIES, default="sum", help=LAYER_POLICY_HELP)
-    merge.add_argument("--base", choices=sorted(LAYOUTS), help="the base model the LoRAs are for: they are checked "
-                       "against its layout, as the node checks them against its model (default: the hypernet's "
-                       "training model, else sdxl)")
+    merge.add_argument("--base", choices=[*sorted(LAYOUTS), any_family.ANY], help="the base model the LoRAs are "
+                       "for: they are checked against its layout, as the node checks them against its model; any: "
+                       "a model of any family (Flux, SD3.5, ...), layers matched by the name written in the files, "
+                       f"for methods {' and '.join(any_family.LAYOUT_FREE_METHODS)} (default: the hypernet's training "
+                       "model; for those methods any when the files hold layers the SDXL parser does not know, else sdxl)")
     merge.add_argument("--subject-strength", type=float, default=1.0)
     merge.add_argument("--style-strength", type=float, default=1.0)
     merge.add_argument("--subject-clip-strength", type=float, default=1.0)
@@ -94,6 +96,8 @@ def run_merge(args: argparse.Namespace) -> int:
     if rule.sampling_time:  # before any other check: no --out or input could make it work
         raise LoraRarError(f"{rule.name} chooses per step at sampling time; it cannot be saved as one LoRA file; "
                            "use it in ComfyUI through the merge node's MODEL output, or choose another --method")
+    if args.base == any_family.ANY:  # before --out and the inputs, like the check above
+        any_family.refuse_method(rule)
     strengths = Strengths(args.subject_strength, args.style_strength, args.subject_clip_strength, args.style_clip_strength)
     inputs = _check_out(args)
     params = _method_params(args)
@@ -102,21 +106,35 @@ def run_merge(args: argparse.Namespace) -> int:
     hypernet, trained_on = (None, None)
     if rule.needs_hypernet and info is None:  # a file: local, so load it first and learn its training model
         hypernet, trained_on = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
-    # the layout the LoRAs must fit, as the node uses its model's: named, else the hypernet's training model
-    layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else trained_on or SDXL)
     with unforeseen_as_error(f"{args.subject} + {args.style}"):
         # the LoRAs before a published hypernet: a bad input file is named before any download is tried
-        subject = read_lora(args.subject, layout)
-        style = read_lora(args.style, layout)
+        subject, style, layout, note = _read_inputs(args, rule, info, trained_on)
         if rule.needs_hypernet and hypernet is None:
             hypernet, trained_on = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
         merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, layout=layout,
                              params=params)
+    merged.report.notes.extend([note] if note else [])
     save_lora(args.out, merged.kohya_state_dict(DTYPES[args.dtype]), merged.metadata(__version__), overwrite=args.overwrite,
               protect={**inputs, **merged.source_paths})
     print(json.dumps(merged.report.as_dict(), indent=2) if args.json else merged.report.to_text())
     print(f"wrote {args.out}")
     return 0
+
+
+def _read_inputs(args: argparse.Namespace, rule, info, trained_on):
+    """(subject, style, layout the LoRAs must fit or None for any family, note for the report or None)."""
+    if args.base == any_family.ANY:
+        subject, style = any_family.read_pair(args.subject, args.style, SDXL)
+        return subject, style, None, any_family.check_shared(subject, style)
+    # the layout the LoRAs must fit, as the node uses its model's: named, else the hypernet's training model
+    layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else trained_on or SDXL)
+    if args.base is None and rule.name in any_family.LAYOUT_FREE_METHODS:
+        subject, style = any_family.read_pair(args.subject, args.style, layout)
+        if any_family.needs_any(subject, style):
+            return subject, style, None, any_family.check_shared(subject, style)
+        return subject, style, layout, None  # only names the layout's parser knows: the layers read_lora gives
+    return (any_family.read_for_layout(args.subject, layout, rule), any_family.read_for_layout(args.style, layout, rule),
+            layout, None)
 
 
 def _method_params(args: argparse.Namespace) -> dict[str, float]:

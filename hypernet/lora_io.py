@@ -176,25 +176,30 @@ def _alpha(path: Path, keys: dict[str, str], roles: dict[str, torch.Tensor]) -> 
     return float(alpha.double().item())
 
 
-def read_lora(path: str | Path, layout: UNetLayout = SDXL) -> LoraFile:
-    """Read a LoRA file into canonical layers. Raises LoraRarError with the file and problem on bad input."""
+def read_lora(path: str | Path, layout: UNetLayout = SDXL, *, keep_unknown: bool = False) -> LoraFile:
+    """Read a LoRA file into canonical layers. Raises LoraRarError with the file and problem on bad input.
+
+    keep_unknown: layers whose stem the SDXL parser does not know (a Flux or SD3.5 diffusers name such as
+    ``transformer.transformer_blocks.0.attn.to_q``) are kept under the stem as written instead of ignored.
+    """
     path = Path(path)
     if not path.is_file():
         raise LoraRarError(f"{path}: LoRA file not found")
-    return lora_from_tensors(read_state_dict(path, "LoRA"), path, file_sha256(path), layout)
+    return lora_from_tensors(read_state_dict(path, "LoRA"), path, file_sha256(path), layout, keep_unknown=keep_unknown)
 
 
 def lora_from_tensors(tensors: dict[str, torch.Tensor], path: str | Path, sha256: str = "",
-                      layout: UNetLayout = SDXL) -> LoraFile:
+                      layout: UNetLayout = SDXL, *, keep_unknown: bool = False) -> LoraFile:
     """Group a LoRA state dict into canonical layers (what read_lora does after reading the file).
 
     ``path`` names the source in errors and reports; the tensors are used as they are, not copied.
+    keep_unknown: see :func:`read_lora`.
     """
     path = Path(path)
     if not tensors:
         raise LoraRarError(f"{path}: empty LoRA (the file holds no tensors)")
     check_finite_tensors(tensors, path)
-    grouped, stems, ignored = _group_by_layer(tensors, path, layout)
+    grouped, stems, ignored = _group_by_layer(tensors, path, layout, keep_unknown)
     layers: dict[str, LowRankLayer | OtherLayer] = {}
     for name, parts in grouped.items():
         roles = {role: tensor for role, (_, tensor) in parts.items()}
@@ -220,8 +225,10 @@ def notes_for(tensors: dict[str, torch.Tensor]) -> list[str]:
     return [f"{dtype} factors of {len(stems)} layers widened to float32 (exact)" for dtype, stems in sorted(widened.items())]
 
 
-def _group_by_layer(tensors: dict[str, torch.Tensor], path: Path, layout: UNetLayout):
+def _group_by_layer(tensors: dict[str, torch.Tensor], path: Path, layout: UNetLayout, keep_unknown: bool = False):
     """({canonical name: {role: (key, tensor)}}, {canonical name: stem as written}, keys that are no LoRA tensor).
+
+    keep_unknown: a LoRA tensor whose stem has no canonical name is grouped under the stem as written.
 
     Refuses a file where no key is a LoRA tensor, or one layer written twice under two spellings.
     """
@@ -231,6 +238,8 @@ def _group_by_layer(tensors: dict[str, torch.Tensor], path: Path, layout: UNetLa
     for key, tensor in tensors.items():
         split = split_key(key)
         name = canonical_name(split[0], layout) if split else None
+        if name is None and split and keep_unknown:
+            name = split[0]
         if name is None:
             ignored.append(key)
             continue
