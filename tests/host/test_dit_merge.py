@@ -186,3 +186,36 @@ def test_a_hypernet_whose_metadata_names_the_family_merges_it_and_only_it(comfy_
     lora_file(comfy_host, "dit-flux-k8.safetensors", "flux", "kohya", 14)
     with pytest.raises(ValueError, match=r"sd3-trained\.safetensors: this hypernet was trained for SD3 models; this model is Flux"):
         merge(comfy_host, models["flux"], "dit-flux-k8.safetensors", "dit-flux-k8.safetensors", "lorarar", for_flux)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_a_saved_dit_merge_loads_with_the_stock_loader_and_patches_what_the_node_patched(comfy_host, dit, family):
+    """The save node writes the fused layers under kohya names; ComfyUI's own LoRA loading of that file changes
+    the same weights by the same amounts as the merge node's MODEL output."""
+    import comfy.model_management
+    import comfy.sd
+    import comfy.utils
+
+    nodes, folder_paths, loras = comfy_host
+    _, models = dit
+    lora_file(comfy_host, f"dit-{family}-save-s.safetensors", family, "kohya", 15)
+    lora_file(comfy_host, f"dit-{family}-save-t.safetensors", family, "peft", 16)
+    model_out, _, merged, _ = merge(comfy_host, models[family], f"dit-{family}-save-s.safetensors",
+                                    f"dit-{family}-save-t.safetensors", "np-lora")
+    nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]().save(merged, f"merged/dit-{family}", "fp32", "error")
+    saved = comfy.utils.load_torch_file(str(loras / "merged" / f"dit-{family}.safetensors"), safe_load=True)
+    stock, _ = comfy.sd.load_lora_for_models(models[family], None, saved, 1.0, 0.0)
+
+    def patched(patcher) -> dict:
+        comfy.model_management.unload_all_models()
+        before = {k: v.detach().clone() for k, v in patcher.model.state_dict().items()}
+        comfy.model_management.load_models_gpu([patcher], force_full_load=True)
+        try:
+            return {k: v.detach() - before[k] for k, v in patcher.model.state_dict().items() if not torch.equal(v, before[k])}
+        finally:
+            comfy.model_management.unload_all_models()
+
+    by_node, by_stock = patched(model_out), patched(stock)
+    assert set(by_node) == set(by_stock) and len(by_node) == TRAINED[family]
+    for key, delta in by_node.items():
+        assert relative_error(by_stock[key].double(), delta.double()) <= 1e-5, key
