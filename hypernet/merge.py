@@ -338,6 +338,11 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     report.coefficient_blocks = summarize(coefficients)
     if not computed:
         raise LoraRarError(f"{subject.name} + {style.name}: no layer could be merged ({report.to_text()})")
+    if rule.needs_hypernet and not report.hypernet_layers:  # a plain sum under the hypernet method's name
+        raise LoraRarError(
+            f"{subject.name} + {style.name}: {rule.name} merged no layer with the hypernet (no attention projection "
+            f"of a width it serves is in both LoRAs; {', '.join(f'{n} {a}' for a, n in sorted(report.as_dict()['layers'].items()))}): "
+            f"LoRAs for another model family? use method direct to sum them")
     layers = {name: computed[name].layer for name in plan if name in computed and computed[name].layer is not None}
     switch = rule.finish({name: m.switched for name, m in computed.items() if m.switched is not None}, params)
     report.sampling = switch.summary() if switch is not None else {}

@@ -13,7 +13,8 @@ from safetensors.torch import save_file
 
 from hypernet.cli import main
 from tests.unit.test_cli import run_cli
-from tests.unit.test_methods_golden import dense_np_lora, relative_error
+from devkit.dense_rule import dense_np_lora
+from tests.unit.test_methods_golden import relative_error
 
 # Flux diffusers names (PEFT form) -> (out, in): a split q/k, an output projection, an MLP layer
 PEFT = {"transformer.transformer_blocks.0.attn.to_q": (24, 16), "transformer.transformer_blocks.0.attn.to_k": (24, 16),
@@ -166,3 +167,18 @@ def test_a_dit_lora_given_to_a_method_that_needs_a_layout_is_named_as_such(tmp_p
 
     assert "s.safetensors: none of its layers is a sdxl layer (e.g. transformer.single_transformer_blocks.1" in error
     assert f"{method} needs the base model's layout; use --method direct or np-lora with --base any" in error
+
+
+def test_lorarar_on_kohya_dit_names_is_refused_rather_than_summed_under_its_name(tmp_path, shared_weights):
+    """kohya ``lora_unet_double_blocks_...`` names parse as SDXL names, but no layer is an attention projection the
+    hypernet serves: the merge would be a plain sum labelled lorarar, so it is refused, saying so."""
+    subject = lora_file(tmp_path / "s.safetensors", NATIVE, fmt="kohya", rank=4, seed=1)
+    style = lora_file(tmp_path / "t.safetensors", NATIVE, fmt="kohya", rank=4, seed=2)
+
+    out = tmp_path / "never.safetensors"
+    result = run_cli("merge", "--subject", subject, "--style", style, "--out", out, "--method", "lorarar",
+                     weights_dir=shared_weights)
+    error = result.stderr
+    assert result.returncode == 2 and error.count("\n") == 1 and not out.exists(), result.stdout + error
+    assert "s.safetensors + t.safetensors: lorarar merged no layer with the hypernet" in error
+    assert "use method direct to sum them" in error
