@@ -57,7 +57,10 @@ def patched_overflow(layer: LowRankLayer, weight: torch.Tensor, dtype: torch.dty
     """
     limit = torch.finfo(dtype).max
     weight = weight.detach().reshape(layer.d_out, layer.d_in)
-    if update_bound(layer) + float(weight.abs().max()) <= limit:
+    # float8 weights (a model loaded with weight_dtype fp8) have no abs/max kernels: read them as float32 in blocks
+    widest = max((float(weight[:, start:start + columns].float().abs().max()) for start in range(0, layer.d_in, columns)),
+                 default=0.0) if weight.element_size() == 1 else float(weight.abs().max())
+    if update_bound(layer) + widest <= limit:
         return None
     up = layer.up.float() * layer.scale
     for start in range(0, layer.d_in, columns):

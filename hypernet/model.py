@@ -121,6 +121,13 @@ class LoraRarHypernet(nn.Module):
 MODEL_CLASSES_KEY = "lorarar_model_classes"  # safetensors metadata: comma-separated ComfyUI model classes, "Flux,FluxSchnell"
 
 
+def shown_model_classes(classes: tuple[str, ...]) -> str:
+    """The model classes a hypernet's metadata names, for a message: the first three, each at most 40 characters
+    (the metadata is free text a file can make megabytes long)."""
+    shown = ", ".join(" ".join(name.split())[:40] for name in classes[:3])
+    return shown + (f" and {len(classes) - 3} more" if len(classes) > 3 else "")
+
+
 def model_classes_of(path: Path) -> tuple[str, ...]:
     """The model classes a .safetensors hypernet's metadata names (``lorarar_model_classes``); () for others."""
     if path.suffix != ".safetensors":

@@ -22,11 +22,12 @@ import torch
 
 from .base_models import UNetLayout
 from .errors import LoraRarError
-from .keys import canonical_name, split_key
+from .keys import canonical_name, is_text_encoder, split_key
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, check_finite_tensors, layer_from_roles, notes_for
 
 _UNET = "diffusion_model."
 _TE_PREFERENCE = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
+_TE_STEMS = ("text_encoder.", "text_encoder_2.", "text_encoders.")  # diffusers / PEFT text-encoder stems
 
 
 def target_key(target) -> str:
@@ -66,11 +67,12 @@ def _band(target, path: Path, stem: str) -> tuple[int, int] | None:
 
 def lora_for_model(tensors: dict[str, torch.Tensor], path: str | Path, key_map: dict,
                    shapes: dict[str, tuple[int, ...]], sha256: str = "", layout: UNetLayout | None = None,
-                   host: str = "this ComfyUI") -> LoraFile:
+                   host: str = "this ComfyUI", text_encoders: bool = True) -> LoraFile:
     """Group a LoRA state dict by the model weights ``key_map`` sends its layers to.
 
     shapes: weight key -> shape (the rows of a fused weight); layout: a UNet layout lets the pack's own SDXL
-    names (keys.canonical_name) read stems the map does not know; host: names the host in messages.
+    names (keys.canonical_name) read stems the map does not know; host: names the host in messages;
+    text_encoders: False when the map holds no text encoder (no CLIP connected), to say so about their layers.
     """
     path = Path(path)
     if not tensors:
@@ -78,11 +80,24 @@ def lora_for_model(tensors: dict[str, torch.Tensor], path: str | Path, key_map: 
     check_finite_tensors(tensors, path)
     names = canonical_names(key_map)
     pieces, ignored, unmapped = _pieces(tensors, path, key_map, names, layout)
+    text_layers = [] if text_encoders else [stem for stem in unmapped if _is_text_stem(stem)]
     if not pieces:
-        _refuse_unmapped(path, tensors, unmapped, host)
+        _refuse_unmapped(path, tensors, unmapped, host, text_layers)
     layers = {name: _joined(name, parts, path, shapes) for name, parts in pieces.items()}
-    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored, notes=notes_for(tensors),
+    notes = notes_for(tensors)
+    if text_layers:
+        notes.append(f"{len(text_layers)} text-encoder layers not merged: no CLIP is connected (connect one to merge them)")
+    return LoraFile(path=str(path), sha256=sha256, layers=layers, ignored_keys=ignored, notes=notes,
                     unmapped=unmapped)
+
+
+def _is_text_stem(stem: str) -> bool:
+    return is_text_encoder(stem) or stem.startswith(_TE_STEMS)
+
+
+def _shown(stem: str) -> str:
+    """A layer name from a file, on one line and at most 100 characters (file keys are free text)."""
+    return " ".join(stem.split())[:100]
 
 
 def _pieces(tensors, path: Path, key_map: dict, names: dict[str, str], layout):
@@ -111,14 +126,18 @@ def _pieces(tensors, path: Path, key_map: dict, names: dict[str, str], layout):
     return pieces, ignored, unmapped
 
 
-def _refuse_unmapped(path: Path, tensors: dict, unmapped: list[str], host: str):
+def _refuse_unmapped(path: Path, tensors: dict, unmapped: list[str], host: str, text_layers: list[str]):
     if not unmapped:
         raise LoraRarError(
             f"{path}: not a LoRA: none of its {len(tensors)} tensors is a LoRA factor (lora_up/lora_down, "
             f"lora_A/lora_B, ...); first keys: {', '.join(sorted(tensors)[:3])}")
+    if text_layers and len(text_layers) == len(unmapped):
+        raise LoraRarError(
+            f"{path}: all its {len(unmapped)} LoRA layers are text-encoder layers (e.g. {_shown(sorted(unmapped)[0])}) "
+            f"and no CLIP is connected: connect the CLIP to the merge node")
     raise LoraRarError(
         f"{path}: none of its {len(unmapped)} LoRA layers is a layer {host} maps onto this model (e.g. "
-        f"{sorted(unmapped)[0]}): it is a LoRA for another model, or a format this ComfyUI version does not read")
+        f"{_shown(sorted(unmapped)[0])}): it is a LoRA for another model, or a format this ComfyUI version does not read")
 
 
 def _joined(name: str, parts: list, path: Path, shapes: dict) -> LowRankLayer | OtherLayer:
@@ -129,9 +148,11 @@ def _joined(name: str, parts: list, path: Path, shapes: dict) -> LowRankLayer | 
     bands = [band for _, band, _, _ in parts]
     if len(parts) == 1 and bands[0] is None:
         return parts[0][2]
-    stems = [stem for stem, _, _, _ in parts]
     if None in bands or len(set(bands)) != len(bands):
-        raise LoraRarError(f"{path}: layers {', '.join(sorted(stems))} all patch {name} (the same layer written twice); "
+        # only the pieces that collide: a whole-weight piece collides with every band, a band with its own twin
+        twice = sorted(_shown(stem) for stem, band, _, _ in parts
+                       if band is None or None in bands or bands.count(band) > 1)
+        raise LoraRarError(f"{path}: layers {', '.join(twice)} all patch {name} (the same layer written twice); "
                            "ComfyUI would apply only one: remove one of them")
     return _join_bands(name, parts, path, shapes)
 
@@ -146,8 +167,9 @@ def _join_bands(name: str, parts: list, path: Path, shapes: dict) -> LowRankLaye
     if len(d_in) != 1 or any(layer.conv_kernel for _, _, layer, _ in parts):
         raise LoraRarError(f"{path}: the pieces of {name} ({', '.join(s for s, _, _, _ in parts)}) have input widths "
                            f"{sorted(d_in)} or conv kernels; pieces of one fused linear share its input")
-    dtypes = {layer.up.dtype for _, _, layer, _ in parts} | {layer.down.dtype for _, _, layer, _ in parts}
-    dtype = dtypes.pop() if len(dtypes) == 1 else torch.float32
+    # float32 whatever the pieces' type: each piece's scale is folded into its up, which in float16 would lose
+    # small products to subnormals and turn large alphas into Inf (the whole-weight path keeps the scale apart)
+    dtype = torch.float32
     rank = sum(layer.rank for _, _, layer, _ in parts)
     up = torch.zeros(rows, rank, dtype=dtype)
     bias = None

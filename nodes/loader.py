@@ -10,7 +10,7 @@ import folder_paths
 from ..hypernet.base_models import UNetLayout
 from ..hypernet.checkpoints import for_model_class, load_hypernet, load_manifest
 from ..hypernet.errors import LoraRarError
-from ..hypernet.model import LoraRarHypernet
+from ..hypernet.model import LoraRarHypernet, shown_model_classes
 from .common import (CATEGORY, FOLDER, HYPERNET_TYPE, download_dir, fingerprint, hypernet_choices, hypernet_dirs,
                      model_class, register_folder)
 
@@ -38,7 +38,7 @@ class LoadedHypernets:
                                f"{model_class(model)} one; connect this model to the loader or choose a hypernet")
         hypernet, trained_on = self.by_name[name]
         if hypernet.model_classes and model_class(model) not in hypernet.model_classes:
-            raise LoraRarError(f"{name}: this hypernet was trained for {', '.join(hypernet.model_classes)} models; "
+            raise LoraRarError(f"{name}: this hypernet was trained for {shown_model_classes(hypernet.model_classes)} models; "
                                f"this model is {model_class(model)}: choose a hypernet for it")
         return hypernet, trained_on, name
 

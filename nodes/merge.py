@@ -66,10 +66,11 @@ def _params_for(method: str, given: dict) -> dict[str, float]:
             if methods.param_key(rule, param) in given}
 
 
-def _read(path: str, key_map: dict, shapes: dict, layout) -> LoraFile:
+def _read(path: str, key_map: dict, shapes: dict, layout, text_encoders: bool) -> LoraFile:
     """A LoRA file's layers as this model's key map sends them (ComfyUI's own conversions applied first)."""
     tensors = comfy.lora_convert.convert_lora(read_state_dict(path, "LoRA"))
-    return lora_for_model(tensors, path, key_map, shapes, fingerprint(path), layout, host="ComfyUI's key map")
+    return lora_for_model(tensors, path, key_map, shapes, fingerprint(path), layout, host="ComfyUI's key map",
+                          text_encoders=text_encoders)
 
 
 def _merge_files(subject_path, style_path, net, method, layer_policy, strengths, model, clip, params) -> MergedLora:
@@ -77,8 +78,8 @@ def _merge_files(subject_path, style_path, net, method, layer_policy, strengths,
     key_map, weights = _key_map(model, clip), _model_weights(model, clip)
     shapes = {key: tuple(weight.shape) for key, weight in weights.items()}
     with unforeseen_as_error(f"{subject_path} + {style_path}"):
-        subject = _read(subject_path, key_map, shapes, layout)
-        style = _read(style_path, key_map, shapes, layout)
+        subject = _read(subject_path, key_map, shapes, layout, clip is not None)
+        style = _read(style_path, key_map, shapes, layout, clip is not None)
         bar = comfy.utils.ProgressBar(1)
         # checked against the model itself: a LoRA for another base model is refused whatever the method
         return merge_loras(subject, style, net, method, layer_policy, strengths, layout=layout,

@@ -18,7 +18,7 @@ from ..errors import LoraRarError
 from ..keys import attention_role
 from ..lora_io import LowRankLayer
 from ..lowrank import weighted_sum
-from ..model import LoraRarHypernet
+from ..model import LoraRarHypernet, shown_model_classes
 from . import register
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod
 
@@ -124,7 +124,7 @@ class LoraRarMethod(MergeMethod):
             return None
         family = ctx.family
         return (f"no LoRA.rar hypernet for {family} models: the published ones serve SDXL and KOALA-700M UNets"
-                + (f", and this one says it was trained for {', '.join(trained_for)}" if trained_for else "")
+                + (f", and this one says it was trained for {shown_model_classes(trained_for)}" if trained_for else "")
                 + f"; a hypernet for {family} must be trained first (README: 'Other model families'); "
                 "use direct, np-lora or k-lora meanwhile")
 
