@@ -65,6 +65,9 @@ class ZipLoraLayer(torch.nn.Module):
             bias = layer.bias.detach().float() * strength if layer.bias is not None else None
             self.register_buffer(f"{side}_bias", bias, persistent=False)
         self.trainable = len(self.sides) == 2
+        # whether the model's layer is a conv (input (B, d_in, H, W)); None: a 4-dim input to a layer whose
+        # factors carry a kernel. The injection sets it from the module, as a 1x1 LoRA may patch a linear.
+        self.channels_first: bool | None = None
         d_in = (subject or style).d_in
         if self.trainable:
             self.m_subject = torch.nn.Parameter(torch.ones(d_in))
@@ -97,7 +100,9 @@ class ZipLoraLayer(torch.nn.Module):
         sides = [s for s in self.sides if branch == "merged" or branch == s]
         if not sides:
             return None
-        conv = x.dim() == 4 and self.sides[sides[0]][0].kernel != ()
+        conv = self.channels_first
+        if conv is None:
+            conv = x.dim() == 4 and self.sides[sides[0]][0].kernel != ()
         rows = x.movedim(1, -1) if conv else x  # channels last, so the factors apply as linears
         coefficients = dict(zip(("subject", "style"), self.coefficients())) if self.trainable and branch == "merged" else {}
         out = sum(self._side(side, rows, coefficients.get(side)) for side in sides)
@@ -171,7 +176,7 @@ class ZipLoraLoss:
     similarity: torch.Tensor
 
     def as_floats(self) -> dict[str, float]:
-        return {k: float(getattr(self, k)) for k in ("total", "subject", "style", "similarity")}
+        return {k: float(getattr(self, k).detach()) for k in ("total", "subject", "style", "similarity")}
 
 
 def ziplora_loss(merge: ZipLoraMerge, denoise: Callable[[object], torch.Tensor], subject_batch, style_batch,

@@ -63,6 +63,7 @@ def inject(model, merge: ZipLoraMerge):
     patched = model.clone()
     merge.to(model.load_device)
     for name, layer in merge.layers.items():
+        layer.channels_first = isinstance(patched.get_model_object(paths[name]), torch.nn.Conv2d)
         attribute = f"{paths[name]}.forward"
         # the current forward, which is an earlier object patch when one exists: chained, not replaced
         patched.add_object_patch(attribute, _branch_forward(patched.get_model_object(attribute), layer))
