@@ -73,6 +73,20 @@ class ZipLoraLayer(torch.nn.Module):
             self.m_subject = torch.nn.Parameter(torch.ones(d_in))
             self.m_style = torch.nn.Parameter(torch.ones(d_in))
         self._given: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._cast: dict[tuple, tuple] = {}  # (side, device, dtype) -> (up, down, bias) in the model's compute type
+
+    def _apply(self, fn, *args, **kwargs):
+        self._cast.clear()  # moved or converted: the cached copies would be stale
+        return super()._apply(fn, *args, **kwargs)
+
+    def _factors(self, side: str, device: torch.device, dtype: torch.dtype) -> tuple:
+        """(up, down, bias) of one side on ``device`` in ``dtype``, converted once (fp16/bf16 models on a GPU),
+        not on every forward."""
+        key = (side, device, dtype)
+        if key not in self._cast:
+            tensors = (getattr(self, f"{side}_{part}") for part in ("up", "down", "bias"))
+            self._cast[key] = tuple(t.to(device, dtype) if t is not None else None for t in tensors)
+        return self._cast[key]
 
     def use_coefficients(self, m_subject: torch.Tensor | None, m_style: torch.Tensor | None = None) -> None:
         """Coefficients (d_in,) from elsewhere (a hypernetwork's output, with its graph) instead of the
@@ -85,13 +99,13 @@ class ZipLoraLayer(torch.nn.Module):
 
     def _side(self, side: str, x: torch.Tensor, column_weight: torch.Tensor | None) -> torch.Tensor:
         """B (A (column_weight * x)) [+ bias] for x (..., d_in) -> (..., d_out); computed in x's dtype."""
-        layer, strength = self.sides[side]
-        up, down = getattr(self, f"{side}_up"), getattr(self, f"{side}_down")
+        _, strength = self.sides[side]
+        up, down, bias = self._factors(side, x.device, x.dtype)
+        # the fp32 master coefficients are cast into the graph, so their gradient arrives in fp32
         weight = column_weight * strength if column_weight is not None else None
-        scaled = x * weight.to(x.dtype) if weight is not None else x * strength
-        out = F.linear(F.linear(scaled, down.to(x.dtype)), up.to(x.dtype))
-        bias = getattr(self, f"{side}_bias")
-        return out + bias.to(x.dtype) if bias is not None else out
+        scaled = x * weight.to(x.device, x.dtype) if weight is not None else x * strength
+        out = F.linear(F.linear(scaled, down), up)
+        return out + bias if bias is not None else out
 
     def extra(self, x: torch.Tensor) -> torch.Tensor | None:
         """The branch's addition to the layer output for input x: (..., d_in) for a linear, (B, d_in, H, W) for
