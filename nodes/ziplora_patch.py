@@ -80,6 +80,15 @@ class NoisedBatch:
     conditioning: dict
 
 
+def model_conditioning(model, conditioning: list, latent: torch.Tensor) -> dict:
+    """ComfyUI CONDITIONING (its first entry: [cross_attn (1, tokens, width), {"pooled_output": ..., ...}]) as
+    ``apply_model`` keyword tensors for ``latent`` (B, C, H, W), built as the samplers build them
+    (``BaseModel.extra_conds``: SDXL's y from the pooled output and the image size), repeated to batch B."""
+    cross_attn, extras = conditioning[0]
+    conds = model.model.extra_conds(input_x=latent, device=latent.device, cross_attn=cross_attn, **extras)
+    return {name: cond.process_cond(batch_size=latent.shape[0], device=latent.device).cond for name, cond in conds.items()}
+
+
 def noised_batch(model, latent: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> NoisedBatch:
     """latent (B, C, H, W) as the VAE gives it, noised at integer ``timestep`` (B,) the way ComfyUI's own
     model sampling does (DDPM's add_noise for eps models); the same batch then serves a branch and its target."""
