@@ -130,3 +130,18 @@ def test_similarity_is_a_sum_of_absolute_cosines_and_one_side_layers_have_no_coe
         merge.layers["a"].m_style.neg_()
     assert float(merge.similarity().detach()) == pytest.approx(2.0)  # |cos| = 1 for opposite vectors too
     assert {n: tuple(c.shape) for n, c in merge.coefficients().items()} == {"a": (5, 2), "b": (6, 2)}
+
+
+def test_forward_backward_and_conversion_never_form_a_dense_update():
+    """An SDXL-width layer: no aten op during the merged forward, the coefficient gradient or the conversion
+    returns anything near d_out x d_in (the activations here are 64 tokens)."""
+    from tests.unit.test_no_dense_update import LargestOutputs
+
+    merge = ZipLoraMerge({"q": _layer(1280, 1280, 16, 1)}, {"q": _layer(1280, 1280, 8, 2)})
+    x = torch.randn(1, 64, 1280)
+    with LargestOutputs() as seen:
+        out = merge.layers["q"].extra(x)
+        loss = out.square().mean() + 0.01 * merge.similarity()
+        torch.autograd.grad(loss, merge.coefficient_parameters())
+        merge.merged_layers()
+    assert seen.largest[0] < 1280 * 1280 // 4, seen.largest
