@@ -6,6 +6,7 @@ It forms every dW = up @ down and feeds the concatenated columns through H, exac
 import math
 
 import torch
+import torch.nn.functional as F
 
 
 def dense_update(state_dict, stem, dtype=torch.float64):
@@ -60,3 +61,32 @@ def dense_np_lora(dw_subject, dw_style, mu, a=1.0, b=1.0):
     v = vh[:k].T
     projector = torch.eye(dw_style.shape[1], dtype=torch.float64) - mu / (1 + mu) * (v @ v.T)
     return b * dw_style + a * dw_subject @ projector
+
+
+def dense_ziplora_update(dw_subject, dw_style, m_subject, m_style, branch, a=1.0, b=1.0):
+    """ZipLoRA's update of one layer, dense: merged = a dW_s diag(m_s) + b dW_t diag(m_t); subject / style: that
+    LoRA alone at its strength. dW (d_out, d_in), m (d_in,) scale columns."""
+    if branch == "subject":
+        return a * dw_subject
+    if branch == "style":
+        return b * dw_style
+    return a * dw_subject * m_subject[None, :] + b * dw_style * m_style[None, :]
+
+
+def dense_ziplora_linear(x, weight, bias, update):
+    """The patched layer the plain way: x @ (W + dW)^T + bias."""
+    return F.linear(x, weight + update.to(weight.dtype), bias)
+
+
+def dense_ziplora_objective(predict, pairs, lam=0.01):
+    """ZipLoRA's objective, written out: predict(branch, batch) -> model output; pairs: [(m_s, m_t)] per layer.
+
+    MSE(merged(subject batch), subject(subject batch)) + MSE(merged(style batch), style(style batch))
+    + lam * sum |m_s . m_t| / (|m_s| |m_t|); targets without gradient.
+    """
+    with torch.no_grad():
+        subject_target, style_target = predict("subject", "subject"), predict("style", "style")
+    subject_term = ((predict("merged", "subject") - subject_target) ** 2).mean()
+    style_term = ((predict("merged", "style") - style_target) ** 2).mean()
+    cosine = sum(abs(torch.dot(m_s, m_t) / (m_s.norm() * m_t.norm())) for m_s, m_t in pairs)
+    return subject_term + style_term + lam * cosine
