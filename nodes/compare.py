@@ -127,7 +127,7 @@ class LoraRarCompare:
         columns = ", ".join(comparison.available_columns())
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model (SDXL family or KOALA-700M)."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model: SDXL family, or a DiT (SD3.5, Flux, ...) where each method supports it."}),
                 "vae": ("VAE", {"tooltip": "Decodes each column's latent."}),
                 "subject_lora": (loras, {"tooltip": "The subject (content) LoRA."}),
                 "style_lora": (loras, {"tooltip": "The style LoRA."}),
