@@ -41,6 +41,8 @@ from pathlib import Path
 from devkit.synthetic_models import comfy_root, host_python  # one place for the host's paths
 
 REPO = Path(__file__).resolve().parents[1]
+# Test-only node packs (devkit/comfy_nodes/README.md): registered as a custom_nodes folder with test_nodes=True.
+TEST_NODES = REPO / "devkit" / "comfy_nodes"
 
 # Model folder types mapped to the same-named subfolder of every models root.
 STANDARD_FOLDERS = (
@@ -99,16 +101,20 @@ class ComfyServer:
     folders: extra {folder_type: path or [paths]} entries (e.g. {"loras": tmp_path}).
     output_dir / input_dir: default to folders in the server's private temp dir.
     extra_args: more main.py flags (e.g. ["--disable-all-custom-nodes"]).
+    test_nodes: also load the test-only node packs of devkit/comfy_nodes (e.g. LoraRarTestConditioning), through
+        the YAML's ``custom_nodes:`` entry, so the host's ComfyUI tree is not touched.
     """
 
     def __init__(self, models_dir=None, *extra_models_dirs, folders: dict | None = None,
                  output_dir=None, input_dir=None, extra_args=(), env: dict | None = None,
                  startup_timeout: float = 60.0, comfy: str | os.PathLike | None = None,
                  python: str | os.PathLike | None = None, keep_tmp: bool = False,
-                 port: int | None = None):
+                 port: int | None = None, test_nodes: bool = False):
         self.models_dirs = [Path(d).resolve() for d in (models_dir, *extra_models_dirs) if d]
         self.folders = {k: ([v] if isinstance(v, (str, os.PathLike)) else list(v))
                         for k, v in (folders or {}).items()}
+        if test_nodes:
+            self.folders.setdefault("custom_nodes", []).append(TEST_NODES)
         self.comfy = Path(comfy) if comfy else comfy_root()
         self.python = Path(python) if python else host_python()
         self.extra_args = list(extra_args)

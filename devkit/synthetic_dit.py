@@ -15,6 +15,8 @@ latent channels) is consistent and a forward pass runs:
         RMS q/k norms, a second self-attention (``x_block.attn2``) in block 0, 16 latent channels,
         2x2 patches, context_embedder 4096 -> 128, y_embedder 2048 (CLIP-L + CLIP-G pooled), pos_embed
         for a 32x32 patch grid. Class ``SD3``.
+    <root>/vae_approx/taesd3_encoder.safetensors, taesd3_decoder.safetensors
+        a random TAESD3 (16 latent channels), so stock ``VAELoader(vae_name="taesd3")`` decodes their latents.
 
 Both are float16 on disk, deterministic (fixed seed, keys in sorted order) and cached: ``ensure_dit()``
 builds a file only when it is missing or was made by another recipe version (safetensors metadata).
@@ -107,6 +109,14 @@ SD35 = DitFamily("sd35", "diffusion_models/lorarar-synthetic-sd35.safetensors", 
                  detection_shapes=_sd35_shapes(depth=2))
 FAMILIES = {family.name: family for family in (FLUX, SD35)}
 
+# A random TAESD3 (16 latent channels) beside the models, so that stock VAELoader(vae_name="taesd3") decodes a
+# Flux / SD3 latent. Weights only: nodes.VAELoader.load_taesd adds SD3's vae_scale 1.5305 / vae_shift 0.0609
+# itself on both hosts. ``missing()`` calls it "taesd3".
+TAESD3 = "taesd3"
+TAESD3_FILES = {"vae_approx/taesd3_encoder.safetensors": "taesd_encoder.",
+                "vae_approx/taesd3_decoder.safetensors": "taesd_decoder."}
+TAESD3_LATENT_CHANNELS = 16
+
 
 def _recipe_of(path: Path) -> str | None:
     from safetensors import safe_open
@@ -119,8 +129,12 @@ def _recipe_of(path: Path) -> str | None:
 
 
 def missing(root: str | os.PathLike | None = None) -> list[str]:
-    """Names of the families whose file ensure_dit() would (re)build."""
-    return [name for name, family in FAMILIES.items() if _recipe_of(family.path(root)) != str(RECIPE_VERSION)]
+    """Names of the families (and "taesd3") whose files ensure_dit() would (re)build."""
+    root = Path(root or default_dir())
+    names = [name for name, family in FAMILIES.items() if _recipe_of(family.path(root)) != str(RECIPE_VERSION)]
+    if any(_recipe_of(root / rel) != str(RECIPE_VERSION) for rel in TAESD3_FILES):
+        names.append(TAESD3)
+    return names
 
 
 def ensure_dit(dir: str | os.PathLike | None = None, *, in_process: bool = False, timeout: float = 600) -> Path:
@@ -187,18 +201,36 @@ def build_state_dict(family: DitFamily, seed: int = SEED) -> dict:
     return state
 
 
+def build_taesd3(root: Path, seed: int = SEED) -> list[str]:
+    """Write the random TAESD3 encoder and decoder files (float16, ComfyUI's TAESD layout); returns their paths."""
+    import torch
+
+    import comfy.taesd.taesd
+
+    model = comfy.taesd.taesd.TAESD(latent_channels=TAESD3_LATENT_CHANNELS)
+    state = _randomize(model.state_dict(), torch.Generator().manual_seed(seed), torch.float16)
+    for rel, part in TAESD3_FILES.items():
+        _save_atomic({k[len(part):]: v for k, v in state.items() if k.startswith(part)}, root / rel,
+                     {"lorarar_synthetic_dit": str(RECIPE_VERSION)})
+    return list(TAESD3_FILES)
+
+
 def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
-    """Build the missing family files (all with force=True). Returns {"built": [...], "seconds": {...}}."""
+    """Build the missing family files and TAESD3 (all with force=True). Returns {"built": [...], "seconds": {...}}."""
     root = Path(root or default_dir()).resolve()
     with _locked(root):
-        todo = list(FAMILIES) if force else missing(root)
+        todo = [*FAMILIES, TAESD3] if force else missing(root)
         report = {"root": str(root), "built": [], "seconds": {}}
         if not (root / ".gitignore").exists():
             (root / ".gitignore").write_text("*\n")
         if not todo:
             return report
         _import_comfy()
-        for name in todo:
+        if TAESD3 in todo:
+            started = time.perf_counter()
+            report["built"] += build_taesd3(root)
+            report["seconds"][TAESD3] = round(time.perf_counter() - started, 2)
+        for name in [name for name in todo if name in FAMILIES]:
             family = FAMILIES[name]
             started = time.perf_counter()
             state = build_state_dict(family)
@@ -258,17 +290,13 @@ def conditioning(family: DitFamily, *, batch: int = 1, tokens: int = 8, seed: in
     """A ComfyUI CONDITIONING for the family, built directly (the real text encoders are gigabytes).
 
     [[cross_attn (batch, tokens, context_dim), {"pooled_output": (batch, pooled_dim), "guidance": 3.5}]]
-    with the pooled vector only where the family takes one and guidance only for Flux dev.
+    with the pooled vector only where the family takes one and guidance only for Flux dev. The same tensors
+    as the test node LoraRarTestConditioning gives for the family's model with the same seed.
     """
-    import torch
+    from devkit.comfy_nodes.lorarar_test_nodes import random_conditioning
 
-    generator = torch.Generator().manual_seed(seed)
-    extras = {}
-    if family.pooled_dim is not None:
-        extras["pooled_output"] = torch.randn(batch, family.pooled_dim, generator=generator)
-    if family.guidance:
-        extras["guidance"] = 3.5
-    return [[torch.randn(batch, tokens, family.context_dim, generator=generator), extras]]
+    return random_conditioning(family.context_dim, family.pooled_dim, family.guidance, batch=batch, tokens=tokens,
+                               seed=seed)
 
 
 def sample_step(patcher, family: DitFamily, *, size: int = 16, seed: int = 0):

@@ -1,8 +1,9 @@
 """Compare node: one subject LoRA, one style LoRA, one seed, one prompt through every merge method -> a labelled grid.
 
 Each column is merged by the merge node itself (so what is compared is what the merge node gives), its prompt
-encoded with that column's CLIP (a merge's text-encoder layers change the conditioning), sampled with ComfyUI's
-own sampler and decoded with the VAE. The columns and the grid come from hypernet/comparison.py.
+encoded with that column's CLIP (a merge's text-encoder layers change the conditioning), or the connected
+conditioning used as it is (models whose text encoders are not loaded as a CLIP), sampled with ComfyUI's own
+sampler and decoded with the VAE. The columns and the grid come from hypernet/comparison.py.
 """
 
 from __future__ import annotations
@@ -75,6 +76,24 @@ class _Encodings:
 
 _ENCODINGS = _Encodings()
 
+GIVEN_CONDITIONING_NOTE = ("conditioning: the connected positive/negative conditioning, the same for every column "
+                           "(a merge's text-encoder layers cannot change it)")
+ENCODED_NOTE = "conditioning: the prompts, encoded per column with that column's CLIP"
+
+
+def _conditioning_source(clip, positive_conditioning, negative_conditioning) -> str:
+    """The report's line on where the conditioning comes from; a one-line LoraRarError when the inputs cannot say."""
+    if (positive_conditioning is None) != (negative_conditioning is None):
+        given, missing = (("positive", "negative") if negative_conditioning is None else ("negative", "positive"))
+        raise LoraRarError(f"compare: {given}_conditioning is connected but {missing}_conditioning is not: connect "
+                           "both (used instead of the prompts) or neither (the prompts are encoded with the CLIP)")
+    if positive_conditioning is not None:
+        return GIVEN_CONDITIONING_NOTE
+    if clip is None:
+        raise LoraRarError("compare: connect a CLIP to encode the prompts, or connect positive_conditioning and "
+                           "negative_conditioning (models whose text encoders are not loaded as a CLIP)")
+    return ENCODED_NOTE
+
 
 def _params_of(column: str, given: dict) -> dict[str, float]:
     """The parameters a method column runs with (its defaults unless set on the node); none for a baseline."""
@@ -108,15 +127,16 @@ class LoraRarCompare:
         columns = ", ".join(comparison.available_columns())
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "The diffusion model (SDXL family or KOALA-700M)."}),
-                "clip": ("CLIP", {"tooltip": "The text encoders; each column encodes the prompts with its own (LoRA-patched) copy."}),
+                "model": ("MODEL", {"tooltip": "The diffusion model: SDXL family, or a DiT (SD3.5, Flux, ...) where each method supports it."}),
                 "vae": ("VAE", {"tooltip": "Decodes each column's latent."}),
                 "subject_lora": (loras, {"tooltip": "The subject (content) LoRA."}),
                 "style_lora": (loras, {"tooltip": "The style LoRA."}),
                 "positive": ("STRING", {"multiline": True, "default": "A photo of sks dog in watercolor painting style",
-                                        "tooltip": "The prompt, encoded per column with that column's CLIP."}),
+                                        "tooltip": "The prompt, encoded per column with that column's CLIP "
+                                                   "(unused when positive_conditioning is connected)."}),
                 "negative": ("STRING", {"multiline": True, "default": "low quality, blurry, deformed",
-                                        "tooltip": "The negative prompt, encoded per column with that column's CLIP."}),
+                                        "tooltip": "The negative prompt, encoded per column with that column's CLIP "
+                                                   "(unused when negative_conditioning is connected)."}),
                 "latent_image": ("LATENT", {"tooltip": "The latent to sample from (e.g. Empty Latent Image); every column starts from the same noise."}),
                 "seed": ("INT", {"default": 42, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "One seed for every column."}),
@@ -130,8 +150,16 @@ class LoraRarCompare:
                 "layer_policy": (list(LAYER_POLICIES), {"default": "sum", "tooltip": LAYER_POLICY_HELP}),
             },
             "optional": {
+                "clip": ("CLIP", {"tooltip": "The text encoders; each column encodes the prompts with its own "
+                                             "(LoRA-patched) copy. Needed unless both conditioning inputs are connected."}),
                 "hypernet": (HYPERNET_TYPE, {"tooltip": "From the LoRA.rar Hypernet Loader; without it the methods that need one become tiles saying so."}),
                 **_param_inputs(),
+                # links, not widgets: at the end so the widgets' positions in saved workflows stay as they were
+                "positive_conditioning": ("CONDITIONING", {"tooltip": "Used for every column instead of encoding "
+                                          "the prompt (connect both or neither); a merge's text-encoder layers "
+                                          "cannot change it."}),
+                "negative_conditioning": ("CONDITIONING", {"tooltip": "Used for every column instead of encoding "
+                                          "the negative prompt (connect both or neither)."}),
             },
         }
 
@@ -139,8 +167,11 @@ class LoraRarCompare:
     def IS_CHANGED(cls, subject_lora=None, style_lora=None, **_):
         return LoraRarMerge.IS_CHANGED(subject_lora=subject_lora, style_lora=style_lora)
 
-    def compare(self, model, clip, vae, subject_lora, style_lora, positive, negative, latent_image, seed, steps, cfg,
-                sampler_name, scheduler, denoise, methods, layer_policy, hypernet=None, **method_params):
+    def compare(self, model, vae, subject_lora, style_lora, positive, negative, latent_image, seed, steps, cfg,
+                sampler_name, scheduler, denoise, methods, layer_policy, clip=None, hypernet=None,
+                positive_conditioning=None, negative_conditioning=None, **method_params):
+        source = _conditioning_source(clip, positive_conditioning, negative_conditioning)
+        given = None if positive_conditioning is None else (positive_conditioning, negative_conditioning)
         names = comparison.select_columns(methods)
         columns = [Column(name, _params_of(name, method_params)) for name in names]
         bar = comfy.utils.ProgressBar(len(columns))
@@ -155,8 +186,9 @@ class LoraRarCompare:
                 column.failure = str(error)
                 reports.append(f"{column.label}: did not run: {error}")
             else:
-                sampled = self._sample(column_model, column_clip, vae, positive, negative, latent_image, seed, steps,
-                                       cfg, sampler_name, scheduler, denoise, clip)
+                conditioning = given or _ENCODINGS.encode(column_clip, positive, negative, clip)
+                sampled = self._sample(column_model, vae, conditioning, latent_image, seed, steps, cfg, sampler_name,
+                                       scheduler, denoise)
                 images.append(sampled)
                 column.images = to_pil(sampled)
                 reports.append(f"{column.label}: {len(column.images)} image(s) in {time.perf_counter() - started:.1f} s"
@@ -169,14 +201,12 @@ class LoraRarCompare:
         grid = to_image(comparison.comparison_grid(columns, title))
         batch = torch.cat(images, dim=0)  # the columns share the latent, so their size
         header = (f"LoRA.rar compare: {subject_lora} + {style_lora}; seed {seed}, {steps} steps, cfg {cfg:g}, "
-                  f"{sampler_name}/{scheduler}, denoise {denoise:g}, layer policy {layer_policy}")
+                  f"{sampler_name}/{scheduler}, denoise {denoise:g}, layer policy {layer_policy}; {source}")
         return (grid, batch, "\n".join(comparison.labels_for_images(columns)), "\n".join([header, *reports]))
 
     @staticmethod
-    def _sample(model, clip, vae, positive, negative, latent_image, seed, steps, cfg, sampler_name, scheduler,
-                denoise, connected):
-        """One column: the prompts encoded with this column's CLIP, ComfyUI's KSampler, the VAE's decode."""
-        conditioning = _ENCODINGS.encode(clip, positive, negative, connected)
+    def _sample(model, vae, conditioning, latent_image, seed, steps, cfg, sampler_name, scheduler, denoise):
+        """One column: ComfyUI's KSampler on (positive, negative) conditioning, the VAE's decode."""
         (latent,) = comfy_nodes.common_ksampler(model, seed, steps, cfg, sampler_name, scheduler, *conditioning,
                                                 latent_image, denoise=denoise)
         return comfy_nodes.VAEDecode().decode(vae, latent)[0]

@@ -22,8 +22,9 @@ def test_when_no_column_can_run_the_node_fails_naming_each_reason(comfy_host, sy
     write_lora(loras / "compare_style.safetensors", random_lora(layout, rank=4, seed=32))
     node = nodes.NODE_CLASS_MAPPINGS["LoraRarCompare"]()
     with pytest.raises(ValueError) as error:  # LoraRarError, as the pack's module loaded in ComfyUI defines it
-        node.compare(model, clip, None, "compare_subject.safetensors", "compare_style.safetensors", "a dog", "",
-                     {"samples": torch.zeros(1, 4, 4, 4)}, 1, 1, 1.0, "euler", "normal", 1.0, "b-lora, lorarar", "sum")
+        node.compare(model, None, "compare_subject.safetensors", "compare_style.safetensors", "a dog", "",
+                     {"samples": torch.zeros(1, 4, 4, 4)}, 1, 1, 1.0, "euler", "normal", 1.0, "b-lora, lorarar", "sum",
+                     clip=clip)
     message = str(error.value)
     assert "\n" not in message and message.startswith("compare: no method could run on these inputs")
     assert "b-lora: b-lora: no published content/style block split for KOALA_700M" in message
