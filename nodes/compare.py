@@ -23,7 +23,7 @@ from ..hypernet import methods as merge_methods  # the node's `methods` input is
 from ..hypernet.comparison import Column
 from ..hypernet.errors import LoraRarError
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP
-from .common import CATEGORY, HYPERNET_TYPE
+from .common import CATEGORY, HYPERNET_TYPE, model_class, model_layout
 from .evaluate import to_image, to_pil
 from .merge import LoraRarMerge, _param_inputs, _params_for
 
@@ -38,6 +38,9 @@ def _column_model(column: str, model, clip, hypernet, subject_lora, style_lora, 
         method = comparison.ALONE_METHOD
         strengths = (1.0, 0.0, 1.0, 0.0) if column == comparison.SUBJECT_ONLY else (0.0, 1.0, 0.0, 1.0)
     elif merge_methods.get(column).needs_hypernet and hypernet is None:
+        if model_layout(model) is None:  # a DiT: no published hypernet, so the loader would not help either
+            raise LoraRarError(f"{column} needs a hypernet trained for {model_class(model)} models (none is published; "
+                               "README: 'Other model families')")
         raise LoraRarError(f"{column} needs a hypernet: connect the LoRA.rar Hypernet Loader")
     patched_model, patched_clip, _, report = LoraRarMerge().merge(
         model, hypernet, subject_lora, style_lora, *strengths, method, layer_policy, clip=clip, **given)
@@ -192,7 +195,7 @@ class LoraRarCompare:
                 images.append(sampled)
                 column.images = to_pil(sampled)
                 reports.append(f"{column.label}: {len(column.images)} image(s) in {time.perf_counter() - started:.1f} s"
-                               + (f"\n  " + report.replace("\n", "\n  ") if report else ""))
+                               + ("\n  " + report.replace("\n", "\n  ") if report else ""))
             bar.update_absolute(done + 1, len(columns))
         if not images:
             raise LoraRarError("compare: no method could run on these inputs: "
