@@ -13,6 +13,8 @@ from devkit.dense_rule import dense_k_lora_choice, dense_k_lora_gamma, dense_k_l
 from devkit.dit_loras import dense_updates, random_dit_lora, write_lora
 from devkit.synthetic_dit import FAMILIES
 
+from tests.support.recording import recording_clone
+
 pytestmark = pytest.mark.host
 
 # the attention linears K-LoRA switches: fused q/k/v and the output projection of every attention
@@ -35,22 +37,9 @@ def models(comfy_host):
 
 def _sample(model, family, steps: int):
     """A real comfy.sample run recording every model call's (sigma, schedule) and the RECORDED linears' x and y."""
-    import comfy.patcher_extension
     import comfy.sample
 
-    calls, records, handles = [], [], []
-
-    def note_sigma(executor, x, t, *args, **kwargs):
-        options = args[3] if len(args) > 3 else kwargs["transformer_options"]
-        calls.append((float(t.max()), [float(s) for s in options["sample_sigmas"]]))
-        return executor(x, t, *args, **kwargs)
-
-    recording = model.clone()
-    recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_k_lora_dit", note_sigma)
-    for module in RECORDED[family.name]:
-        linear = recording.get_model_object(f"diffusion_model.{module}")
-        handles.append(linear.register_forward_hook(lambda _, inputs, output, module=module: records.append(
-            (len(calls) - 1, module, inputs[0].detach().clone(), output.detach().clone()))))
+    recording, calls, records, handles = recording_clone(model, RECORDED[family.name])
     latent = torch.zeros(1, family.latent_channels, 8, 8)
     try:
         comfy.sample.sample(recording, comfy.sample.prepare_noise(latent, 3), steps, 2.0, "euler", "normal",

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from devkit.dense_rule import dense_k_lora_choice, dense_k_lora_gamma, dense_k_lora_scores, dense_update
 from devkit.loras import random_lora, write_lora
 
+from tests.support.recording import recording_clone
+
 pytestmark = pytest.mark.host
 
 RECORDED = ("input_blocks.3.1.transformer_blocks.0.attn1.to_q", "input_blocks.3.1.transformer_blocks.1.attn2.to_k",
@@ -57,21 +59,7 @@ def _conditioning(seed: int):
 def _sample(nodes, model, steps: int, sampler: str, scheduler: str):
     """A real KSampler run, recording every model call's sigma and schedule and, for the RECORDED linears,
     their input and output: returns (calls [(sigma, schedule)], records [(call index, module, x, y)])."""
-    import comfy.patcher_extension
-
-    calls, records, handles = [], [], []
-
-    def note_sigma(executor, x, t, *args, **kwargs):
-        options = args[3] if len(args) > 3 else kwargs["transformer_options"]
-        calls.append((float(t.max()), [float(s) for s in options["sample_sigmas"]]))
-        return executor(x, t, *args, **kwargs)
-
-    recording = model.clone()
-    recording.add_wrapper_with_key(comfy.patcher_extension.WrappersMP.APPLY_MODEL, "test_k_lora", note_sigma)
-    for module in RECORDED:
-        linear = recording.get_model_object(f"diffusion_model.{module}")
-        handles.append(linear.register_forward_hook(
-            lambda _, inputs, output, module=module: records.append((len(calls) - 1, module, inputs[0].detach().clone(), output.detach().clone()))))
+    recording, calls, records, handles = recording_clone(model, RECORDED)
     latent = {"samples": torch.zeros(1, 4, 8, 8)}
     try:
         (out,) = nodes.common_ksampler(recording, 7, steps, 2.0, sampler, scheduler, _conditioning(1), _conditioning(2), latent)
