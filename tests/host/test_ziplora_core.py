@@ -43,7 +43,7 @@ def pair(comfy_host, synthetic_model, layout, pack):
     paths = [write_lora(loras / f"zip_{side}.safetensors", state) for side, state in (("subject", subject), ("style", style))]
     key_map = merge_module._key_map(model, None)
     shapes = {k: tuple(w.shape) for k, w in merge_module._model_weights(model, None).items()}
-    files = [merge_module._read(str(path), key_map, shapes, layout) for path in paths]
+    files = [merge_module._read(str(path), key_map, shapes, layout, False) for path in paths]  # no CLIP connected
     return subject, style, *files
 
 
