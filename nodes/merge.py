@@ -21,7 +21,7 @@ from ..hypernet.files import read_state_dict
 from ..hypernet.lora_io import LoraFile, to_kohya_state_dict
 from ..hypernet.lowrank import patched_overflow
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
-from ..hypernet.model_keys import lora_for_model
+from ..hypernet.model_keys import lora_for_model, target_key
 from .klora_patch import patch_switched
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
 
@@ -181,13 +181,9 @@ def _model_weights(model, clip) -> dict:
     return weights
 
 
-def _target_key(target) -> str:
-    return target if isinstance(target, str) else target[0]
-
-
 def _target_weight(target, weights: dict):
     """The part of a model weight a key-map entry patches: a key, or (key, (dim, start, length), ...)."""
-    weight = weights[_target_key(target)]
+    weight = weights[target_key(target)]
     return weight if isinstance(target, str) else weight.narrow(*target[1])
 
 
@@ -232,7 +228,7 @@ def _shared_targets(names: list[str], key_map: dict) -> None:
     """Two layer names for one model weight: ComfyUI would apply only one of them, silently."""
     seen: dict[str, str] = {}
     for name in names:
-        key = _target_key(key_map[name])
+        key = target_key(key_map[name])
         if key in seen:
             raise LoraRarError(f"layers {seen[key]} and {name} both patch {key} (the same layer named two ways, "
                                "e.g. lora_te_ and lora_te1_); ComfyUI would apply only one: rename one of them")
@@ -241,7 +237,7 @@ def _shared_targets(names: list[str], key_map: dict) -> None:
 
 def _target_shape(target, weights) -> tuple[tuple[int, ...], tuple[int, ...] | None]:
     """(weight shape, bias shape or None) a key-map entry patches."""
-    key = _target_key(target)
+    key = target_key(target)
     bias = weights.get(key[:-len(".weight")] + ".bias") if key.endswith(".weight") else None
     return tuple(_target_weight(target, weights).shape), (tuple(bias.shape) if bias is not None else None)
 
@@ -249,7 +245,7 @@ def _target_shape(target, weights) -> tuple[tuple[int, ...], tuple[int, ...] | N
 def _in_model(name: str, key_map: dict, weights: dict) -> bool:
     """Whether ComfyUI's patcher will find a weight for layer ``name`` (it silently drops the others)."""
     target = key_map.get(name)
-    return target is not None and _target_key(target) in weights
+    return target is not None and target_key(target) in weights
 
 
 def _misfits(merged: MergedLora, key_map: dict, weights: dict) -> dict[str, str]:
