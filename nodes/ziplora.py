@@ -141,8 +141,41 @@ class _Progress:
                                            f"{loss['similarity']:.3g})", self.node_id)
 
 
+def _trainable(model):
+    """``model`` as autograd can use it. ComfyUI runs every node under torch.inference_mode, so the weights its loader
+    made are inference tensors, which autograd refuses to save for backward. Each such weight is replaced by an
+    ordinary copy of itself (same values, one tensor at a time, so memory peaks at one extra weight), after the
+    models are unloaded so no patched weight is mistaken for the original. The model object stays the one every
+    node shares; a later run finds ordinary tensors and copies nothing. (ComfyUI 0.33's own training node instead
+    reloads the whole model, clone(force_deepcopy), which 0.3.75 lacks; a deepcopy of the module fails on 0.33.)"""
+    stores = [store for module in model.model.modules() for store in (module._parameters, module._buffers)]
+    if not any(t is not None and t.is_inference() for store in stores for t in store.values()):
+        return model
+    comfy.model_management.unload_all_models()
+    for store in stores:
+        for name, tensor in store.items():
+            if tensor is not None and tensor.is_inference():
+                copied = tensor.clone()
+                store[name] = torch.nn.Parameter(copied, requires_grad=False) if isinstance(tensor, torch.nn.Parameter) else copied
+    return model
+
+
 def _optimise(model, subject_path, style_path, subject_data, style_data, settings: Settings, node_id) -> _Result:
     """The optimisation: AdamW on the coefficients only, one subject and one style example per step."""
+    with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+        subject_data, style_data = _ordinary(subject_data), _ordinary(style_data)
+        return _optimise_trainable(_trainable(model), subject_path, style_path, subject_data, style_data, settings,
+                                   node_id)
+
+
+def _ordinary(data: tuple) -> tuple:
+    """(latents, CONDITIONING) made under inference mode, as ordinary tensors (clones) autograd may save."""
+    latents, conditioning = data
+    return latents.clone(), [[cross_attn.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                   for k, v in extras.items()}] for cross_attn, extras in conditioning]
+
+
+def _optimise_trainable(model, subject_path, style_path, subject_data, style_data, settings: Settings, node_id) -> _Result:
     subject, style = _read_pair(model, subject_path, style_path)
     paths = module_paths(model)
     merge = ZipLoraMerge(diffusion_layers(subject, paths), diffusion_layers(style, paths))

@@ -37,7 +37,9 @@ def for_this_machine(prompt: dict, steps: int, seed: int = 0) -> dict:
 
 
 def execution_error(entry: dict) -> str:
-    return " ".join(m[1].get("exception_message", "") for m in entry["status"]["messages"] if m[0] == "execution_error")
+    """The error message and the server's traceback, so a failure says where."""
+    return " ".join(m[1].get("exception_message", "") + "\n" + "".join(m[1].get("traceback", []))
+                    for m in entry["status"]["messages"] if m[0] == "execution_error")
 
 
 def texts(entry: dict) -> list[str]:
