@@ -179,35 +179,47 @@ def _optimise_trainable(model, subject_path, style_path, subject_data, style_dat
     subject, style = _read_pair(model, subject_path, style_path)
     paths = module_paths(model)
     merge = ZipLoraMerge(diffusion_layers(subject, paths), diffusion_layers(style, paths))
-    parameters = merge.coefficient_parameters()
-    if not parameters:
+    if not merge.coefficient_parameters():
         raise LoraRarError(f"ZipLoRA: {subject.path} and {style.path} share no diffusion-model layer, so there is "
                            "nothing to optimise (the merge is their plain sum: use the merge node's direct method)")
+    patched = inject(model, merge)
+    started = time.perf_counter()
+    with loaded(patched):  # the draws too: the model's noise schedule is on its device once loaded
+        start, history, end, early = _steps(patched, merge, subject_data, style_data, settings, node_id)
+    merged = to_merged_lora(merge, subject, style, params=settings.as_params())
+    layers = len(merge.coefficient_parameters()) // 2
+    return _Result(merged, history, start, end, time.perf_counter() - started, early, layers)
+
+
+def _steps(patched, merge: ZipLoraMerge, subject_data, style_data, settings: Settings, node_id) -> tuple:
+    """(loss at start, per-step losses, loss at end, stopped early): the start and end losses on one fixed evaluation
+    batch, drawn first from the seed, so the two compare; each step on its own draw."""
+    parameters = merge.coefficient_parameters()
     # decoupled weight decay off: it would pull the coefficients toward 0, away from the init 1 both targets favour
     optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
     generator = torch.Generator().manual_seed(settings.seed)
-    patched = inject(model, merge)
-    evaluation = (_draw(patched, *subject_data, generator), _draw(patched, *style_data, generator))
-    progress, history, early = _Progress(settings.steps, node_id), [], False
-    started = time.perf_counter()
-    with loaded(patched):
-        def loss_on(batches):
-            return ziplora_loss(merge, lambda batch: prediction(patched, batch), *batches, lam=settings.similarity_lambda)
 
-        with torch.no_grad():
-            start = loss_on(evaluation).as_floats()
-        for step in range(settings.steps):
-            comfy.model_management.throw_exception_if_processing_interrupted()
-            batches = (_draw(patched, *subject_data, generator), _draw(patched, *style_data, generator))
-            history.append(optimisation_step(merge, optimizer, lambda: loss_on(batches)).as_floats())
-            progress(step + 1, settings.steps, history[-1])
-            if float(merge.similarity().detach()) <= settings.stop_similarity * (len(parameters) // 2):
-                early = True
-                break
-        with torch.no_grad():
-            end = loss_on(evaluation).as_floats()
-    merged = to_merged_lora(merge, subject, style, params=settings.as_params())
-    return _Result(merged, history, start, end, time.perf_counter() - started, early, len(parameters) // 2)
+    def draw():
+        return _draw(patched, *subject_data, generator), _draw(patched, *style_data, generator)
+
+    def loss_on(batches):
+        return ziplora_loss(merge, lambda batch: prediction(patched, batch), *batches, lam=settings.similarity_lambda)
+
+    evaluation = draw()
+    with torch.no_grad():
+        start = loss_on(evaluation).as_floats()
+    progress, history, early = _Progress(settings.steps, node_id), [], False
+    for step in range(settings.steps):
+        comfy.model_management.throw_exception_if_processing_interrupted()
+        batches = draw()
+        history.append(optimisation_step(merge, optimizer, lambda: loss_on(batches)).as_floats())
+        progress(step + 1, settings.steps, history[-1])
+        early = float(merge.similarity().detach()) <= settings.stop_similarity * (len(parameters) // 2)
+        if early:
+            break
+    with torch.no_grad():
+        end = loss_on(evaluation).as_floats()
+    return start, history, end, early
 
 
 def _report(result: _Result, settings: Settings, reused: bool, applied_text: str) -> str:
