@@ -408,8 +408,68 @@ def row_sampling(spec: dict) -> dict:
         loras.rmdir()
 
 
+def row_ziplora(spec: dict) -> dict:
+    """The ZipLoRA node's cost per optimisation step against one sampling step of the same model: the synthetic
+    KOALA-700M-class checkpoint, a random LoRA pair on every attention layer, one reference image per side at
+    ``latent`` px. A step's time is taken between the node's progress-bar updates (reading, encoding, loading and
+    the start/end evaluations excluded); a sampling step's between the sampler's callbacks (euler, cfg 2: cond and
+    uncond in one batch, as a user samples). Peak memory: the extra resident set of the whole call each."""
+    import torch
+
+    from hypernet.base_models import UNetLayout
+    from devkit.loras import random_lora, write_lora
+
+    loras = Path(tempfile.mkdtemp(prefix="lorarar-bench-", dir=REPO / ".cache"))
+    try:
+        nodes = _comfy(loras)
+        import comfy.model_management
+        import comfy.sample
+        import comfy.sd
+        import comfy.utils
+        from devkit import synthetic_models
+
+        path = synthetic_models.checkpoint_path(synthetic_models.ensure_models())
+        model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(path), output_vae=True, output_clip=True)
+        layout = UNetLayout.from_unet_config("bench", model.model.model_config.unet_config)
+        files = [write_lora(loras / f"{name}.safetensors", random_lora(layout, rank=spec["rank"], seed=seed)).name
+                 for name, seed in (("subject", 1), ("style", 2))]
+        generator = torch.Generator().manual_seed(0)
+        images = [torch.rand(1, spec["latent"], spec["latent"], 3, generator=generator) for _ in range(2)]
+        stamps: list[tuple[int, float]] = []  # (step, time): ComfyUI 0.33 throttles the hook, so not every step calls it
+        comfy.utils.set_progress_bar_global_hook(lambda value, *_, **__: stamps.append((value, time.perf_counter())))
+        ziplora = nodes.NODE_CLASS_MAPPINGS["LoraRarZipLora"]()
+        opt_steps, opt_peaks = [], []
+        for run in range(spec["runs"]):
+            stamps.clear()
+            with PeakMemory() as peak:
+                ziplora.optimise(model, clip, vae, *files, images[0], "a photo of sks dog", images[1], "a watercolor",
+                                 spec["steps"], 0.01, 0.01, run, 0.0)
+            opt_steps.append((stamps[-1][1] - stamps[0][1]) / (stamps[-1][0] - stamps[0][0]))
+            opt_peaks.append(peak.extra_mb)
+        comfy.utils.set_progress_bar_global_hook(None)
+        cond = nodes.CLIPTextEncode().encode(clip, "a photo of sks dog")[0]
+        latent = torch.zeros(1, 4, spec["latent"] // 8, spec["latent"] // 8)
+        sample_steps, sample_peaks = [], []
+        for _ in range(spec["runs"]):
+            sampled: list[float] = []
+            with PeakMemory() as peak:
+                comfy.sample.sample(model, torch.randn(latent.shape, generator=generator), spec["steps"] + 1, 2.0,
+                                    "euler", "normal", cond, cond, latent,
+                                    callback=lambda *_: sampled.append(time.perf_counter()), disable_pbar=True)
+            sample_steps.append((sampled[-1] - sampled[0]) / (len(sampled) - 1))
+            sample_peaks.append(peak.extra_mb)
+        comfy.model_management.unload_all_models()
+        return {"layers": len(layout.attention_linears()), "steps": spec["steps"],
+                "step_s": statistics.median(opt_steps), "peak_mb": max(opt_peaks),
+                "sample_step_s": statistics.median(sample_steps), "sample_peak_mb": max(sample_peaks)}
+    finally:
+        for file in loras.iterdir():
+            file.unlink()
+        loras.rmdir()
+
+
 ROWS = {"math": row_math, "many": row_many, "save": row_save, "node": row_node, "methods": row_methods,
-        "sampling": row_sampling}
+        "sampling": row_sampling, "ziplora": row_ziplora}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -440,6 +500,7 @@ def plan(quick: bool) -> list[dict]:
             {"kind": "save", "layout": "sdxl", "rank": 64, "file_dtype": "fp16", "runs": 2},
             {"kind": "methods", "layout": "sdxl", "rank": 64, "dtype": "float32", "runs": 1, "every": 10},
             {"kind": "sampling", "rank": 64, "latent": 32, "steps": 2, "runs": 1},
+            {"kind": "ziplora", "rank": 8, "latent": 128, "steps": 2, "runs": 1},
         ]
     rows = []
     for layout in ("sdxl", "koala-700m"):
@@ -458,6 +519,7 @@ def plan(quick: bool) -> list[dict]:
     rows.append({"kind": "methods", "layout": "sdxl", "rank": 64, "dtype": "float32", "runs": 3})
     rows.append({"kind": "sampling", "rank": 64, "latent": 128, "steps": 8, "runs": 3})
     rows.append({"kind": "sampling", "rank": 64, "latent": 256, "steps": 8, "runs": 3})
+    rows.append({"kind": "ziplora", "rank": 64, "latent": 128, "steps": 5, "runs": 2})
     return rows
 
 
@@ -633,6 +695,7 @@ def report(rows: list[tuple[dict, dict]], info: dict, loads: tuple[str, str], co
 
     out += _methods_section(rows)
     out += _sampling_section(rows)
+    out += _ziplora_section(rows)
     out += ["## Targets (issue 5)", "", "| target | measured | | note |", "|---|---:|---|---|"]
     out += [f"| {name} | {value} | {verdict} | {note} |" for name, value, verdict, note in targets]
     failed = [(s, r) for s, r in rows if "error" in r]
@@ -658,6 +721,26 @@ def _sampling_section(rows: list[tuple[dict, dict]]) -> list[str]:
         out.append(f"| synthetic KOALA-700M-class | {r['layers']} layers, rank {s['rank']} | {s['latent']} px | "
                    f"{r['steps']} | {_ms(r['direct_step_s'])} | {_ms(r['k-lora_step_s'])} | "
                    f"**{r['k-lora_step_s'] / r['direct_step_s']:.2f}x** |")
+    return out + [""]
+
+
+def _ziplora_section(rows: list[tuple[dict, dict]]) -> list[str]:
+    ziplora = [(s, r) for s, r in rows if s["kind"] == "ziplora" and "error" not in r]
+    if not ziplora:
+        return []
+    out = ["## ZipLoRA: one optimisation step vs one sampling step", "",
+           "The ZipLoRA node (`LoraRarZipLora`) on the synthetic KOALA-700M-class checkpoint, CPU, a random LoRA pair on "
+           "every attention layer, one subject and one style image at the latent's size. An optimisation step runs the "
+           "model four times (two targets without gradient, two merged branches with) and one backward pass; a "
+           "sampling step (euler, cfg 2) runs it once on a batch of two. Per step: the median time between "
+           "progress updates (ZipLoRA) or sampler callbacks (sampling); peak: extra resident memory of the whole "
+           "call.", "",
+           "| model | LoRAs | image | ZipLoRA step | sampling step | ratio | ZipLoRA peak extra | sampling peak extra |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s, r in ziplora:
+        out.append(f"| synthetic KOALA-700M-class | {r['layers']} layers, rank {s['rank']} | {s['latent']} px | "
+                   f"{_ms(r['step_s'])} | {_ms(r['sample_step_s'])} | **{r['step_s'] / r['sample_step_s']:.1f}x** | "
+                   f"{r['peak_mb']:,.0f} MB | {r['sample_peak_mb']:,.0f} MB |")
     return out + [""]
 
 

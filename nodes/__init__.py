@@ -6,6 +6,7 @@ from .evaluate import LoraRarEvaluate
 from .loader import LoraRarHypernetLoader
 from .merge import LoraRarMerge
 from .save import LoraRarSaveMergedLora
+from .ziplora import LoraRarZipLora
 
 NODE_CLASS_MAPPINGS = {
     "LoraRarHypernetLoader": LoraRarHypernetLoader,
@@ -14,6 +15,7 @@ NODE_CLASS_MAPPINGS = {
     "LoraRarEvaluate": LoraRarEvaluate,
     "LoraRarCoefficientPicture": LoraRarCoefficientPicture,
     "LoraRarCompare": LoraRarCompare,
+    "LoraRarZipLora": LoraRarZipLora,
 }
 NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraRarHypernetLoader": "LoRA.rar Hypernet Loader",
@@ -22,4 +24,5 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "LoraRarEvaluate": "LoRA.rar Evaluate (MLLM judge)",
     "LoraRarCoefficientPicture": "LoRA.rar Coefficient Picture (subject vs style per block)",
     "LoraRarCompare": "LoRA.rar Compare Methods (grid)",
+    "LoraRarZipLora": "LoRA.rar ZipLoRA (optimise merge)",
 }

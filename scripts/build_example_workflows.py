@@ -95,6 +95,38 @@ def compare_methods() -> list[dict]:
     ]
 
 
+def ziplora_optimise() -> list[dict]:
+    """ZipLoRA: the pair's merge optimised on reference images, then sampled and saved."""
+    return [
+        {"id": 1, "type": "CheckpointLoaderSimple", "pos": [40, 120], "widgets": {"ckpt_name": "sd_xl_base_1.0.safetensors"}},
+        {"id": 2, "type": "LoadImage", "pos": [40, 320], "size": [300, 320], "title": "Subject reference photo",
+         "widgets": {"image": "lorarar_subject_1.png"}},
+        {"id": 3, "type": "LoadImage", "pos": [40, 680], "size": [300, 320], "title": "Style reference image",
+         "widgets": {"image": "lorarar_style_1.png"}},
+        {"id": 4, "type": "LoraRarZipLora", "pos": [420, 120], "size": [380, 560],
+         "widgets": {"subject_lora": SUBJECT, "style_lora": STYLE, "subject_prompt": "A photo of sks dog",
+                     "style_prompt": "A painting in watercolor painting style"},
+         "links": {"model": (1, 0), "clip": (1, 1), "vae": (1, 2), "subject_images": (2, 0), "style_images": (3, 0)}},
+        {"id": 5, "type": "CLIPTextEncode", "pos": [860, 60], "size": [400, 160], "title": "Positive prompt",
+         "widgets": {"text": "A photo of sks dog in watercolor painting style"}, "links": {"clip": (4, 1)}},
+        {"id": 6, "type": "CLIPTextEncode", "pos": [860, 260], "size": [400, 120], "title": "Negative prompt",
+         "widgets": {"text": "low quality, blurry, deformed"}, "links": {"clip": (4, 1)}},
+        {"id": 7, "type": "EmptyLatentImage", "pos": [860, 420], "widgets": {"width": 1024, "height": 1024}},
+        {"id": 8, "type": "KSampler", "pos": [1310, 120], "size": [320, 270],
+         "widgets": {"seed": 42, "steps": 30, "cfg": 7.0, "sampler_name": "dpmpp_2m", "scheduler": "karras"},
+         "links": {"model": (4, 0), "positive": (5, 0), "negative": (6, 0), "latent_image": (7, 0)}},
+        {"id": 9, "type": "VAEDecode", "pos": [1680, 120], "links": {"samples": (8, 0), "vae": (1, 2)}},
+        {"id": 10, "type": "SaveImage", "pos": [1920, 120], "size": [400, 440],
+         "widgets": {"filename_prefix": "lorarar/ziplora"}, "links": {"images": (9, 0)}},
+        {"id": 11, "type": "LoraRarSaveMergedLora", "pos": [860, 600], "size": [360, 160],
+         "widgets": {"file_name": "lorarar/ziplora_subject_style"}, "links": {"merged_lora": (4, 2)}},
+        {"id": 12, "type": "PreviewAny", "pos": [420, 740], "size": [400, 260], "title": "ZipLoRA report",
+         "links": {"source": (4, 3)}},
+        {"id": 13, "type": "PreviewImage", "pos": [1310, 600], "size": [560, 300], "title": "Loss curve",
+         "links": {"images": (4, 4)}},
+    ]
+
+
 WORKFLOWS = {
     "lorarar_sdxl_merge_and_sample": ("LoRA.rar: merge subject + style LoRAs, sample with SDXL",
                                       merge_and_sample("sd_xl_base_1.0.safetensors", 30, 7.0,
@@ -105,6 +137,8 @@ WORKFLOWS = {
                                            merge_and_sample("koala-700m.safetensors", 25, 5.0,
                                                             "A photo of sks dog in watercolor painting style")),
     "lorarar_compare_methods": ("LoRA.rar: every merge method side by side, ranked by an MLLM judge", compare_methods()),
+    "lorarar_ziplora_optimise": ("LoRA.rar ZipLoRA: optimise one pair's merge on reference images, sample and save",
+                                 ziplora_optimise()),
 }
 
 

@@ -11,7 +11,10 @@ Checks, each PASS / FAIL / SKIP with its numbers:
    GPU settings (0.33: dynamic VRAM) and under --lowvram, each against the same patch on the CPU
    (separate processes, since ComfyUI's memory mode is fixed per process);
 4. ComfyUI's LoRA arithmetic in float16 (lora_compute_dtype on fp16-capable GPUs) on the merged layers with
-   strengths that stretch LoRA.rar's unbounded coefficients: no Inf/NaN, close to float32.
+   strengths that stretch LoRA.rar's unbounded coefficients: no Inf/NaN, close to float32;
+5. the ZipLoRA node as the server runs it (inference mode around it), three steps on the synthetic model in
+   the device's default mode: finite losses that fall on the fixed batch, seconds per optimisation step and
+   peak device memory, beside one sampling step of the same model.
 
 The GPU machines lent to this project reach no package registry: scripts/gpu_bundle.sh packs what the check
 needs (ComfyUI at the pinned commit, the published hypernets, missing wheels) into .gpu/ to carry along.
@@ -261,7 +264,60 @@ def worker_fp16(args) -> dict:
             "max_relative_error": worst, "ok": finite and worst <= FP16_TOLERANCE}
 
 
-WORKERS = {"speed": worker_speed, "sample": worker_sample, "fp16": worker_fp16}
+def _loss_totals(report: str) -> list[float]:
+    """The ZipLoRA report's total loss at start and at end (one fixed evaluation batch)."""
+    return [float(line.split("total ")[1].split(" ")[0]) for line in report.splitlines()
+            if line.startswith("loss on a fixed evaluation batch")]
+
+
+def worker_ziplora(args) -> dict:
+    """The ZipLoRA node as the server runs it (under torch.inference_mode), a few steps on the synthetic model in
+    the device's default mode: finite losses that fall on the fixed batch, seconds per optimisation step and
+    peak device memory, against one sampling step of the same model."""
+    nodes = comfy_in_process(args.comfy, args.work, args.weights, args.mode)
+
+    import torch
+
+    import comfy.model_management
+    import comfy.sample
+    import comfy.sd
+    import comfy.utils
+    from devkit.synthetic_models import UNET_CONFIG, checkpoint_path, ensure_models
+    from hypernet.base_models import UNetLayout
+
+    model, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(
+        str(checkpoint_path(ensure_models(in_process=True))), output_vae=True, output_clip=True)
+    names = _write_loras(args.work, UNetLayout.from_unet_config("synthetic", UNET_CONFIG), 16)
+    device = comfy.model_management.get_torch_device()
+    size = 256 if device.type == "cuda" else 128
+    images = [torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
+    stamps: list[tuple[int, float]] = []
+    comfy.utils.set_progress_bar_global_hook(lambda value, *_, **__: stamps.append((value, time.perf_counter())))
+    torch.cuda.reset_peak_memory_stats() if device.type == "cuda" else None
+    with torch.inference_mode():
+        _, _, merged, report, _ = nodes.NODE_CLASS_MAPPINGS["LoraRarZipLora"]().optimise(
+            model, clip, vae, *names, images[0], "a photo of sks dog", images[1], "a watercolor painting", 3, 0.01,
+            0.01, 0, 0.0)
+    comfy.utils.set_progress_bar_global_hook(None)
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.type == "cuda" else None
+    step_s = (stamps[-1][1] - stamps[0][1]) / (stamps[-1][0] - stamps[0][0])
+    start, end = _loss_totals(report)
+    cond = nodes.CLIPTextEncode().encode(clip, "a photo of sks dog")[0]
+    sampled: list[float] = []
+    latent = torch.zeros(1, 4, size // 8, size // 8)
+    with torch.inference_mode():
+        comfy.sample.sample(model, torch.randn(latent.shape, generator=torch.Generator().manual_seed(0)), 3, 2.0,
+                            "euler", "normal", cond, cond, latent,
+                            callback=lambda *_: sampled.append(time.perf_counter()), disable_pbar=True)
+    sample_s = (sampled[-1] - sampled[0]) / (len(sampled) - 1) if len(sampled) > 1 else float("nan")
+    finite = all(map(lambda v: v == v and abs(v) != float("inf"), (start, end)))
+    return {"check": "ZipLoRA: optimisation steps on the device", "device": str(device),
+            "model_dtype": str(model.model.get_dtype()), "image_px": size, "loss_start": start, "loss_end": end,
+            "step_s": step_s, "sampling_step_s": sample_s, "peak_device_mb": peak,
+            "rank": sorted({layer.rank for layer in merged.layers.values()})[-1], "ok": finite and end < start}
+
+
+WORKERS = {"speed": worker_speed, "sample": worker_sample, "fp16": worker_fp16, "ziplora": worker_ziplora}
 
 
 def check_sampling(args, device_modes: list[str]) -> list[dict]:
@@ -307,7 +363,7 @@ def main(argv=None) -> int:
     parser.add_argument("--comfy", help="ComfyUI folder (default: the host of devkit/hosts.json, or .gpu/ComfyUI)")
     parser.add_argument("--weights", help="folder with the published hypernets")
     parser.add_argument("--work", help="scratch folder for LoRAs, models and outputs (default: a temp folder)")
-    parser.add_argument("--skip", action="append", default=[], choices=["golden", "speed", "sample", "fp16"])
+    parser.add_argument("--skip", action="append", default=[], choices=["golden", "speed", "sample", "fp16", "ziplora"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="default", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -339,6 +395,9 @@ def main(argv=None) -> int:
     if "fp16" not in args.skip:
         fp16 = run_worker("fp16", args, ["--mode", device_mode])
         results.append(_row("float16 LoRA arithmetic", fp16))
+    if "ziplora" not in args.skip:
+        ziplora = run_worker("ziplora", args, ["--mode", device_mode], timeout=600)
+        results.append(_row("ZipLoRA: optimisation steps on the device", ziplora))
     print(f"\nLoRA.rar GPU check on {name} ({time.perf_counter() - start:.0f} s)\n\n{table(results)}")
     return 0 if all(result.get("ok") or "skip" in result for result in results) else 1
 

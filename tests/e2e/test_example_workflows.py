@@ -12,12 +12,14 @@ from devkit.workflows import ui_to_api
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
-# evaluate and compare (they need a judge): test_evaluate_workflow.py, test_compare_workflow.py
-WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json") if not {"evaluate", "compare"} & set(p.stem.split("_")))
+# evaluate and compare (they need a judge): test_evaluate_workflow.py, test_compare_workflow.py; ziplora (reference
+# images, an optimisation instead of the hypernet's report): test_ziplora_workflow.py
+WORKFLOWS = sorted(p for p in (REPO / "example_workflows").glob("*.json")
+                   if not {"evaluate", "compare", "ziplora"} & set(p.stem.split("_")))
 # workflows as the first release (0.1.0) saved them: what users already have must keep loading and running
 OLD_WORKFLOWS = sorted((REPO / "tests" / "fixtures" / "workflows_0.1.0").glob("*.json"))
 PACK_NODES = ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora", "LoraRarCoefficientPicture",
-              "LoraRarCompare", "LoraRarEvaluate")
+              "LoraRarCompare", "LoraRarEvaluate", "LoraRarZipLora")
 
 
 def for_this_machine(prompt: dict, **merge_inputs) -> dict:

@@ -10,6 +10,7 @@ from hypernet.coefficients import coefficient_picture
 from hypernet.comparison import Column, comparison_grid
 from hypernet.errors import LoraRarError
 from hypernet.evaluation.ranking import MAX_LABEL, parse_labels
+from hypernet.loss_curve import loss_curve
 
 HOSTILE = r"m$\undefinedcmd$ and $x^2$.safetensors"
 
@@ -21,6 +22,9 @@ def test_a_dollar_pair_in_a_name_is_drawn_as_text():
     image = Image.new("RGB", (32, 32), (120, 30, 200))
     grid = comparison_grid([Column(HOSTILE, {}, [image]), Column("b-lora", {}, [], failure=HOSTILE)], title=HOSTILE)
     assert np.asarray(grid).std() > 0
+    history = [{"total": 1.0 / step, "subject": 0.5 / step, "style": 0.4 / step, "similarity": 3.0 - step}
+               for step in (1, 2, 3)]
+    assert np.asarray(loss_curve(history, title=HOSTILE)).std() > 0
 
 
 def test_a_label_longer_than_the_limit_is_one_line():
