@@ -15,7 +15,14 @@ BUDGET_MB="${LORARAR_GPU_BUDGET_MB:-56}"   # leaves room for the repository itse
 if [ "${1:-}" = "--install" ]; then   # on the GPU machine
   mkdir -p "$GPU/site"
   [ -f "$GPU/ComfyUI/main.py" ] || tar xzf "$GPU/comfyui.tar.gz" -C "$GPU"
-  python3 -m pip install -q --no-index --no-deps --find-links "$GPU/wheels" --target "$GPU/site" "$GPU"/wheels/*.whl || true
+  # only what the machine lacks: its own numpy/pillow/transformers stay (they are built with its CUDA stack)
+  missing=()
+  for wheel in "$GPU"/wheels/*.whl; do
+    dist="$(basename "$wheel" | cut -d- -f1)"
+    python3 -m pip show -q "$dist" >/dev/null 2>&1 || missing+=("$wheel")
+  done
+  echo "[gpu_bundle] installing ${#missing[@]} missing: ${missing[*]##*/}"
+  [ ${#missing[@]} -eq 0 ] || python3 -m pip install -q --no-index --no-deps --target "$GPU/site" "${missing[@]}" || true
   echo "[gpu_bundle] installed into $GPU/site; now: python3 scripts/gpu_check.py"
   exit 0
 fi
