@@ -3,7 +3,7 @@
 # own CUDA torch) into .gpu/ (git-ignored), within the 64 MiB the working tree may carry:
 #   .gpu/weights/        the published hypernets (from ../shared/weights; never committed: CC BY-NC-SA 4.0)
 #   .gpu/comfyui.tar.gz  ComfyUI at the current host's pinned commit (devkit/hosts.json), unpacked there
-#   .gpu/wheels/         cp312 wheels of ComfyUI's Python dependencies, most needed first, as many as fit
+#   .gpu/wheels/         cp312 wheels of ComfyUI's Python dependencies the lent machines lack, as many as fit
 #   .gpu/site/           comfy_kitchen's Python code without its 176 MB CUDA/HIP binaries (it falls back to eager)
 # Then, with carry [".gpu"]:   bash scripts/gpu_bundle.sh --install && python3 scripts/gpu_check.py
 # Checks whose modules did not fit are reported as SKIP with the missing module named.
@@ -45,22 +45,35 @@ with zipfile.ZipFile(sys.argv[1]) as wheel:
             target.write_bytes(wheel.read(name))
 PYEOF
 rm -rf "$kitchen_tmp"
-# most needed first: the pack's own, then what importing ComfyUI's nodes and sampling needs
-wheels=(safetensors einops torchsde trampoline psutil pyyaml tqdm "$(pin comfy-aimdo)" packaging filelock
-        typing_extensions pillow numpy regex requests urllib3 idna certifi charset_normalizer huggingface_hub
-        tokenizers transformers sentencepiece scipy)
-used() { du -sm "$GPU" | cut -f1; }
-for wheel in "${wheels[@]}"; do
-  tmp="$(mktemp -d)"
-  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+# ComfyUI's requirements the lent machines' image lacks (its package list, /work/.library/device/KINDS.md, read
+# 2026-11-17, has torch, numpy, pillow, scipy, transformers, tokenizers, sentencepiece, safetensors, einops, tqdm,
+# psutil, pyyaml, aiohttp, yarl, filelock, requests, huggingface_hub). Resolved together so pins agree (pydantic and
+# its core); what the image has is dropped here and again at --install. First GPU run (2026-11-26, H100): without
+# av, 0.33.0's comfy_api fails to import and every ComfyUI check was SKIP.
+needed=(torchsde trampoline "$(pin comfy-aimdo)" "av>=16.0.0" alembic mako "SQLAlchemy>=2.0.0" "simpleeval>=1.0.0"
+        blake3 spandrel)
+with_deps=("pydantic~=2.0" "pydantic-settings~=2.0")   # resolved with their dependencies, so pydantic-core matches
+image_has=" torch numpy pillow scipy transformers tokenizers sentencepiece safetensors einops tqdm psutil pyyaml aiohttp yarl
+ filelock requests huggingface_hub typing_extensions packaging regex urllib3 idna certifi charset_normalizer "
+used() { du -sk "$GPU" | cut -f1; }
+tmp="$(mktemp -d)"
+fetch() {
+  python3 -m pip download -q --only-binary=:all: --python-version 3.12 --implementation cp \
       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
-      -d "$tmp" "$wheel" 2>/dev/null || { echo "[gpu_bundle] no cp312 wheel for $wheel"; rm -rf "$tmp"; continue; }
-  size=$(du -sm "$tmp" | cut -f1)
-  if [ $(( $(used) + size )) -gt "$BUDGET_MB" ]; then
-    echo "[gpu_bundle] left out $wheel ($size MB): over the ${BUDGET_MB} MB budget"
+      -d "$tmp" "$@" 2>/dev/null || echo "[gpu_bundle] pip could not fetch all of: $*"
+}
+fetch --no-deps "${needed[@]}"
+fetch "${with_deps[@]}"
+for wheel in "$tmp"/*.whl; do
+  [ -f "$wheel" ] || continue
+  dist="$(basename "$wheel" | cut -d- -f1 | tr 'A-Z' 'a-z')"
+  case "$image_has" in *" $dist "*) continue ;; esac
+  size=$(du -sk "$wheel" | cut -f1)
+  if [ $(( $(used) + size )) -gt $(( BUDGET_MB * 1024 )) ]; then
+    echo "[gpu_bundle] left out $(basename "$wheel") ($(( size / 1024 )) MB): over the ${BUDGET_MB} MB budget"
   else
-    mv "$tmp"/*.whl "$GPU/wheels/"
+    mv "$wheel" "$GPU/wheels/"
   fi
-  rm -rf "$tmp"
 done
-echo "[gpu_bundle] $(used) MB in $GPU; carry it with the run: carry [\".gpu\"]"
+rm -rf "$tmp"
+echo "[gpu_bundle] $(( $(used) / 1024 )) MB in $GPU; carry it with the run: carry [\".gpu\"]"
