@@ -227,7 +227,13 @@ def _encoded(path: Path, key: str, value) -> str:
     """A metadata value as the string stored in the file."""
     if isinstance(value, str):
         return value
-    if key in (MODEL_CLASSES_KEY, WIDTHS_KEY) and isinstance(value, (list, tuple)):
+    if key == MODEL_CLASSES_KEY and isinstance(value, (list, tuple)):
+        bad = next((name for name in value if not isinstance(name, str) or not name.strip() or "," in name), None)
+        if bad is not None or not value:
+            raise LoraRarError(f"{path}: metadata {key}: {str(bad)[:_SHOWN_CHARS]!r} is not a ComfyUI model class "
+                               f"name (expected names such as 'SD15', without commas)")
+        return ",".join(name.strip() for name in value)
+    if key == WIDTHS_KEY and isinstance(value, (list, tuple)):
         return ",".join(str(item) for item in value)
     if key in (PAIRS_KEY, RECIPE_KEY) and isinstance(value, (list, tuple, dict)):
         try:

@@ -116,6 +116,8 @@ def test_non_finite_tensors_are_refused_and_nothing_is_written(tmp_path, value):
     ({"lorarar_base_model": "a\nb"}, "lorarar_base_model would not read back"),
     ({"lorarar_pack_version": "1.0\u202e"}, "lorarar_pack_version would not read back"),
     ({"steps": 3}, "metadata key 'steps' is not a lorarar_\\* key"),
+    ({"lorarar_model_classes": ["SD15", "SDXL,SD3"]}, "'SDXL,SD3' is not a ComfyUI model class name"),
+    ({"lorarar_model_classes": []}, "is not a ComfyUI model class name"),
 ])
 def test_metadata_that_would_not_read_back_is_refused(tmp_path, metadata, match):
     with pytest.raises(LoraRarError, match=match):
