@@ -15,6 +15,12 @@ Nothing can be downloaded here, so the tests build their own models:
         The embedded VAE is a random TAESD (the cheapest VAE the checkpoint loader accepts).
     <root>/vae_approx/taesdxl_encoder.safetensors, taesdxl_decoder.safetensors
         a random TAESDXL, so ``VAELoader(vae_name="taesdxl")`` works (fast decode).
+    <root>/checkpoints/lorarar-synthetic-sd15.safetensors  (``ensure_sd15_model()``, built on demand)
+        UNet + CLIP-L + VAE in the SD 1.5 checkpoint layout (``cond_stage_model.transformer.*``), that
+        comfy/model_detection.py detects as ``SD15``: model_channels 320, context_dim 768, conv proj_in,
+        channel_mult [1, 2, 4] (attention widths 320/640/1280), one res block and one transformer
+        block per level, no middle block and no decoder transformers. CLIP-L is full size (its config
+        is fixed); the VAE is a random TAESD scaled like ComfyUI's "taesd".
 
 Everything is fp16 on disk, deterministic (fixed seed), written atomically (hypernet.files.atomic_file)
 and cached: ``ensure_models()`` only builds what is missing or was made by an
@@ -25,7 +31,7 @@ subprocess with the host venv's python so the calling process never imports ``co
 
 CLI::
 
-    .host/0.33.0/venv/bin/python devkit/synthetic_models.py [--dir D] [--force] [--verify]
+    .host/0.33.0/venv/bin/python devkit/synthetic_models.py [--dir D] [--force] [--verify] [--sd15]
 """
 
 from __future__ import annotations
@@ -83,6 +89,37 @@ UNET_CONFIG = {
 }
 
 TAESDXL_SCALE = 0.13025  # what nodes.VAELoader.load_taesd uses for "taesdxl"
+
+# SD 1.5: its own file and manifest (so the SDXL-family files above are not rebuilt when this recipe changes)
+SD15_RECIPE_VERSION = 1
+SD15_CHECKPOINT_NAME = "lorarar-synthetic-sd15.safetensors"
+SD15_CHECKPOINT = "checkpoints/" + SD15_CHECKPOINT_NAME
+SD15_MANIFEST = "lorarar-synthetic-sd15.json"
+SD15_MODEL_CLASS = "SD15"
+SD15_WIDTHS = (320, 640, 1280)
+TAESD_SCALE = 0.18215  # what nodes.VAELoader.load_taesd uses for "taesd" (SD 1.x latents)
+
+# SD15 matches on model_channels 320, context_dim 768, conv proj_in (use_linear_in_transformer False) and no
+# adm input; depth and levels are free: one transformer block per level gives the three SD 1.5 widths.
+SD15_UNET_CONFIG = {
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1, 1, 1],
+    "transformer_depth": [1, 1, 1],
+    "transformer_depth_output": [0, 0, 0, 0, 0, 0],
+    "channel_mult": [1, 2, 4],
+    "transformer_depth_middle": -2,  # -2: no middle block at all
+    "use_linear_in_transformer": False,
+    "context_dim": 768,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
+}
 
 _ATTN_RE = re.compile(
     r"^model\.diffusion_model\.(?P<name>.+\.attn[12]\.(?:to_q|to_k|to_v|to_out\.0))\.weight$"
@@ -147,15 +184,42 @@ def sdxl_unet_patcher():
                                             offload_device=comfy.model_management.unet_offload_device())
 
 
-def checkpoint_path(root: str | os.PathLike | None = None) -> Path:
-    return Path(root or default_dir()) / CHECKPOINT
+def checkpoint_path(root: str | os.PathLike | None = None, checkpoint: str = CHECKPOINT) -> Path:
+    return Path(root or default_dir()) / checkpoint
 
 
-def _read_manifest(root: Path) -> dict:
+def sd15_checkpoint_path(root: str | os.PathLike | None = None) -> Path:
+    return checkpoint_path(root, SD15_CHECKPOINT)
+
+
+def _read_manifest(root: Path, name: str = MANIFEST) -> dict:
     try:
-        return json.loads((root / MANIFEST).read_text())
+        return json.loads((root / name).read_text())
     except (OSError, ValueError):
         return {}
+
+
+def missing_sd15(root: str | os.PathLike | None = None) -> list[str]:
+    """[SD15_CHECKPOINT] when ensure_sd15_model() would (re)build it, else []."""
+    root = Path(root or default_dir())
+    if _read_manifest(root, SD15_MANIFEST).get("version") != SD15_RECIPE_VERSION:
+        return [SD15_CHECKPOINT]
+    return [] if (root / SD15_CHECKPOINT).is_file() else [SD15_CHECKPOINT]
+
+
+def ensure_sd15_model(dir: str | os.PathLike | None = None, *, in_process: bool = False,
+                      timeout: float = 900) -> Path:
+    """Build the synthetic SD 1.5 checkpoint if it is missing and return the models root (absolute); the file is
+    ``<root>/checkpoints/lorarar-synthetic-sd15.safetensors`` (CheckpointLoaderSimple name SD15_CHECKPOINT_NAME).
+    Same cache folder, lock and subprocess build as ensure_models()."""
+    root = Path(dir or default_dir()).resolve()
+    if not missing_sd15(root):
+        return root
+    if in_process:
+        build_sd15(root)
+        return root
+    _build_in_subprocess(root, ["--sd15"], timeout, missing_sd15)
+    return root
 
 
 def missing(root: str | os.PathLike | None = None) -> list[str]:
@@ -179,13 +243,17 @@ def ensure_models(dir: str | os.PathLike | None = None, *, in_process: bool = Fa
     if in_process:
         build(root)
         return root
-    cmd = [str(host_python()), str(Path(__file__).resolve()), "--dir", str(root)]
+    _build_in_subprocess(root, [], timeout, missing)
+    return root
+
+
+def _build_in_subprocess(root: Path, flags: list[str], timeout: float, still_missing) -> None:
+    cmd = [str(host_python()), str(Path(__file__).resolve()), "--dir", str(root), *flags]
     proc = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           timeout=timeout)
-    if proc.returncode != 0 or missing(root):
+    if proc.returncode != 0 or still_missing(root):
         raise RuntimeError(f"building synthetic models failed (rc={proc.returncode}): "
                            f"{' '.join(cmd)}\n{proc.stdout[-6000:]}")
-    return root
 
 
 # --------------------------------------------------------------------------------------------
@@ -333,6 +401,57 @@ def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
         return report
 
 
+def build_sd15(root: str | os.PathLike | None = None, force: bool = False) -> dict:
+    """Build the synthetic SD 1.5 checkpoint when missing (always with force=True). Returns a report dict."""
+    root = Path(root or default_dir()).resolve()
+    with _locked(root):
+        report = {"root": str(root), "built": [], "seconds": {}}
+        if not (force or missing_sd15(root)):
+            return report
+        t0 = time.perf_counter()
+        comfy = _import_comfy()
+        import torch
+
+        import comfy.sd1_clip
+
+        # its own seed: the SDXL-family files' generator sequence stays as it was
+        gen = torch.Generator().manual_seed(SEED + 15)
+        fp16 = torch.float16
+        model_config = comfy.model_detection.model_config_from_unet_config(dict(SD15_UNET_CONFIG))
+        model_class = type(model_config).__name__
+        if model_class != SD15_MODEL_CLASS:
+            raise RuntimeError(f"unet config matched {model_class}, expected {SD15_MODEL_CLASS}")
+        model_config.set_inference_dtype(fp16, None)
+        model = model_config.get_model({}, device="meta")
+        unet_sd = _randomize(model.diffusion_model.state_dict(), gen, fp16)
+        del model
+        clip = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=fp16)
+        clip_sd = _randomize(clip.state_dict(), gen, fp16)
+        del clip
+        taesd_sd = _randomize(comfy.taesd.taesd.TAESD(latent_channels=4).state_dict(), gen, fp16)
+        taesd_sd["vae_scale"] = torch.tensor(TAESD_SCALE, dtype=torch.float32)
+        taesd_sd["vae_shift"] = torch.tensor(0.0, dtype=torch.float32)
+        sd = model_config.process_unet_state_dict_for_saving(unet_sd)
+        sd.update(model_config.process_clip_state_dict_for_saving(clip_sd))
+        sd.update(model_config.process_vae_state_dict_for_saving(taesd_sd))
+        report["seconds"]["randomize"] = round(time.perf_counter() - t0, 2)
+        t = time.perf_counter()
+        _save_atomic(sd, root / SD15_CHECKPOINT, {
+            "lorarar_synthetic": str(SD15_RECIPE_VERSION),
+            "lorarar_model_class": model_class,
+            "lorarar_unet_config": json.dumps(SD15_UNET_CONFIG),
+        })
+        report["seconds"][SD15_CHECKPOINT] = round(time.perf_counter() - t, 2)
+        report["built"].append(SD15_CHECKPOINT)
+        manifest = {"version": SD15_RECIPE_VERSION, "seed": SEED + 15, "model_class": model_class,
+                    "unet_config": SD15_UNET_CONFIG,
+                    "files": {SD15_CHECKPOINT: (root / SD15_CHECKPOINT).stat().st_size}}
+        _save_text_atomic(root / SD15_MANIFEST, json.dumps(manifest, indent=2) + "\n")
+        report["seconds"]["total"] = round(time.perf_counter() - t0, 2)
+        report["sizes"] = manifest["files"]
+        return report
+
+
 def _save_text_atomic(path: Path, text: str) -> None:
     from hypernet.files import atomic_file
 
@@ -344,7 +463,8 @@ def _save_text_atomic(path: Path, text: str) -> None:
 # Introspection (needs only safetensors)
 # --------------------------------------------------------------------------------------------
 
-def attention_inventory(root: str | os.PathLike | None = None) -> list[tuple[str, int, int]]:
+def attention_inventory(root: str | os.PathLike | None = None,
+                        checkpoint: str = CHECKPOINT) -> list[tuple[str, int, int]]:
     """(SGM module name, out_features, in_features) of every UNet attention linear.
 
     Names are like ``input_blocks.4.1.transformer_blocks.0.attn1.to_q`` (relative to
@@ -353,7 +473,7 @@ def attention_inventory(root: str | os.PathLike | None = None) -> list[tuple[str
     from safetensors import safe_open
 
     out = []
-    with safe_open(str(checkpoint_path(root)), framework="pt") as f:
+    with safe_open(str(checkpoint_path(root, checkpoint)), framework="pt") as f:
         for k in f.keys():
             m = _ATTN_RE.match(k)
             if m:
@@ -363,7 +483,7 @@ def attention_inventory(root: str | os.PathLike | None = None) -> list[tuple[str
     return sorted(out, key=key)
 
 
-def verify(root: str | os.PathLike | None = None) -> dict:
+def verify(root: str | os.PathLike | None = None, checkpoint: str = CHECKPOINT) -> dict:
     """Load the checkpoint the way CheckpointLoaderSimple does and report what ComfyUI sees."""
     import torch
 
@@ -373,7 +493,7 @@ def verify(root: str | os.PathLike | None = None) -> dict:
     import comfy.sd
     import comfy.utils
 
-    ckpt = root / CHECKPOINT
+    ckpt = root / checkpoint
     sd, metadata = comfy.utils.load_torch_file(str(ckpt), return_metadata=True)
     prefix = comfy.model_detection.unet_prefix_from_state_dict(sd)
     detected = comfy.model_detection.detect_unet_config(sd, prefix, metadata=metadata)
@@ -417,21 +537,23 @@ def main(argv=None) -> int:
     p.add_argument("--verify", action="store_true",
                    help="also load the checkpoint with comfy and print what it detects")
     p.add_argument("--inventory", action="store_true", help="print the attention inventory")
+    p.add_argument("--sd15", action="store_true", help="the synthetic SD 1.5 checkpoint instead of the SDXL-family files")
     a = p.parse_args(argv)
 
     root = Path(a.dir or default_dir()).resolve()
+    files, checkpoint = ((SD15_CHECKPOINT,), SD15_CHECKPOINT) if a.sd15 else (FILES, CHECKPOINT)
     t = time.perf_counter()
-    report = build(root, force=a.force)
+    report = (build_sd15 if a.sd15 else build)(root, force=a.force)
     wall = time.perf_counter() - t
     if report["built"]:
         print(f"built in {wall:.1f} s under {root}: {report['seconds']}")
     else:
         print(f"all cached under {root} ({wall:.2f} s)")
-    for rel in FILES:
+    for rel in files:
         flag = "made" if rel in report["built"] else "cached"
         print(f"  {flag:6} {rel}  {_fmt_size((root / rel).stat().st_size)}")
     if a.inventory or a.verify:
-        inv = attention_inventory(root)
+        inv = attention_inventory(root, checkpoint)
         widths = {}
         for name, out_f, _ in inv:
             widths[out_f] = widths.get(out_f, 0) + 1
@@ -440,7 +562,7 @@ def main(argv=None) -> int:
             for name, out_f, in_f in inv:
                 print(f"  {name}  {in_f}->{out_f}")
     if a.verify:
-        print(json.dumps(verify(root), indent=2))
+        print(json.dumps(verify(root, checkpoint), indent=2))
     return 0
 
 

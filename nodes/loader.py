@@ -10,9 +10,9 @@ import folder_paths
 from ..hypernet.base_models import UNetLayout
 from ..hypernet.checkpoints import for_model_class, load_hypernet, load_manifest
 from ..hypernet.errors import LoraRarError
-from ..hypernet.model import LoraRarHypernet, shown_model_classes
+from ..hypernet.model import LoraRarHypernet
 from .common import (CATEGORY, FOLDER, HYPERNET_TYPE, download_dir, fingerprint, hypernet_choices, hypernet_dirs,
-                     model_class, register_folder)
+                     model_class, model_layout, register_folder)
 
 register_folder()
 
@@ -37,10 +37,14 @@ class LoadedHypernets:
             raise LoraRarError(f"the Hypernet Loader resolved {', '.join(self.by_name)} for another model than this "
                                f"{model_class(model)} one; connect this model to the loader or choose a hypernet")
         hypernet, trained_on = self.by_name[name]
-        if hypernet.model_classes and model_class(model) not in hypernet.model_classes:
-            raise LoraRarError(f"{name}: this hypernet was trained for {shown_model_classes(hypernet.model_classes)} models; "
-                               f"this model is {model_class(model)}: choose a hypernet for it")
+        hypernet.check_fits(name, model_class(model), attention_widths(model))
         return hypernet, trained_on, name
+
+
+def attention_widths(model) -> set[int] | None:
+    """The widths of a UNet model's attention layers (SD 1.5: 320, 640, 1280); None for models that are no UNet."""
+    layout = model_layout(model)
+    return None if layout is None else {width for _, width, _ in layout.attention_blocks()}
 
 
 def _license_line() -> str:
@@ -68,13 +72,16 @@ class LoraRarHypernetLoader:
     CATEGORY = CATEGORY
     RETURN_TYPES = (HYPERNET_TYPE,)
     RETURN_NAMES = ("hypernet",)
-    OUTPUT_TOOLTIPS = ("The LoRA.rar hypernetwork for the merge node.",)
+    OUTPUT_TOOLTIPS = ("The LoRA.rar hypernetwork for the merge node (whose report says what a trained file was "
+                       "trained for).",)
     FUNCTION = "load"
     DESCRIPTION = (
         "Loads the LoRA.rar hypernetwork (arXiv 2412.05148). 'auto' picks the published checkpoint that "
         "matches the model (SDXL family or KOALA-700M; connect the model to fetch only that one). Files are "
         "looked up in models/lorarar (and extra_model_paths 'lorarar' entries), then the pack's weights/ folder, "
-        "then downloaded once from the pinned upstream URL and checked by sha256. The published hypernets are "
+        "then downloaded once from the pinned upstream URL and checked by sha256. A file trained with "
+        "'python -m hypernet train' says what it was trained for (in the merge report) and is refused for a "
+        "model of another family or other attention widths. The published hypernets are "
         f"licensed CC BY-NC-SA 4.0 (non-commercial): {_license_line()}."
     )
 

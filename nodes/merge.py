@@ -163,7 +163,9 @@ class LoraRarMerge:
         merged = merged.named(subject_lora, style_lora, subject_path, style_path)
         model_out, clip_out, applied, applied_text = apply_merged(model, clip, merged)
         note = _base_model_note(name, model)
-        return (model_out, clip_out, applied, "\n".join(filter(None, [applied.report.to_text(), applied_text, note])))
+        trained = f"hypernet {net.describe(name)}" if net is not None and net.training_metadata else ""
+        return (model_out, clip_out, applied,
+                "\n".join(filter(None, [applied.report.to_text(), applied_text, note, trained])))
 
 
 def _key_map(model, clip) -> dict:
