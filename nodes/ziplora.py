@@ -268,6 +268,9 @@ def _report(result: _Result, settings: Settings, reused: bool, applied_text: str
         f"coefficients: {result.layers} layers both LoRAs patch (each d_in x 2)",
         f"loss on a fixed evaluation batch at start: {terms(result.start)}",
         f"loss on a fixed evaluation batch at end:   {terms(result.end)}",
+        *([f"warning: the loss rose from {result.start['total']:.6g} to {result.end['total']:.6g}, so the optimisation "
+           f"diverged: lower the learning rate ({settings.learning_rate:g}) and run again"]
+          if result.end["total"] > result.start["total"] else []),
         "reused the result of an identical earlier run (same files, images, prompts, settings and model)"
         if reused else "optimised now",
         "text encoders: not part of ZipLoRA's optimisation; the CLIP output carries none of the LoRAs' layers",

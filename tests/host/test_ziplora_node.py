@@ -171,3 +171,13 @@ def test_a_loss_that_is_not_finite_stops_the_run_and_nothing_is_applied(comfy_ho
     write_lora(loras / "zipnode_hot.safetensors", random_lora(layout, rank=4, seed=235, alpha=1e30, std=0.1, modules=list(BOTH)))
     with _one_line_error(match="loss at start, before any step, is not finite"):
         _run(comfy_host, synthetic_model, vae, ("zipnode_hot.safetensors", STYLE))
+
+
+def test_a_diverging_run_says_so_in_its_report(comfy_host, synthetic_model, vae, pair):
+    """learning rate 1.0 (the input's maximum): the coefficients overshoot and the loss on the fixed batch rises."""
+    _, _, _, report, _ = _run(comfy_host, synthetic_model, vae, pair, learning_rate=1.0, steps=3, seed=31)
+    start, end = (float(line.split("total ")[1].split(" ")[0]) for line in report.splitlines()
+                  if line.startswith("loss on a fixed evaluation batch"))
+    assert end > start and "warning: the loss rose" in report and "lower the learning rate (1)" in report, report
+    _, _, _, calm, _ = _run(comfy_host, synthetic_model, vae, pair)  # as the first test, whose loss falls
+    assert "warning" not in calm, calm
