@@ -10,6 +10,7 @@ applies the result through the merge node's own patching, so its outputs are tho
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -27,7 +28,8 @@ from ..hypernet.ziplora import DEFAULT_LAMBDA, ZipLoraMerge, optimisation_step, 
 from .common import CATEGORY, MERGED_TYPE, fingerprint, model_layout
 from .evaluate import to_image
 from .merge import LoraRarMerge, _key_map, _model_weights, _read, apply_merged
-from .ziplora_patch import diffusion_layers, inject, loaded, model_conditioning, module_paths, noised_batch, prediction
+from .ziplora_patch import (diffusion_layers, inject, loaded, model_conditioning, module_paths, noised_batch, prediction,
+                            unsupported_layers)
 
 DEFAULT_LEARNING_RATE = 0.01  # LoRA.rar's ZipLoRA baseline (../shared/METHOD.md); the paper gives none
 # Early stop: the published rule is "until the cosine reaches 0", but |cos| of two float32 vectors only reaches
@@ -35,6 +37,9 @@ DEFAULT_LEARNING_RATE = 0.01  # LoRA.rar's ZipLoRA baseline (../shared/METHOD.md
 # vectors within 0.06 degrees of orthogonal): further steps can no longer lower lambda * sum|cos| measurably.
 DEFAULT_STOP_SIMILARITY = 1e-3
 TIMESTEPS = 1000  # the DDPM training timesteps of SDXL-family models, drawn uniformly as in LoRA training
+# The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
+# latent pixels; 64 px (8 x 8 latents) is the smallest this pack tests, and smaller references teach nothing anyway.
+MIN_IMAGE_PX = 64
 
 # The last result, keyed by what decides it (files' sha256, latents' and conditionings' hashes, settings, the
 # model's weights): a re-run where only the sampling changed reuses it. One entry: ComfyUI's cache bounds memory.
@@ -99,6 +104,12 @@ def _encode_images(vae, images: torch.Tensor, what: str) -> torch.Tensor:
     """IMAGE (B, H, W, C) -> latents (B, C, h, w) as VAEEncode gives them (cropped to the VAE's multiple)."""
     if images.dim() != 4 or images.shape[0] == 0:
         raise LoraRarError(f"ZipLoRA: {what} must be an IMAGE batch of at least one image")
+    height, width = images.shape[1:3]
+    if min(height, width) < MIN_IMAGE_PX:
+        raise LoraRarError(f"ZipLoRA: {what} are {width}x{height} px; each side must be at least {MIN_IMAGE_PX} px "
+                           "(the VAE encodes 8 px blocks): use larger reference images")
+    if not bool(torch.isfinite(images).all()):
+        raise LoraRarError(f"ZipLoRA: {what} hold NaN or Inf pixel values: fix the node that made them")
     return comfy_nodes.VAEEncode().encode(vae, images[..., :3])[0]["samples"].float()
 
 
@@ -178,6 +189,13 @@ def _ordinary(data: tuple) -> tuple:
 def _optimise_trainable(model, subject_path, style_path, subject_data, style_data, settings: Settings, node_id) -> _Result:
     subject, style = _read_pair(model, subject_path, style_path)
     paths = module_paths(model)
+    for lora in (subject, style):
+        unsupported = unsupported_layers(lora, paths)
+        if unsupported:
+            name, kind = next(iter(unsupported.items()))
+            raise LoraRarError(f"ZipLoRA: {lora.path} has {len(unsupported)} diffusion-model layers the optimisation "
+                               f"cannot run (e.g. {name}: {kind}); it optimises plain LoRA layers (linear or 1x1 conv) "
+                               "only: use the merge node for this file")
     merge = ZipLoraMerge(diffusion_layers(subject, paths), diffusion_layers(style, paths))
     if not merge.coefficient_parameters():
         raise LoraRarError(f"ZipLoRA: {subject.path} and {style.path} share no diffusion-model layer, so there is "
@@ -207,12 +225,16 @@ def _steps(patched, merge: ZipLoraMerge, subject_data, style_data, settings: Set
 
     evaluation = draw()
     with torch.no_grad():
-        start = loss_on(evaluation).as_floats()
+        start = _finite(loss_on(evaluation).as_floats(), "at start, before any step,")
     progress, history, early = _Progress(settings.steps, node_id), [], False
     for step in range(settings.steps):
         comfy.model_management.throw_exception_if_processing_interrupted()
         batches = draw()
-        history.append(optimisation_step(merge, optimizer, lambda: loss_on(batches)).as_floats())
+        history.append(_finite(optimisation_step(merge, optimizer, lambda: loss_on(batches)).as_floats(),
+                               f"at step {step + 1}"))
+        if not all(bool(torch.isfinite(p).all()) for p in parameters):
+            raise LoraRarError(f"ZipLoRA: the coefficients became NaN or Inf at step {step + 1} (the optimisation "
+                               f"diverged): lower the learning rate ({settings.learning_rate:g}); nothing was applied")
         progress(step + 1, settings.steps, history[-1])
         early = float(merge.similarity().detach()) <= settings.stop_similarity * (len(parameters) // 2)
         if early:
@@ -220,6 +242,16 @@ def _steps(patched, merge: ZipLoraMerge, subject_data, style_data, settings: Set
     with torch.no_grad():
         end = loss_on(evaluation).as_floats()
     return start, history, end, early
+
+
+def _finite(loss: dict[str, float], when: str) -> dict[str, float]:
+    """``loss`` when every term is finite; otherwise the run stops here, before a NaN reaches the coefficients, the
+    patched model or a saved file."""
+    if all(map(math.isfinite, loss.values())):
+        return loss
+    raise LoraRarError(f"ZipLoRA: the loss {when} is not finite (total {loss['total']:g}, subject {loss['subject']:g}, "
+                       f"style {loss['style']:g}): the LoRAs overflow this model's forward (alpha or strength too "
+                       "large for its dtype) or the optimisation diverged (lower the learning rate); nothing was applied")
 
 
 def _report(result: _Result, settings: Settings, reused: bool, applied_text: str) -> str:
@@ -236,6 +268,9 @@ def _report(result: _Result, settings: Settings, reused: bool, applied_text: str
         f"coefficients: {result.layers} layers both LoRAs patch (each d_in x 2)",
         f"loss on a fixed evaluation batch at start: {terms(result.start)}",
         f"loss on a fixed evaluation batch at end:   {terms(result.end)}",
+        *([f"warning: the loss rose from {result.start['total']:.6g} to {result.end['total']:.6g}, so the optimisation "
+           f"diverged: lower the learning rate ({settings.learning_rate:g}) and run again"]
+          if result.end["total"] > result.start["total"] else []),
         "reused the result of an identical earlier run (same files, images, prompts, settings and model)"
         if reused else "optimised now",
         "text encoders: not part of ZipLoRA's optimisation; the CLIP output carries none of the LoRAs' layers",

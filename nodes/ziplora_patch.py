@@ -39,9 +39,24 @@ def module_paths(model) -> dict[str, str]:
 
 
 def diffusion_layers(lora: LoraFile, paths: dict[str, str]) -> dict[str, LowRankLayer]:
-    """The plain low-rank layers of a LoRA that patch a diffusion-model module (text encoders, LoHa and
-    the like are left to the ordinary patch)."""
+    """The plain low-rank layers of a LoRA that patch a diffusion-model module (text-encoder layers are not part
+    of ZipLoRA; the node refuses a file with other diffusion-model layers first: :func:`unsupported_layers`)."""
     return {name: layer for name, layer in lora.layers.items() if name in paths and isinstance(layer, LowRankLayer)}
+
+
+def unsupported_layers(lora: LoraFile, paths: dict[str, str]) -> dict[str, str]:
+    """Diffusion-model layers of a LoRA the factored branch cannot run, name -> what they are: adapters that are
+    not up @ down (LoHa, LoKr, DoRA, ...) and convs with a kernel other than 1x1 (LoCon's 3x3), whose branch
+    would need the layer's own convolution. Left out, they would silently vanish from the merged result."""
+    found = {}
+    for name, layer in lora.layers.items():
+        if name not in paths:
+            continue
+        if not isinstance(layer, LowRankLayer):
+            found[name] = layer.kind
+        elif layer.conv_kernel != ():
+            found[name] = f"{'x'.join(map(str, layer.conv_kernel))} conv"
+    return found
 
 
 def _branch_forward(original, layer: ZipLoraLayer):

@@ -2,6 +2,8 @@
 a fixed batch, the saved result patches what the node's MODEL does, identical inputs reuse the result, and
 ComfyUI's interrupt stops a run with the next one unharmed."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -113,3 +115,69 @@ def test_interrupt_stops_the_run_and_the_next_call_works(comfy_host, synthetic_m
     assert not comfy.model_management.processing_interrupted()
     _, _, _, report, _ = _run(comfy_host, synthetic_model, vae, pair, seed=21, steps=1)
     assert "1 of 1 steps" in report and "optimised now" in report
+
+
+@contextlib.contextmanager
+def _one_line_error(match: str):
+    """The pack's LoraRarError, as ComfyUI imported it (another module than tests import: matched as its base)."""
+    with pytest.raises(ValueError, match=match) as error:
+        yield
+    assert type(error.value).__name__ == "LoraRarError" and "\n" not in str(error.value)
+
+
+@pytest.mark.parametrize("what, images", [
+    ("subject_images", torch.rand(1, 9, 7, 3)),  # smaller than the VAE's block: used to fail inside its conv
+    ("style_images", torch.full((1, 128, 128, 3), float("nan"))),  # used to optimise NaN for minutes
+])
+def test_unusable_reference_images_fail_at_once_naming_the_input(comfy_host, synthetic_model, vae, pair, what, images):
+    with _one_line_error(match=what):
+        _run(comfy_host, synthetic_model, vae, pair, **{what: images})
+
+
+def _kohya(module: str) -> str:
+    return "lora_unet_" + module.replace(".", "_")
+
+
+def test_layers_the_branch_cannot_run_are_named_not_dropped_or_crashed_on(comfy_host, synthetic_model, vae, pair, layout):
+    """A LoCon's 3x3 conv layer used to crash the forward with a shape error; a LoHa layer beside plain ones was
+    left out of the merged result without a word."""
+    _, _, loras = comfy_host
+    model, _ = synthetic_model
+    conv = "input_blocks.1.0.in_layers.2"
+    weight = model.model.state_dict()[f"diffusion_model.{conv}.weight"]
+    generator = torch.Generator().manual_seed(5)
+    locon = random_lora(layout, rank=4, seed=233, std=0.05, modules=list(BOTH))
+    locon[f"{_kohya(conv)}.lora_down.weight"] = torch.randn(4, weight.shape[1], 3, 3, generator=generator) * 0.05
+    locon[f"{_kohya(conv)}.lora_up.weight"] = torch.randn(weight.shape[0], 4, 1, 1, generator=generator) * 0.05
+    write_lora(loras / "zipnode_locon.safetensors", locon)
+    with _one_line_error(match=r"zipnode_locon.safetensors .*in_layers_2: 3x3 conv"):
+        _run(comfy_host, synthetic_model, vae, ("zipnode_locon.safetensors", STYLE))
+
+    loha = random_lora(layout, rank=4, seed=234, std=0.05, modules=list(BOTH[:2]))
+    d_out, d_in = next((o, i) for m, o, i in layout.attention_linears() if m == SUBJECT_ONLY)
+    loha.update({f"{_kohya(SUBJECT_ONLY)}.hada_w1_a": torch.randn(d_out, 2, generator=generator) * 0.1,
+                 f"{_kohya(SUBJECT_ONLY)}.hada_w1_b": torch.randn(2, d_in, generator=generator) * 0.1,
+                 f"{_kohya(SUBJECT_ONLY)}.hada_w2_a": torch.randn(d_out, 2, generator=generator) * 0.1,
+                 f"{_kohya(SUBJECT_ONLY)}.hada_w2_b": torch.randn(2, d_in, generator=generator) * 0.1})
+    write_lora(loras / "zipnode_loha.safetensors", loha)
+    with _one_line_error(match=r"zipnode_loha.safetensors has 1 diffusion-model layers .*LoHa"):
+        _run(comfy_host, synthetic_model, vae, ("zipnode_loha.safetensors", STYLE))
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_and_nothing_is_applied(comfy_host, synthetic_model, vae, pair, layout):
+    """alpha 1e30: the subject branch overflows float32 in the forward, so the loss is Inf/NaN from the start; it used
+    to run every step on NaN and then blame the strengths when patching."""
+    _, _, loras = comfy_host
+    write_lora(loras / "zipnode_hot.safetensors", random_lora(layout, rank=4, seed=235, alpha=1e30, std=0.1, modules=list(BOTH)))
+    with _one_line_error(match="loss at start, before any step, is not finite"):
+        _run(comfy_host, synthetic_model, vae, ("zipnode_hot.safetensors", STYLE))
+
+
+def test_a_diverging_run_says_so_in_its_report(comfy_host, synthetic_model, vae, pair):
+    """learning rate 1.0 (the input's maximum): the coefficients overshoot and the loss on the fixed batch rises."""
+    _, _, _, report, _ = _run(comfy_host, synthetic_model, vae, pair, learning_rate=1.0, steps=3, seed=31)
+    start, end = (float(line.split("total ")[1].split(" ")[0]) for line in report.splitlines()
+                  if line.startswith("loss on a fixed evaluation batch"))
+    assert end > start and "warning: the loss rose" in report and "lower the learning rate (1)" in report, report
+    _, _, _, calm, _ = _run(comfy_host, synthetic_model, vae, pair)  # as the first test, whose loss falls
+    assert "warning" not in calm, calm
