@@ -32,7 +32,7 @@ from ..hypernet.lora_io import LowRankLayer
 from ..hypernet.model import LoraRarHypernet
 from ..hypernet.training import distributed
 from ..hypernet.training.dataset import Dataset, load_dataset
-from ..hypernet.training.output import new_hypernet, training_metadata, write_hypernet
+from ..hypernet.training.output import new_hypernet, refuse_existing, run_dir_for, training_metadata, write_hypernet
 from ..hypernet.training.recipe import Recipe
 from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
 from ..hypernet.ziplora import ZipLoraMerge
@@ -243,18 +243,14 @@ def _initial_hypernet(init: Path | None, widths: list[int], recipe: Recipe) -> L
     return net
 
 
-def _run_dir(out: Path) -> Path:
-    return out.parent / (out.name + ".training")
-
-
 def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: bool = False, overwrite: bool = False,
           init: Path | None = None, cache_dir: Path | None = None, checkpoint_every: int = 50, validate_every: int = 50) -> int:
     """``python -m hypernet train``: encode (rank 0, cached), train, write ``out`` (rank 0). Returns the exit code
     (0 done, 130 stopped by Ctrl-C / SIGTERM with the checkpoint kept)."""
     world = distributed.world_from_env()
-    run_dir = _run_dir(out)
+    run_dir = run_dir_for(out)
     if world.writer:
-        _refuse_existing(out, run_dir, resume, overwrite)
+        refuse_existing(out, resume, overwrite)
     dataset = load_dataset(dataset_dir)
     if not base.is_file():
         raise LoraRarError(f"{base}: base checkpoint not found")
@@ -287,16 +283,6 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
         return 130 if result.stopped else 0
     finally:
         distributed.stop(world)
-
-
-def _refuse_existing(out: Path, run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not overwrite:
-        raise LoraRarError(f"{out}: file exists; pass --overwrite to replace it or choose another --out")
-    if not resume and (run_dir / "state.pt").exists():
-        if not overwrite:
-            raise LoraRarError(f"{run_dir}: holds a training checkpoint; pass --resume to continue it or --overwrite to start over")
-        for stale in ("state.pt", "log.jsonl"):
-            (run_dir / stale).unlink(missing_ok=True)
 
 
 def check_against_model(dataset_dir: Path, base: Path) -> list[str]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from ..errors import LoraRarError
 from .dataset import check_dataset
+from .output import refuse_existing
 from .recipe import MIXED_PRECISION, Recipe
 
 COMFY_ENV = "LORARAR_COMFY"
@@ -114,6 +115,8 @@ def run_check_dataset(args: argparse.Namespace) -> int:
 
 def run_train(args: argparse.Namespace) -> int:
     recipe = recipe_from(args)
+    if int(os.environ.get("RANK", "0")) == 0:  # before ComfyUI is even imported
+        refuse_existing(args.out, args.resume, args.overwrite)
     adapter = comfy_adapter(args.comfy)
     try:
         return _train(adapter, args, recipe)

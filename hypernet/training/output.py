@@ -17,8 +17,12 @@ import torch
 from safetensors.torch import save_file
 
 from .. import __version__
-from ..files import atomic_file
+from ..errors import LoraRarError
+from ..files import atomic_file, check_target
 from ..model import MODEL_CLASSES_KEY, LoraRarHypernet
+from .state import STATE_FILE
+
+LOG_FILE = "log.jsonl"  # the run folder's JSONL log (trainer.py writes it)
 
 
 def new_hypernet(widths: list[int], hidden: int = 128, seed: int = 0) -> LoraRarHypernet:
@@ -40,6 +44,26 @@ def training_metadata(*, model_classes: list[str], widths: list[int], pairs: lis
         "lorarar_pack_version": __version__,
         "lorarar_base_model": base_model,
     }
+
+
+def run_dir_for(out: Path) -> Path:
+    """The run folder beside the output: checkpoint (state.pt), log (log.jsonl), encoded dataset."""
+    return out.parent / (out.name + ".training")
+
+
+def refuse_existing(out: Path, resume: bool, overwrite: bool) -> None:
+    """Before any work: never replace --out without --overwrite; a run folder with a checkpoint needs --resume
+    (continue) or --overwrite (start over: its checkpoint and log are removed)."""
+    check_target(out)
+    if out.exists() and not overwrite:
+        raise LoraRarError(f"{out}: file exists; pass --overwrite to replace it or choose another --out")
+    state = run_dir_for(out) / STATE_FILE
+    if not resume and state.exists():
+        if not overwrite:
+            raise LoraRarError(f"{state.parent}: holds a training checkpoint; pass --resume to continue it or "
+                               "--overwrite to start over")
+        for stale in (STATE_FILE, LOG_FILE):
+            (state.parent / stale).unlink(missing_ok=True)
 
 
 def write_hypernet(net: LoraRarHypernet, path: str | Path, metadata: dict[str, str], *, overwrite: bool = False) -> Path:

@@ -36,11 +36,11 @@ from ..model import LoraRarHypernet
 from ..ziplora import ZipLoraMerge, ziplora_loss
 from . import distributed
 from .distributed import World
+from .output import LOG_FILE
 from .recipe import Recipe, resume_mismatch
 from .state import Checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
 HYPERNET_ROLES = ("to_q", "to_out")  # the layers H serves (column scaling); to_k / to_v are summed
-LOG_FILE = "log.jsonl"
 VALIDATION_SEED_STEP = 2**31 - 1  # the "step" of the fixed validation draws: never a training step
 
 
