@@ -62,7 +62,7 @@ def _image_tensor(path: Path, resolution: int) -> torch.Tensor:
 def _plain_conditioning(conditioning: list) -> list:
     """A CONDITIONING's first entry as [cross_attn, {name: tensor or number}] (what a weights_only file holds)."""
     cross_attn, extras = conditioning[0]
-    return [cross_attn.float().cpu(), {k: (v.float().cpu() if isinstance(v, torch.Tensor) else v) for k, v in extras.items()
+    return [cross_attn.detach().float().cpu(), {k: (v.detach().float().cpu() if isinstance(v, torch.Tensor) else v) for k, v in extras.items()
                                        if isinstance(v, (torch.Tensor, int, float, str, bool))}]
 
 
@@ -77,6 +77,7 @@ def cache_key(base: Path, dataset: Dataset, recipe: Recipe) -> str:
     return digest.hexdigest()[:16]
 
 
+@torch.no_grad()  # the encoders' weights may say requires_grad: no graph may reach the training loop
 def encode_entries(clip, vae, dataset: Dataset, recipe: Recipe) -> dict:
     """"<kind>/<name>" -> {"latents": [(C, h, w) per image], "conditioning": [cross_attn, extras], "caption": str}:
     every training image VAE-encoded (VAEEncode) and every caption CLIP-encoded (CLIPTextEncode)."""

@@ -274,7 +274,8 @@ class Trainer:
             with sync:
                 merge = self._merge(pair)
                 loss = self._pair_loss(merge, self.model(merge.factors), draw_generator(self.recipe.seed, self.step, slot))
-                self.scaler.scale(loss.total / len(pairs)).backward()
+                # inputs: H's parameters only, whatever else in the graph says requires_grad (base or encoder weights)
+                self.scaler.scale(loss.total / len(pairs)).backward(inputs=self.parameters)
             terms = loss.as_floats()
             totals[:4] += torch.tensor([terms[k] for k in ("total", "subject", "style", "similarity")], dtype=torch.float64)
         for parameter in self.parameters:  # a width no pair used: zero, as DDP gives it (AdamW then treats it alike)

@@ -187,3 +187,13 @@ def test_ctrl_c_leaves_a_checkpoint_that_resumes(pack, task, dataset, base, enco
     resumed = _trainer(pack, task, dataset, run_dir, _recipe(pack, epochs=state.step + 1))
     resumed.resume()
     assert resumed.run().steps == state.step + 1 and len(_steps(run_dir)) == state.step + 1
+
+
+def test_check_dataset_against_the_base_names_a_lora_made_for_another_model(pack, base, tmp_path):
+    from devkit.loras import SD15, random_lora, write_lora
+
+    data = make_dataset(tmp_path / "data", images=1)
+    assert pack.training.check_against_model(data, base) == []
+    write_lora(data / "styles" / "glow" / "lora.safetensors", random_lora(SD15, rank=2, seed=4))
+    problems = pack.training.check_against_model(data, base)
+    assert len(problems) == 1 and str(data / "styles" / "glow" / "lora.safetensors") in problems[0], problems
