@@ -164,6 +164,9 @@ class ComfyTask:
         path = str(self.dataset.entry(kind, name).lora)
         with unforeseen_as_error(path):
             lora = _read(path, self.key_map, self.shapes, self.layout, False)
+        problem = misfit(lora, self.paths, self.shapes)
+        if problem:
+            raise LoraRarError(problem)
         return diffusion_layers(lora, self.paths)
 
     def _inject(self):
@@ -208,6 +211,23 @@ class ComfyTask:
 
     def denoise(self, batch) -> torch.Tensor:
         return prediction(self.patched, batch)
+
+
+def misfit(lora, paths: dict[str, str], shapes: dict) -> str | None:
+    """Why a LoRA read through the model's key map cannot train on this model (one line naming the file), or None:
+    layers the map does not place, a layer whose update does not fit the model's weight, no to_q / to_out.0 layer."""
+    if lora.unmapped:
+        return (f"{lora.path}: {len(lora.unmapped)} of its layers are not layers of this model (e.g. "
+                f"{' '.join(sorted(lora.unmapped)[0].split())[:100]}): a LoRA for another base model?")
+    layers = diffusion_layers(lora, paths)
+    for name, layer in sorted(layers.items()):
+        weight = shapes.get(f"{paths[name]}.weight")
+        reason = layer.misfit(weight, shapes.get(f"{paths[name]}.bias")) if weight is not None else None
+        if reason:
+            return f"{lora.path}: layer {name}: {reason}: a LoRA for another base model?"
+    if not any(attention_role(name) in HYPERNET_ROLES for name in layers):
+        return f"{lora.path}: patches no to_q / to_out.0 layer of this model: nothing for the hypernet to merge"
+    return None
 
 
 def model_layers(model) -> dict[str, str]:
@@ -306,8 +326,7 @@ def check_against_model(dataset_dir: Path, base: Path) -> list[str]:
         except LoraRarError as error:
             problems.append(str(error))
             continue
-        layers = diffusion_layers(lora, paths)
-        if not any(attention_role(n) in HYPERNET_ROLES for n in layers):
-            problems.append(f"{entry.lora}: patches no to_q / to_out.0 layer of {base.name} "
-                            f"({model_class(model)}): made for another base model?")
+        problem = misfit(lora, paths, shapes)
+        if problem:
+            problems.append(f"{problem} (base {base.name}, {model_class(model)})")
     return problems

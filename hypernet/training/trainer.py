@@ -74,6 +74,15 @@ def epoch_pairs(seed: int, epoch: int, count: int, slots: int) -> list[int]:
     return rng.sample(range(count), slots) if slots <= count else [rng.randrange(count) for _ in range(slots)]
 
 
+def rank_pairs(pairs: list, recipe: Recipe, world: World, step: int) -> list[tuple[int, object]]:
+    """(global slot, pair) of ``world.rank`` at ``step``: slots rank * batch .. (rank + 1) * batch - 1 of the epoch's
+    draw of world size x batch pairs, so N ranks of 1 pair see what one process of N pairs sees."""
+    batch, epoch = recipe.batch_pairs, step // recipe.steps_per_pair
+    indices = epoch_pairs(recipe.seed, epoch, len(pairs), batch * world.size)
+    first = world.rank * batch
+    return [(slot, pairs[indices[slot]]) for slot in range(first, first + batch)]
+
+
 class CoefficientNet(torch.nn.Module):
     """H as one module whose forward gives the coefficients of a list of layer pairs (what DDP wraps)."""
 
@@ -256,14 +265,11 @@ class Trainer:
         return ziplora_loss(merge.merge, self._denoise, subject_batch, style_batch, lam=self.recipe.similarity_lambda)
 
     def local_pairs(self, step: int) -> list[tuple[int, tuple[str, str]]]:
-        """(global slot, pair) of this rank at ``step``: slots rank * batch .. of the epoch's draw."""
-        batch, epoch = self.recipe.batch_pairs, step // self.recipe.steps_per_pair
-        indices = epoch_pairs(self.recipe.seed, epoch, len(self.train_pairs), batch * self.world.size)
-        first = self.world.rank * batch
-        return [(slot, self.train_pairs[indices[slot]]) for slot in range(first, first + batch)]
+        return rank_pairs(self.train_pairs, self.recipe, self.world, step)
 
     def train_step(self) -> dict[str, float]:
-        """One optimiser step on this rank's pairs; returns the loss terms averaged over the effective batch."""
+        """One optimiser step on this rank's pairs; returns the loss terms averaged over the effective batch and the
+        pairs of the whole effective batch (all ranks)."""
         pairs = self.local_pairs(self.step)
         if self.step % self.recipe.steps_per_pair == 0:  # a new epoch: the previous pairs are not needed again
             self._merges = {pair: m for pair, m in self._merges.items() if pair in {p for _, p in pairs}}
@@ -291,9 +297,11 @@ class Trainer:
         totals[:4] /= len(pairs)
         mean = distributed.mean_over_ranks(self.world, totals)
         self.step += 1
+        everyone = [pair for rank in range(self.world.size)  # the effective batch: what every rank drew
+                    for _, pair in rank_pairs(self.train_pairs, self.recipe, World(rank, self.world.size), self.step - 1)]
         return {"total": float(mean[0]), "subject": float(mean[1]), "style": float(mean[2]),
                 "similarity": float(mean[3]), "grad_norm": float(mean[4]),
-                "pairs": [f"{s}+{t}" for _, (s, t) in pairs]}
+                "pairs": [f"{s}+{t}" for s, t in everyone]}
 
     @torch.no_grad()
     def evaluate(self, pairs: list[tuple[str, str]]) -> dict[str, float]:
