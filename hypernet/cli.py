@@ -1,4 +1,5 @@
-"""Terminal entry point: ``python -m hypernet merge --subject A --style B --out C`` and ``python -m hypernet evaluate ...``."""
+"""Terminal entry point: ``python -m hypernet merge --subject A --style B --out C``, ``python -m hypernet evaluate ...``,
+``python -m hypernet check-dataset DIR`` and ``python -m hypernet train ...`` (hypernet/training/command.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ from .files import check_target, refuse_replacing
 from .lora_io import SAVE_DTYPES as DTYPES, save_lora
 from . import methods
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, Strengths, merge_loras
+from .training import command as training
 
 
 
@@ -77,6 +79,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--retries", type=int, default=3, help="extra attempts on 5xx, timeouts and refused connections (exponential backoff)")
     evaluate.add_argument("--restart", action="store_true", help="ignore results saved by an earlier run in --out and ask everything again")
     evaluate.add_argument("--json", action="store_true", help="print the per-pair and mean scores as JSON")
+    training.add_parsers(commands)
     return parser
 
 
@@ -181,7 +184,8 @@ def _evaluate(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        return {"merge": run_merge, "evaluate": run_evaluate}[args.command](args)
+        return {"merge": run_merge, "evaluate": run_evaluate, "check-dataset": training.run_check_dataset,
+                "train": training.run_train}[args.command](args)
     except LoraRarError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

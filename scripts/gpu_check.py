@@ -14,7 +14,10 @@ Checks, each PASS / FAIL / SKIP with its numbers:
    strengths that stretch LoRA.rar's unbounded coefficients: no Inf/NaN, close to float32;
 5. the ZipLoRA node as the server runs it (inference mode around it), three steps on the synthetic model in
    the device's default mode: finite losses that fall on the fixed batch, seconds per optimisation step and
-   peak device memory, beside one sampling step of the same model.
+   peak device memory, beside one sampling step of the same model;
+6. training a hypernetwork (python -m hypernet train's loop, GPU only): SDXL-architecture UNet at 1024 px, rank-64
+   LoRAs, fp16 autocast, with and without gradient checkpointing: seconds per step, peak memory, and the same
+   first-step gradient norm both ways (the CPU stand-in: ``--worker train --mode cpu``, the synthetic model).
 
 The GPU machines lent to this project reach no package registry: scripts/gpu_bundle.sh packs what the check
 needs (ComfyUI at the pinned commit, the published hypernets, missing wheels) into .gpu/ to carry along.
@@ -317,7 +320,98 @@ def worker_ziplora(args) -> dict:
             "rank": sorted({layer.rank for layer in merged.layers.values()})[-1], "ok": finite and end < start}
 
 
-WORKERS = {"speed": worker_speed, "sample": worker_sample, "fp16": worker_fp16, "ziplora": worker_ziplora}
+def _training_dataset(work: Path, layout, rank: int) -> Path:
+    """2 subjects x 2 styles of random rank-``rank`` attention LoRAs (captions, one tiny image each): the layout
+    hypernet/training/dataset.py reads; the images are not encoded (worker_train draws random latents)."""
+    from PIL import Image
+
+    from devkit.loras import random_lora, write_lora
+
+    root = work / "training-data"
+    names = {"subjects": ["s0", "s1"], "styles": ["t0", "t1"]}
+    for seed, (kind, name) in enumerate((k, n) for k, group in names.items() for n in group):
+        folder = root / kind / name
+        if not (folder / "lora.safetensors").is_file():
+            write_lora(folder / "lora.safetensors", random_lora(layout, rank=rank, seed=100 + seed, std=0.05))
+        (folder / "caption.txt").write_text(f"a {name}")
+        (folder / "images").mkdir(exist_ok=True)
+        Image.new("RGB", (8, 8)).save(folder / "images" / "0.png")
+    (root / "split.json").write_text(json.dumps({"train": names, "validation": {"subjects": [], "styles": []}}))
+    return root
+
+
+def worker_train(args) -> dict:
+    """Training steps of a LoRA.rar hypernetwork (python -m hypernet train's loop and ComfyUI adapter): on a GPU the
+    SDXL-architecture UNet (2.6 B parameters, random fp16 weights) at 1024 px with rank-64 LoRAs on all 560
+    attention layers, fp16 autocast, with and without gradient checkpointing: seconds per step and peak memory;
+    the first step's gradient norm must agree between the two. The CPU stands in with the synthetic model at 128 px."""
+    nodes = comfy_in_process(args.comfy, args.work, args.weights, args.mode)
+
+    import importlib
+
+    import torch
+
+    import comfy.model_management
+    from devkit.synthetic_models import sdxl_unet_patcher
+    from hypernet.base_models import UNetLayout
+
+    root = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__.rsplit(".nodes.merge", 1)[0]
+    adapter = importlib.import_module(f"{root}.nodes.training")
+    training = {name: importlib.import_module(f"{root}.hypernet.training.{name}") for name in ("dataset", "output", "recipe", "trainer")}
+    device = comfy.model_management.get_torch_device()
+    gpu = device.type == "cuda"
+    model = sdxl_unet_patcher() if gpu else _synthetic_model()
+    with torch.no_grad():  # zero weights would make every activation, loss and gradient 0
+        generator = torch.Generator().manual_seed(0)
+        for parameter in model.model.diffusion_model.parameters():
+            parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
+    model.model.requires_grad_(False)
+    layout = UNetLayout.from_unet_config("train-check", model.model.model_config.unet_config)
+    dataset = training["dataset"].load_dataset(_training_dataset(args.work, layout, 64 if gpu else 4))
+    resolution, steps = (1024, 3) if gpu else (128, 1)
+    size = resolution // 8
+    encodings = {f"{kind}/{name}": {"latents": [torch.randn(4, size, size, generator=generator)], "caption": "",
+                                    "conditioning": [torch.randn(1, 77, 2048, generator=generator),
+                                                     {"pooled_output": torch.randn(1, 1280, generator=generator)}]}
+                 for kind, name in dataset.entries}
+    widths = adapter.attention_widths(model)
+    result = {"check": "training steps (python -m hypernet train)", "device": str(device), "image_px": resolution,
+              "lora_rank": 64 if gpu else 4, "layers": len(layout.attention_linears())}
+    norms = []
+    for checkpointing in (True, False):
+        recipe = training["recipe"].Recipe(resolution=resolution, epochs=steps + 1, steps_per_pair=1,
+                                           mixed_precision="fp16" if gpu else "no", gradient_checkpointing=checkpointing)
+        task = adapter.ComfyTask(model, dataset, encodings, recipe)
+        net = training["output"].new_hypernet(widths, seed=0)
+        trainer = training["trainer"].Trainer(net, task, dataset.pairs("train"), [], recipe,
+                                              args.work / f"run-{checkpointing}", checkpoint_every=0, validate_every=0,
+                                              log=lambda _: None)
+        tag = "checkpointing" if checkpointing else "no_checkpointing"
+        try:
+            with adapter.loaded(task.patched), torch.inference_mode(False), torch.enable_grad():
+                norms.append(trainer.train_step()["grad_norm"])  # warm-up (kernels, caches), then measured
+                torch.cuda.synchronize() if gpu else None
+                torch.cuda.reset_peak_memory_stats() if gpu else None
+                started = time.perf_counter()
+                losses = [trainer.train_step()["total"] for _ in range(steps)]
+                torch.cuda.synchronize() if gpu else None
+                step_s = (time.perf_counter() - started) / steps
+        except torch.cuda.OutOfMemoryError:  # without checkpointing the activations may not fit: a number too
+            result[f"{tag}"] = "out of memory"
+            continue
+        finally:
+            del trainer, task
+        result[f"step_s_{tag}"] = step_s
+        result[f"peak_mb_{tag}"] = torch.cuda.max_memory_allocated() / 2**20 if gpu else None
+        result[f"finite_{tag}"] = all(v == v and abs(v) != float("inf") for v in losses)
+    agree = abs(norms[0] - norms[1]) / max(abs(norms[1]), 1e-30) if len(norms) == 2 else None
+    result["grad_norm_agreement"] = agree
+    result["ok"] = bool(result.get("finite_checkpointing")) and (agree is None or agree < 2e-2)
+    return result
+
+
+WORKERS = {"speed": worker_speed, "sample": worker_sample, "fp16": worker_fp16, "ziplora": worker_ziplora,
+           "train": worker_train}
 
 
 def check_sampling(args, device_modes: list[str]) -> list[dict]:
@@ -363,7 +457,7 @@ def main(argv=None) -> int:
     parser.add_argument("--comfy", help="ComfyUI folder (default: the host of devkit/hosts.json, or .gpu/ComfyUI)")
     parser.add_argument("--weights", help="folder with the published hypernets")
     parser.add_argument("--work", help="scratch folder for LoRAs, models and outputs (default: a temp folder)")
-    parser.add_argument("--skip", action="append", default=[], choices=["golden", "speed", "sample", "fp16", "ziplora"])
+    parser.add_argument("--skip", action="append", default=[], choices=["golden", "speed", "sample", "fp16", "ziplora", "train"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="default", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -398,6 +492,9 @@ def main(argv=None) -> int:
     if "ziplora" not in args.skip:
         ziplora = run_worker("ziplora", args, ["--mode", device_mode], timeout=600)
         results.append(_row("ZipLoRA: optimisation steps on the device", ziplora))
+    if "train" not in args.skip and device == "cuda":  # the CPU stand-in: run `--worker train --mode cpu` alone
+        train = run_worker("train", args, ["--mode", device_mode], timeout=600)
+        results.append(_row("training steps (python -m hypernet train)", train))
     print(f"\nLoRA.rar GPU check on {name} ({time.perf_counter() - start:.0f} s)\n\n{table(results)}")
     return 0 if all(result.get("ok") or "skip" in result for result in results) else 1
 

@@ -1,0 +1,332 @@
+"""Training a LoRA.rar hypernetwork through ComfyUI's own model: the adapter behind ``python -m hypernet train``.
+
+The loop (hypernet/training/trainer.py) is torch only; this module gives it ComfyUI's side:
+
+- the base checkpoint loaded by ``comfy.sd.load_checkpoint_guess_config`` (so any UNet ComfyUI detects works),
+  once with its VAE and text encoders to encode the dataset (latents and conditionings cached in the run
+  folder), then the diffusion model alone for training;
+- the LoRAs read through ComfyUI's key map as the merge and ZipLoRA nodes read them (nodes/ziplora.py ``_read_pair``);
+- the branch injected as nodes/ziplora_patch.py does (object patches of each LoRA layer's forward), routed to the
+  pair being trained, so the model is patched once for the whole run;
+- the forward: ``noised_batch`` / ``prediction`` of nodes/ziplora_patch.py (ComfyUI's noise schedule and
+  ``apply_model``).
+
+Random crop: images are resized (shorter side to --resolution) and VAE-encoded once; each draw crops a
+resolution/8 square from the latent (a crop on the 8-pixel grid of the image), so no VAE runs while training.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import comfy.model_management
+import comfy.sd
+import nodes as comfy_nodes  # ComfyUI's own nodes.py (the pack's package is imported relatively)
+import torch
+
+from ..hypernet.errors import LoraRarError, unforeseen_as_error
+from ..hypernet.files import atomic_file
+from ..hypernet.keys import attention_role
+from ..hypernet.lora_io import LowRankLayer
+from ..hypernet.model import LoraRarHypernet
+from ..hypernet.training import distributed
+from ..hypernet.training.dataset import Dataset, load_dataset
+from ..hypernet.training.output import new_hypernet, refuse_existing, run_dir_for, training_metadata, write_hypernet
+from ..hypernet.training.recipe import Recipe
+from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
+from ..hypernet.ziplora import ZipLoraMerge
+from .common import model_class, model_layout
+from .merge import _key_map, _model_weights, _read
+from .ziplora import TIMESTEPS
+from .ziplora_patch import diffusion_layers, loaded, model_conditioning, module_paths, noised_batch, prediction
+
+CACHE_FORMAT = 1
+
+
+# ---- the dataset encoded once: latents and conditionings ---------------------------------------------------
+
+def _image_tensor(path: Path, resolution: int) -> torch.Tensor:
+    """IMAGE (1, H, W, 3) in [0, 1], the shorter side resized to ``resolution`` (the longer on the 8-pixel grid)."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as handle:
+        image = handle.convert("RGB")
+    scale = resolution / min(image.size)
+    size = tuple(max(resolution, int(round(side * scale / 8)) * 8) for side in image.size)
+    image = image.resize(size, Image.Resampling.BICUBIC)
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255.0)[None]
+
+
+def _plain_conditioning(conditioning: list) -> list:
+    """A CONDITIONING's first entry as [cross_attn, {name: tensor or number}] (what a weights_only file holds)."""
+    cross_attn, extras = conditioning[0]
+    return [cross_attn.detach().float().cpu(), {k: (v.detach().float().cpu() if isinstance(v, torch.Tensor) else v) for k, v in extras.items()
+                                       if isinstance(v, (torch.Tensor, int, float, str, bool))}]
+
+
+def cache_key(base: Path, dataset: Dataset, recipe: Recipe) -> str:
+    """What the cached encodings depend on: the base file (name, size, time), each entry's images and caption."""
+    digest = hashlib.sha256(f"{CACHE_FORMAT}|{base.resolve()}|{base.stat().st_size}|{base.stat().st_mtime_ns}|"
+                            f"{recipe.resolution}|{recipe.fixed_style_prompt}".encode())
+    for (kind, name), entry in sorted(dataset.entries.items()):
+        digest.update(f"|{kind}/{name}|{entry.caption}".encode())
+        for image in entry.images:
+            digest.update(f"|{image.name}|{image.stat().st_size}|{image.stat().st_mtime_ns}".encode())
+    return digest.hexdigest()[:16]
+
+
+@torch.no_grad()  # the encoders' weights may say requires_grad: no graph may reach the training loop
+def encode_entries(clip, vae, dataset: Dataset, recipe: Recipe) -> dict:
+    """"<kind>/<name>" -> {"latents": [(C, h, w) per image], "conditioning": [cross_attn, extras], "caption": str}:
+    every training image VAE-encoded (VAEEncode) and every caption CLIP-encoded (CLIPTextEncode)."""
+    encode = comfy_nodes.CLIPTextEncode().encode
+    entries = {}
+    for (kind, name), entry in sorted(dataset.entries.items()):
+        caption = recipe.fixed_style_prompt if kind == "styles" and recipe.fixed_style_prompt else entry.caption
+        latents = [comfy_nodes.VAEEncode().encode(vae, _image_tensor(image, recipe.resolution))[0]["samples"][0].float().cpu()
+                   for image in entry.images]
+        entries[f"{kind}/{name}"] = {"latents": latents, "conditioning": _plain_conditioning(encode(clip, caption)[0]),
+                                     "caption": caption}
+    return entries
+
+
+def write_encodings(path: Path, entries: dict) -> None:
+    with atomic_file(path) as temp:
+        torch.save({"format": CACHE_FORMAT, "entries": entries}, temp)
+
+
+def encode_dataset(base: Path, dataset: Dataset, recipe: Recipe, path: Path) -> None:
+    """encode_entries with the base checkpoint's own VAE and text encoders, written to ``path`` (torch file)."""
+    _, clip, vae, _ = comfy.sd.load_checkpoint_guess_config(str(base), output_vae=True, output_clip=True)
+    if clip is None or vae is None:
+        raise LoraRarError(f"{base}: the checkpoint holds no text encoder or no VAE, which encoding the dataset needs")
+    write_encodings(path, encode_entries(clip, vae, dataset, recipe))
+    del clip, vae
+    comfy.model_management.soft_empty_cache()
+
+
+def read_encodings(path: Path) -> dict:
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if payload.get("format") != CACHE_FORMAT:
+        raise LoraRarError(f"{path}: encodings of another format; delete it to encode again")
+    return payload["entries"]
+
+
+# ---- the model side of the loop -----------------------------------------------------------------------------
+
+class _Route:
+    """The merge the injected layers run now (None: none); one object shared by every patched forward."""
+
+    def __init__(self):
+        self.merge: ZipLoraMerge | None = None
+
+
+def _routed_forward(original, name: str, route: _Route):
+    """forward(x, ...) = original(x, ...) + the routed merge's branch of layer ``name`` (if it has that layer)."""
+    def forward(x, *args, **kwargs):
+        out = original(x, *args, **kwargs)
+        merge = route.merge
+        layer = merge.layers[name] if merge is not None and name in merge.layers else None
+        extra = layer.extra(x) if layer is not None else None
+        return out if extra is None else out + extra.to(out.dtype)
+    return forward
+
+
+def _checkpointed_forward(original):
+    """The block's forward recomputed in backward (torch.utils.checkpoint, non-reentrant: the hypernet's
+    coefficients reach the branch from outside the block and still get their gradient)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def forward(*args, **kwargs):
+        if not torch.is_grad_enabled():
+            return original(*args, **kwargs)
+        return checkpoint(original, *args, use_reentrant=False, **kwargs)
+    return forward
+
+
+class ComfyTask:
+    """The trainer's Task on a ComfyUI MODEL: LoRA layers by the model's key map, draws from cached encodings."""
+
+    def __init__(self, model, dataset: Dataset, encodings: dict, recipe: Recipe):
+        self.model, self.dataset, self.encodings, self.recipe = model, dataset, encodings, recipe
+        self.paths = model_layers(model)
+        self.key_map = _key_map(model, None)
+        self.shapes = {key: tuple(weight.shape) for key, weight in _model_weights(model, None).items()}
+        self.layout = model_layout(model)
+        self.route = _Route()
+        self.device = model.load_device
+        self._conditions: dict[str, dict] = {}
+        self.patched = self._inject()
+
+    def layers(self, kind: str, name: str) -> dict[str, LowRankLayer]:
+        path = str(self.dataset.entry(kind, name).lora)
+        with unforeseen_as_error(path):
+            lora = _read(path, self.key_map, self.shapes, self.layout, False)
+        problem = misfit(lora, self.paths, self.shapes)
+        if problem:
+            raise LoraRarError(problem)
+        return diffusion_layers(lora, self.paths)
+
+    def _inject(self):
+        """A clone of the model whose LoRA-capable layers run the routed branch (object patches of forward)."""
+        patched = self.model.clone()
+        self.conv = {}
+        for name, path in self.paths.items():
+            module = patched.get_model_object(path)
+            self.conv[name] = isinstance(module, torch.nn.Conv2d)
+            attribute = f"{path}.forward"
+            patched.add_object_patch(attribute, _routed_forward(patched.get_model_object(attribute), name, self.route))
+        if self.recipe.gradient_checkpointing:
+            for name, module in self.model.model.diffusion_model.named_modules():
+                if type(module).__name__ == "BasicTransformerBlock":
+                    attribute = f"diffusion_model.{name}.forward"
+                    patched.add_object_patch(attribute, _checkpointed_forward(patched.get_model_object(attribute)))
+        return patched
+
+    def attach(self, merge: ZipLoraMerge | None) -> None:
+        if merge is not None:
+            for name, layer in merge.layers.items():
+                layer.channels_first = self.conv.get(name, False)
+        self.route.merge = merge
+
+    def draw(self, kind: str, name: str, generator: torch.Generator):
+        """A latent crop of one of the entry's images, its noise and timestep, all from ``generator`` (CPU)."""
+        encoded = self.encodings[f"{kind}/{name}"]
+        latents = encoded["latents"]
+        latent = latents[int(torch.randint(len(latents), (1,), generator=generator))]
+        size = self.recipe.resolution // 8
+        top = int(torch.randint(latent.shape[1] - size + 1, (1,), generator=generator))
+        left = int(torch.randint(latent.shape[2] - size + 1, (1,), generator=generator))
+        crop = latent[None, :, top:top + size, left:left + size]
+        noise = torch.randn(crop.shape, generator=generator)
+        timestep = torch.randint(0, TIMESTEPS, (1,), generator=generator)
+        crop = crop.to(self.device)
+        key = f"{kind}/{name}"
+        if key not in self._conditions:  # the same latent size every draw: built once per entry
+            cross_attn, extras = encoded["conditioning"]
+            self._conditions[key] = model_conditioning(self.patched, [[cross_attn.to(self.device), extras]], crop)
+        return noised_batch(self.patched, crop, noise.to(self.device), timestep.to(self.device), self._conditions[key])
+
+    def denoise(self, batch) -> torch.Tensor:
+        return prediction(self.patched, batch)
+
+
+def misfit(lora, paths: dict[str, str], shapes: dict) -> str | None:
+    """Why a LoRA read through the model's key map cannot train on this model (one line naming the file), or None:
+    layers the map does not place, a layer whose update does not fit the model's weight, no to_q / to_out.0 layer."""
+    if lora.unmapped:
+        return (f"{lora.path}: {len(lora.unmapped)} of its layers are not layers of this model (e.g. "
+                f"{' '.join(sorted(lora.unmapped)[0].split())[:100]}): a LoRA for another base model?")
+    layers = diffusion_layers(lora, paths)
+    for name, layer in sorted(layers.items()):
+        weight = shapes.get(f"{paths[name]}.weight")
+        reason = layer.misfit(weight, shapes.get(f"{paths[name]}.bias")) if weight is not None else None
+        if reason:
+            return f"{lora.path}: layer {name}: {reason}: a LoRA for another base model?"
+    if not any(attention_role(name) in HYPERNET_ROLES for name in layers):
+        return f"{lora.path}: patches no to_q / to_out.0 layer of this model: nothing for the hypernet to merge"
+    return None
+
+
+def model_layers(model) -> dict[str, str]:
+    """module_paths of the layers this model has (ComfyUI's key map also names those other UNets of its family have)."""
+    weights = model.model.state_dict()
+    return {name: path for name, path in module_paths(model).items() if f"{path}.weight" in weights}
+
+
+def attention_widths(model) -> list[int]:
+    """The widths H needs: the d_out of every to_q / to_out.0 layer of the model (one input layer per width)."""
+    weights = model.model.state_dict()
+    return sorted({int(weights[f"{path}.weight"].shape[0]) for name, path in model_layers(model).items()
+                   if attention_role(name) in HYPERNET_ROLES})
+
+
+# ---- the command ---------------------------------------------------------------------------------------------
+
+def _load_model(base: Path):
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(base), output_vae=False, output_clip=False)
+    if model is None:
+        raise LoraRarError(f"{base}: ComfyUI found no diffusion model in this checkpoint")
+    model.model.requires_grad_(False)  # only H trains; the base weights never get a gradient
+    return model
+
+
+def _initial_hypernet(init: Path | None, widths: list[int], recipe: Recipe) -> LoraRarHypernet:
+    if init is None:
+        return new_hypernet(widths, hidden=recipe.hidden, seed=recipe.seed)
+    net = LoraRarHypernet.load(init)
+    missing = sorted(set(widths) - set(net.widths))
+    if missing:
+        raise LoraRarError(f"{init}: serves attention widths {sorted(net.widths)}, the base model also has {missing}; "
+                           "fine-tune from a hypernet made for this model family, or train a new one")
+    return net
+
+
+def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: bool = False, overwrite: bool = False,
+          init: Path | None = None, cache_dir: Path | None = None, checkpoint_every: int = 50, validate_every: int = 50) -> int:
+    """``python -m hypernet train``: encode (rank 0, cached), train, write ``out`` (rank 0). Returns the exit code
+    (0 done, 130 stopped by Ctrl-C / SIGTERM with the checkpoint kept)."""
+    world = distributed.world_from_env()
+    run_dir = run_dir_for(out)
+    if world.writer:
+        refuse_existing(out, resume, overwrite)
+    dataset = load_dataset(dataset_dir)
+    if not base.is_file():
+        raise LoraRarError(f"{base}: base checkpoint not found")
+    device = comfy.model_management.get_torch_device()
+    distributed.start(world, device)
+    try:
+        encodings_path = Path(cache_dir or run_dir) / f"encodings-{cache_key(base, dataset, recipe)}.pt"
+        if world.writer:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            encodings_path.parent.mkdir(parents=True, exist_ok=True)
+            if not encodings_path.is_file():
+                encode_dataset(base, dataset, recipe, encodings_path)
+        distributed.barrier(world)
+        model = _load_model(base)
+        task = ComfyTask(model, dataset, read_encodings(encodings_path), recipe)
+        widths = attention_widths(model)
+        hypernet = _initial_hypernet(init, widths, recipe)
+        trainer = Trainer(hypernet, task, dataset.pairs("train"), dataset.pairs("validation"), recipe, run_dir, world,
+                          checkpoint_every=checkpoint_every, validate_every=validate_every)
+        with torch.inference_mode(False), torch.enable_grad(), loaded(task.patched):
+            if resume:
+                trainer.resume()
+            result = trainer.run()
+        if world.writer and not result.stopped:
+            metadata = training_metadata(model_classes=[model_class(model)], widths=sorted(hypernet.widths),
+                                         pairs=dataset.pairs("train"), recipe_json=recipe.to_json(world.size),
+                                         steps=result.steps, base_model=base.name)
+            write_hypernet(result.hypernet, out, metadata, overwrite=overwrite or resume)
+            print(f"wrote {out} ({result.steps} steps, {result.seconds_per_step:.3g} s per step)")
+        return 130 if result.stopped else 0
+    finally:
+        distributed.stop(world)
+
+
+def check_against_model(dataset_dir: Path, base: Path) -> list[str]:
+    """The problems only the base model shows: LoRA layers its key map does not place or whose shapes differ,
+    LoRAs patching no attention layer of it (one line each, naming the file)."""
+    from ..hypernet.training.dataset import read_dataset
+
+    dataset = read_dataset(dataset_dir, check_files=False)
+    if not base.is_file():
+        return [f"{base}: base checkpoint not found"]
+    model = _load_model(base)
+    paths, key_map = model_layers(model), _key_map(model, None)
+    shapes = {key: tuple(weight.shape) for key, weight in _model_weights(model, None).items()}
+    problems = []
+    for (kind, name), entry in sorted(dataset.entries.items()):
+        if not entry.lora.is_file():
+            continue
+        try:
+            lora = _read(str(entry.lora), key_map, shapes, model_layout(model), False)
+        except LoraRarError as error:
+            problems.append(str(error))
+            continue
+        problem = misfit(lora, paths, shapes)
+        if problem:
+            problems.append(f"{problem} (base {base.name}, {model_class(model)})")
+    return problems

@@ -1,0 +1,98 @@
+"""The training loop's bookkeeping without a model: which pairs each rank draws, the per-slot draws, the recipe's
+resume rule, checkpoints (weights_only) with every RNG state, and the output file's tensors and metadata."""
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+from safetensors import safe_open
+
+from hypernet.model import LoraRarHypernet
+from hypernet.training.distributed import World
+from hypernet.training.output import new_hypernet, training_metadata, write_hypernet
+from hypernet.training.recipe import Recipe, resume_mismatch
+from hypernet.training.state import Checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
+from hypernet.training.trainer import draw_generator, epoch_pairs, rank_pairs
+from hypernet.errors import LoraRarError, LoraRarFileExists
+
+PAIRS = [(s, t) for s in ("dog", "cat", "can") for t in ("oil", "flat")]
+
+
+@pytest.mark.parametrize("world_size,batch", [(2, 1), (4, 1), (2, 2)])
+def test_ranks_together_see_the_pairs_one_process_with_the_same_effective_batch_sees(world_size, batch):
+    one = Recipe(batch_pairs=world_size * batch, steps_per_pair=3)
+    many = Recipe(batch_pairs=batch, steps_per_pair=3)
+    for step in range(12):
+        single = rank_pairs(PAIRS, one, World(), step)
+        split = [slot for rank in range(world_size) for slot in rank_pairs(PAIRS, many, World(rank, world_size), step)]
+        assert split == single
+        assert len({pair for _, pair in single}) == len(single)  # distinct while there are enough pairs
+    # one pair per epoch: the same for every step of the epoch, another epoch draws again
+    firsts = [rank_pairs(PAIRS, Recipe(), World(), step)[0][1] for step in range(0, 500, 5)]
+    assert all(rank_pairs(PAIRS, Recipe(), World(), step)[0][1] == firsts[step // 5] for step in range(0, 500, 7))
+    assert len(set(firsts)) == len(PAIRS)
+
+
+def test_more_slots_than_pairs_draw_with_replacement():
+    assert len(epoch_pairs(0, 3, 2, 5)) == 5 and set(epoch_pairs(0, 3, 2, 5)) <= {0, 1}
+
+
+def test_draws_depend_on_seed_step_and_slot_only():
+    def draw(*key):
+        return torch.randn(4, generator=draw_generator(*key))
+
+    assert torch.equal(draw(0, 7, 1), draw(0, 7, 1))
+    assert not torch.equal(draw(0, 7, 1), draw(0, 7, 0)) and not torch.equal(draw(0, 7, 1), draw(1, 7, 1))
+
+
+def test_resume_allows_more_epochs_and_refuses_other_numbers():
+    saved = Recipe(epochs=10)
+    assert resume_mismatch(saved, Recipe(epochs=20), 1, 1) is None
+    assert resume_mismatch(Recipe(batch_pairs=2), Recipe(batch_pairs=1), 1, 2) is None  # same effective batch
+    assert "effective batch" in resume_mismatch(Recipe(), Recipe(), 1, 2)
+    assert resume_mismatch(saved, Recipe(epochs=10, fixed_style_prompt="x"), 1, 1).startswith("fixed_style_prompt was None")
+    assert Recipe.from_json(Recipe(seed=3, mixed_precision="bf16").to_json()) == Recipe(seed=3, mixed_precision="bf16")
+    with pytest.raises(LoraRarError, match="mixed precision 'fp8'"):
+        Recipe(mixed_precision="fp8")
+
+
+def test_checkpoint_round_trip_with_weights_only_restores_every_rng(tmp_path):
+    net = new_hypernet([320, 640, 1280], hidden=8, seed=1)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.01, weight_decay=1e-4)
+    sum(p.sum() for p in net.parameters()).backward()
+    optimizer.step()
+    random.seed(5), np.random.seed(6), torch.manual_seed(7)
+    checkpoint = Checkpoint(3, net.state_dict(), optimizer.state_dict(), {}, rng_states(), Recipe().to_json(), 1,
+                            [list(p) for p in PAIRS])
+    save_checkpoint(tmp_path, checkpoint)
+    expected = (random.random(), np.random.rand(), torch.rand(1))
+    random.seed(0), np.random.seed(0), torch.manual_seed(0)
+    loaded = load_checkpoint(tmp_path)  # torch.load(weights_only=True) inside
+    restore_rng_states(loaded.rng)
+    assert (random.random(), np.random.rand()) == expected[:2] and torch.equal(torch.rand(1), expected[2])
+    assert loaded.step == 3 and loaded.pairs == [list(p) for p in PAIRS]
+    again = torch.optim.AdamW(net.parameters(), lr=0.01)
+    again.load_state_dict(loaded.optimizer)
+    assert torch.equal(again.state_dict()["state"][0]["exp_avg"], optimizer.state_dict()["state"][0]["exp_avg"])
+    (tmp_path / "state.pt").write_bytes(b"garbage")
+    with pytest.raises(LoraRarError, match="not a readable training checkpoint"):
+        load_checkpoint(tmp_path)
+
+
+def test_output_file_loads_as_a_hypernet_with_its_metadata(tmp_path):
+    net = new_hypernet([1280, 320, 640], seed=0)
+    assert sorted(net.widths) == [320, 640, 1280] and net.widths[320] == "input_1" and net.hidden == 128
+    assert torch.equal(new_hypernet([320, 640, 1280], seed=0).input_1.weight, net.input_1.weight)
+    metadata = training_metadata(model_classes=["SD15"], widths=[1280, 320, 640], pairs=PAIRS[:2],
+                                 recipe_json=Recipe().to_json(), steps=500, base_model="sd15.safetensors")
+    path = write_hypernet(net, tmp_path / "net.safetensors", metadata)
+    loaded = LoraRarHypernet.load(path)
+    assert loaded.model_classes == ("SD15",) and sorted(loaded.widths) == [320, 640, 1280]
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata()
+    assert meta["lorarar_widths"] == "320,640,1280" and json.loads(meta["lorarar_pairs"]) == ["dog+oil", "dog+flat"]
+    assert json.loads(meta["lorarar_recipe"])["learning_rate"] == 0.01 and meta["lorarar_steps"] == "500"
+    with pytest.raises(LoraRarFileExists):
+        write_hypernet(net, path, metadata)
