@@ -32,7 +32,8 @@ from ..hypernet.lora_io import LowRankLayer
 from ..hypernet.model import LoraRarHypernet
 from ..hypernet.training import distributed
 from ..hypernet.training.dataset import Dataset, load_dataset
-from ..hypernet.training.output import new_hypernet, refuse_existing, run_dir_for, training_metadata, write_hypernet
+from ..hypernet.model import new_hypernet, save_hypernet
+from ..hypernet.training.output import refuse_existing, run_dir_for, training_metadata
 from ..hypernet.training.recipe import Recipe
 from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
 from ..hypernet.ziplora import ZipLoraMerge
@@ -299,7 +300,7 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
             metadata = training_metadata(model_classes=[model_class(model)], widths=sorted(hypernet.widths),
                                          pairs=dataset.pairs("train"), recipe_json=recipe.to_json(world.size),
                                          steps=result.steps, base_model=base.name)
-            write_hypernet(result.hypernet, out, metadata, overwrite=overwrite or resume)
+            save_hypernet(result.hypernet, out, metadata, overwrite=overwrite or resume)
             print(f"wrote {out} ({result.steps} steps, {result.seconds_per_step:.3g} s per step)")
         return 130 if result.stopped else 0
     finally:

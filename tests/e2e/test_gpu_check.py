@@ -29,6 +29,6 @@ def test_every_check_runs_with_the_cpu_standing_in(tmp_path):
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     table = result.stdout[result.stdout.index("| check |"):]
     rows = [line for line in table.splitlines() if line.startswith("| ") and "---" not in line][1:]
-    assert len(rows) == 5 and all("| PASS |" in row for row in rows), table
+    assert len(rows) == 6 and all("| PASS |" in row for row in rows), table
     assert "golden merge" in table and "LoraLoaders" in table and "sampling step" in table and "float16" in table
-    assert "ZipLoRA" in table
+    assert "ZipLoRA" in table and "training steps" in table

@@ -19,7 +19,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from devkit import synthetic_models
-from tests.fixtures.training_dataset import make_dataset
 
 pytestmark = pytest.mark.host
 
@@ -41,6 +40,15 @@ def pack(comfy_host):
     nodes, _, _ = comfy_host
     module = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__
     return Pack(module.rsplit(".nodes.merge", 1)[0])
+
+
+def make_dataset(root, images: int = 2):
+    """devkit's synthetic dataset (2 x 2 training pairs, 1 x 1 held out) shaped for the synthetic KOALA-class model."""
+    from devkit.training_data import build_dataset
+    from hypernet.base_models import UNetLayout
+
+    layout = UNetLayout.from_unet_config("synthetic", dict(synthetic_models.UNET_CONFIG))
+    return build_dataset(root, layout, images=images, image_size=136, rank=4, std=0.1)
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +90,7 @@ def _recipe(pack, **changes):
 
 def _trainer(pack, task, dataset, run_dir, recipe, **options):
     widths = pack.training.attention_widths(task.model)
-    net = pack.output.new_hypernet(widths, hidden=recipe.hidden, seed=recipe.seed)
+    net = pack.model.new_hypernet(widths, hidden=recipe.hidden, seed=recipe.seed)
     options = {"checkpoint_every": 1, "validate_every": 0, **options}
     return pack.trainer.Trainer(net, task, dataset.pairs("train"), dataset.pairs("validation"), recipe, run_dir,
                                 **options)
@@ -199,6 +207,6 @@ def test_check_dataset_against_the_base_names_a_lora_made_for_another_model(pack
 
     data = make_dataset(tmp_path / "data", images=1)
     assert pack.training.check_against_model(data, base) == []
-    write_lora(data / "styles" / "glow" / "lora.safetensors", random_lora(SD15, rank=2, seed=4))
+    write_lora(data / "styles" / "style_2" / "lora.safetensors", random_lora(SD15, rank=2, seed=4))
     problems = pack.training.check_against_model(data, base)
-    assert len(problems) == 1 and str(data / "styles" / "glow" / "lora.safetensors") in problems[0], problems
+    assert len(problems) == 1 and str(data / "styles" / "style_2" / "lora.safetensors") in problems[0], problems

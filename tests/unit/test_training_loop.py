@@ -11,7 +11,8 @@ from safetensors import safe_open
 
 from hypernet.model import LoraRarHypernet
 from hypernet.training.distributed import World
-from hypernet.training.output import new_hypernet, training_metadata, write_hypernet
+from hypernet.model import new_hypernet, save_hypernet
+from hypernet.training.output import training_metadata
 from hypernet.training.recipe import Recipe, resume_mismatch
 from hypernet.training.state import Checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 from hypernet.training.trainer import draw_generator, epoch_pairs, rank_pairs
@@ -87,7 +88,7 @@ def test_output_file_loads_as_a_hypernet_with_its_metadata(tmp_path):
     assert torch.equal(new_hypernet([320, 640, 1280], seed=0).input_1.weight, net.input_1.weight)
     metadata = training_metadata(model_classes=["SD15"], widths=[1280, 320, 640], pairs=PAIRS[:2],
                                  recipe_json=Recipe().to_json(), steps=500, base_model="sd15.safetensors")
-    path = write_hypernet(net, tmp_path / "net.safetensors", metadata)
+    path = save_hypernet(net, tmp_path / "net.safetensors", metadata)
     loaded = LoraRarHypernet.load(path)
     assert loaded.model_classes == ("SD15",) and sorted(loaded.widths) == [320, 640, 1280]
     with safe_open(str(path), framework="pt") as handle:
@@ -95,4 +96,4 @@ def test_output_file_loads_as_a_hypernet_with_its_metadata(tmp_path):
     assert meta["lorarar_widths"] == "320,640,1280" and json.loads(meta["lorarar_pairs"]) == ["dog+oil", "dog+flat"]
     assert json.loads(meta["lorarar_recipe"])["learning_rate"] == 0.01 and meta["lorarar_steps"] == "500"
     with pytest.raises(LoraRarFileExists):
-        write_hypernet(net, path, metadata)
+        save_hypernet(net, path, metadata)
