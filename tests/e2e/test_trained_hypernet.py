@@ -1,9 +1,12 @@
-"""A hypernet file as training writes it (hypernet.model.save_hypernet, SD 1.5 widths and metadata), on a real
-server: it is listed by the Hypernet Loader, merges two SD 1.5 LoRAs with method lorarar on the synthetic SD 1.5
+"""A hypernet trained by ``python -m hypernet train`` (two steps on devkit's synthetic dataset through the synthetic
+SD 1.5 checkpoint, a real subprocess), on a real server: it is listed by the Hypernet Loader, merges two SD 1.5 LoRAs with method lorarar on the synthetic SD 1.5
 checkpoint (the report says what it was trained for), is refused in one line naming the file and both families on
 the SDXL-family model, and the server runs the next prompt."""
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,30 +14,34 @@ import pytest
 from tests.e2e.conftest import STYLE, SUBJECT
 from devkit import synthetic_models
 from devkit.loras import random_lora, write_lora
-from devkit.training_data import sd15_layout
+from devkit.training_data import build_dataset, sd15_layout
 from devkit.workflows import ui_to_api
 from hypernet import __version__
-from hypernet.model import new_hypernet, save_hypernet
 
 pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[2]
 HYPERNET = "e2e_sd15_trained.safetensors"
 SD15_SUBJECT, SD15_STYLE = "e2e_sd15_dataset_subject.safetensors", "e2e_sd15_dataset_style.safetensors"
-BASE_MODEL = "v1-5-pruned-emaonly.safetensors"
 
 
 @pytest.fixture(scope="module")
-def trained(pack_server, hypernet_folder):
-    """The synthetic SD 1.5 checkpoint, two SD 1.5 LoRAs and a freshly saved SD 1.5 hypernet, all on the server."""
+def trained(pack_server, hypernet_folder, tmp_path_factory):
+    """The synthetic SD 1.5 checkpoint, two SD 1.5 LoRAs, and an SD 1.5 hypernet trained by the CLI into the server's
+    lorarar folder (2 steps, 128 px: what matters here is the file it writes)."""
     server, loras = pack_server
-    synthetic_models.ensure_sd15_model(synthetic_models.default_dir())
+    models = synthetic_models.ensure_sd15_model(synthetic_models.default_dir())
     layout = sd15_layout()
     write_lora(loras / SD15_SUBJECT, random_lora(layout, rank=4, seed=201, alpha=4.0, std=0.05))
     write_lora(loras / SD15_STYLE, random_lora(layout, rank=8, seed=202, fmt="kohya-diffusers", std=0.05))
-    save_hypernet(new_hypernet(synthetic_models.SD15_WIDTHS, seed=0), hypernet_folder / HYPERNET, {
-        "lorarar_model_classes": ["SD15"], "lorarar_pairs": ["subject_0+style_0", "subject_1+style_0"],
-        "lorarar_recipe": {"lr": 0.01}, "lorarar_steps": 8, "lorarar_base_model": BASE_MODEL}, overwrite=True)
+    dataset = build_dataset(tmp_path_factory.mktemp("sd15") / "data", layout, images=1, image_size=128)
+    base = Path(models) / "checkpoints" / synthetic_models.SD15_CHECKPOINT_NAME
+    command = [sys.executable, "-m", "hypernet", "train", "--dataset", str(dataset), "--base", str(base),
+               "--out", str(hypernet_folder / HYPERNET), "--overwrite", "--resolution", "128", "--epochs", "2",
+               "--steps-per-pair", "1", "--validate-every", "0"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "LORARAR_COMFY": str(synthetic_models.comfy_root())}
+    proc = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     return server
 
 
@@ -80,7 +87,8 @@ def test_the_trained_file_is_listed_merges_sd15_is_refused_on_another_family_and
     attention = len(sd15_layout().attention_linears())  # 24: to_q and to_out.0 by the hypernet, to_k/to_v summed
     assert f"hypernet {attention // 2}," in report and f"applied to the model: {attention} layers" in report
     (line,) = [t for t in report.splitlines() if t.startswith(f"hypernet {HYPERNET}:")]
-    for text in ("trained for SD15 models", BASE_MODEL, "320, 640, 1280", "2 pairs", "8 steps", __version__):
+    for text in ("trained for SD15 models", synthetic_models.SD15_CHECKPOINT_NAME, "320, 640, 1280", "4 pairs",
+                 "2 steps", __version__):
         assert text in line, line
 
     sdxl_family = merge_prompt(server, synthetic_models.CHECKPOINT_NAME, SUBJECT, STYLE)
