@@ -53,9 +53,12 @@ def add_parsers(commands) -> None:
                        help="pairs per process per step; effective batch = processes x this (N here = N torchrun ranks of 1)")
     train.add_argument("--seed", type=int, default=defaults.seed)
     train.add_argument("--resolution", type=int, default=defaults.resolution, help="training crop in pixels (multiple of 8)")
-    train.add_argument("--mixed-precision", choices=MIXED_PRECISION, default=defaults.mixed_precision,
-                       help="autocast of the model forward on a GPU (the reference: fp16); ignored on the CPU")
-    train.add_argument("--gradient-checkpointing", action="store_true", help="recompute transformer blocks in backward (GPU memory)")
+    train.add_argument("--mixed-precision", choices=("auto", *MIXED_PRECISION), default="auto",
+                       help="autocast of the model forward; auto (default): fp16 on a GPU as the published recipe, "
+                       "no on the CPU")
+    train.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                       help="recompute transformer blocks in backward (GPU memory); default: on with a GPU, as the "
+                       "published recipe, off on the CPU")
     train.add_argument("--fixed-style-prompt", metavar="TEXT", help="encode TEXT for every style instead of its caption "
                        "(reproduces the reference's defect, for comparison: 'a women in 3d rendering style')")
     train.add_argument("--hidden", type=int, default=defaults.hidden, help="hidden units of a new hypernetwork")
@@ -66,11 +69,20 @@ def add_parsers(commands) -> None:
 def recipe_from(args: argparse.Namespace) -> Recipe:
     if args.resolution % 8:
         raise LoraRarError(f"--resolution {args.resolution}: must be a multiple of 8 (the VAE's latent grid)")
+    gpu = _cuda_available()
+    precision = ("fp16" if gpu else "no") if args.mixed_precision == "auto" else args.mixed_precision
+    checkpointing = gpu if args.gradient_checkpointing is None else args.gradient_checkpointing
     return Recipe(learning_rate=args.lr, weight_decay=args.weight_decay, similarity_lambda=args.similarity_lambda,
                   grad_clip=args.grad_clip, epochs=args.epochs, steps_per_pair=args.steps_per_pair,
                   batch_pairs=args.batch_pairs, seed=args.seed, resolution=args.resolution,
-                  mixed_precision=args.mixed_precision, gradient_checkpointing=args.gradient_checkpointing,
+                  mixed_precision=precision, gradient_checkpointing=checkpointing,
                   fixed_style_prompt=args.fixed_style_prompt, hidden=args.hidden)
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def comfy_adapter(comfy: Path | None):

@@ -97,3 +97,19 @@ def test_output_file_loads_as_a_hypernet_with_its_metadata(tmp_path):
     assert json.loads(meta["lorarar_recipe"])["learning_rate"] == 0.01 and meta["lorarar_steps"] == "500"
     with pytest.raises(LoraRarFileExists):
         save_hypernet(net, path, metadata)
+
+
+def test_the_cli_defaults_follow_the_device_mixed_precision_and_checkpointing_on_a_gpu_only(monkeypatch):
+    import argparse
+
+    from hypernet.training import command
+
+    parser = argparse.ArgumentParser()
+    command.add_parsers(parser.add_subparsers())
+    base = ["train", "--dataset", "d", "--base", "b.safetensors", "--out", "o.safetensors"]
+    for gpu, expected in ((False, ("no", False)), (True, ("fp16", True))):
+        monkeypatch.setattr(command, "_cuda_available", lambda gpu=gpu: gpu)
+        recipe = command.recipe_from(parser.parse_args(base))
+        assert (recipe.mixed_precision, recipe.gradient_checkpointing) == expected
+    recipe = command.recipe_from(parser.parse_args(base + ["--mixed-precision", "bf16", "--no-gradient-checkpointing"]))
+    assert (recipe.mixed_precision, recipe.gradient_checkpointing) == ("bf16", False)
