@@ -111,7 +111,7 @@ def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
         try:
             with Image.open(image) as handle:
                 handle.convert("RGB").load()
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             problems.append(f"{image}: not a decodable image ({error})")
     if not entry.lora.is_file():
         problems.append(f"{entry.lora}: LoRA file missing")
