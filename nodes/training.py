@@ -26,7 +26,7 @@ import nodes as comfy_nodes  # ComfyUI's own nodes.py (the pack's package is imp
 import torch
 
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
-from ..hypernet.files import atomic_file
+from ..hypernet.files import atomic_file, refuse_replacing
 from ..hypernet.keys import attention_role
 from ..hypernet.lora_io import LowRankLayer
 from ..hypernet.model import LoraRarHypernet
@@ -35,6 +35,7 @@ from ..hypernet.training.dataset import Dataset, load_dataset
 from ..hypernet.model import new_hypernet, save_hypernet
 from ..hypernet.training.output import refuse_existing, run_dir_for, training_metadata
 from ..hypernet.training.recipe import Recipe
+from ..hypernet.training.state import load_checkpoint
 from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
 from ..hypernet.ziplora import ZipLoraMerge
 from .common import model_class, model_layout
@@ -276,6 +277,14 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
     dataset = load_dataset(dataset_dir)
     if not base.is_file():
         raise LoraRarError(f"{base}: base checkpoint not found")
+    if world.writer:  # --overwrite replaces --out, never one of the run's own inputs
+        inputs = {"base checkpoint": str(base), **({"--init hypernet": str(init)} if init else {})}
+        inputs.update({f"{kind[:-1]} LoRA {name}": str(entry.lora) for (kind, name), entry in dataset.entries.items()})
+        refuse_replacing(out, inputs)
+    if resume:  # a missing or unreadable checkpoint is said before the dataset is encoded
+        load_checkpoint(run_dir)
+    if init is not None:  # likewise an unreadable or non-finite --init
+        LoraRarHypernet.load(init)
     device = comfy.model_management.get_torch_device()
     distributed.start(world, device)
     try:
