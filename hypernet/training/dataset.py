@@ -26,6 +26,9 @@ KINDS = ("subjects", "styles")
 SPLITS = ("train", "validation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 LORA_FILE, CAPTION_FILE, IMAGES_DIR, SPLIT_FILE = "lora.safetensors", "caption.txt", "images", "split.json"
+# A caption is one prompt; ComfyUI encodes any length in 77-token chunks, so a runaway file (a pasted log, 1 MB of
+# tags) would become thousands of chunks the cross-attention of every training step attends over.
+MAX_CAPTION_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,9 @@ def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
     folder = entry.lora.parent
     if not entry.caption:
         problems.append(f"{folder / CAPTION_FILE}: caption missing or empty (one line: the prompt the LoRA was trained with)")
+    elif len(entry.caption) > MAX_CAPTION_CHARS:
+        problems.append(f"{folder / CAPTION_FILE}: caption of {len(entry.caption)} characters (at most {MAX_CAPTION_CHARS}): "
+                        "one line, the prompt the LoRA was trained with")
     if not entry.images:
         problems.append(f"{folder / IMAGES_DIR}: no training image ({', '.join(IMAGE_SUFFIXES)})")
     for image in entry.images:

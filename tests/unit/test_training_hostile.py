@@ -41,6 +41,14 @@ def test_a_decompression_bomb_image_is_one_problem_line(tmp_path, monkeypatch):
     assert len(problems) == 1 and problems[0].startswith(f"{image}: not a decodable image"), problems
 
 
+def test_a_runaway_caption_is_one_problem_line(tmp_path):
+    root = build_dataset(tmp_path / "data", subjects=2, styles=2, images=1, image_size=16)
+    caption = root / "styles" / "style_0" / "caption.txt"
+    caption.write_text("tag, " * 200_000)  # 1 MB on one line
+    problems = check_dataset(root)
+    assert len(problems) == 1 and problems[0].startswith(f"{caption}: caption of 999999 characters"), problems
+
+
 def test_a_checkpoint_pickled_to_run_code_is_refused_in_one_line(tmp_path):
     marker = tmp_path / "ran"
 
