@@ -297,6 +297,8 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
         distributed.barrier(world)
         model = _load_model(base)
         task = ComfyTask(model, dataset, read_encodings(encodings_path), recipe)
+        for kind, name in sorted(dataset.entries):  # a LoRA for another model: now, not when its pair is first drawn
+            task.layers(kind, name)
         widths = attention_widths(model)
         hypernet = _initial_hypernet(init, widths, recipe)
         trainer = Trainer(hypernet, task, dataset.pairs("train"), dataset.pairs("validation"), recipe, run_dir, world,

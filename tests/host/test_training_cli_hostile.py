@@ -69,3 +69,15 @@ def test_a_nan_init_is_refused_before_encoding(base, data, tmp_path):
     proc = _train("--dataset", data, "--base", base, "--out", tmp_path / "net.safetensors", "--init", init)
     _one_error_line(proc, "holds NaN or Inf values")
     assert not list(tmp_path.glob("net.safetensors.training/encodings-*.pt"))
+
+
+def test_a_validation_lora_for_another_model_is_refused_before_the_first_step(base, data, tmp_path):
+    from devkit.loras import SDXL, random_lora, write_lora
+
+    lora = data / "styles" / "style_1" / "lora.safetensors"  # held out: never drawn with --validate-every 0
+    write_lora(lora, random_lora(SDXL, rank=2, seed=4))
+    out = tmp_path / "net.safetensors"
+    proc = _train("--dataset", data, "--base", base, "--out", out)
+    _one_error_line(proc, f"{lora}: layer ")
+    assert "a LoRA for another base model?" in proc.stderr and not out.exists()
+    assert not (tmp_path / "net.safetensors.training" / "log.jsonl").exists()  # no step ran
