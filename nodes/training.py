@@ -31,7 +31,7 @@ from ..hypernet.keys import attention_role
 from ..hypernet.lora_io import LowRankLayer
 from ..hypernet.model import LoraRarHypernet
 from ..hypernet.training import distributed
-from ..hypernet.training.dataset import Dataset, load_dataset
+from ..hypernet.training.dataset import Dataset, load_dataset, read_rgb
 from ..hypernet.model import new_hypernet, save_hypernet
 from ..hypernet.training.output import refuse_existing, run_dir_for, training_metadata
 from ..hypernet.training.recipe import Recipe
@@ -53,8 +53,7 @@ def _image_tensor(path: Path, resolution: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as handle:
-        image = handle.convert("RGB")
+    image = read_rgb(path)
     scale = resolution / min(image.size)
     size = tuple(max(resolution, int(round(side * scale / 8)) * 8) for side in image.size)
     image = image.resize(size, Image.Resampling.BICUBIC)

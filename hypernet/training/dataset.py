@@ -101,6 +101,21 @@ def _read_split(root: Path, problems: list[str]) -> dict[str, dict[str, list[str
     return empty
 
 
+def read_rgb(path: Path):
+    """A training image as an 8-bit RGB PIL image. 16-bit greyscale (PNG "I;16") is scaled to 8 bits first:
+    PIL's convert("RGB") clips it, so anything brighter than 255 / 65535 would become white."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as handle:
+        if handle.mode.startswith("I;16"):
+            grey = np.asarray(handle, dtype=np.float32) / 257.0
+            return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8)).convert("RGB")
+        image = handle.convert("RGB")
+        image.load()
+        return image
+
+
 def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
     """Checks one entry's caption, images and LoRA; returns the attention widths its LoRA patches."""
     from PIL import Image, UnidentifiedImageError
@@ -115,8 +130,7 @@ def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
         problems.append(f"{folder / IMAGES_DIR}: no training image ({', '.join(IMAGE_SUFFIXES)})")
     for image in entry.images:
         try:
-            with Image.open(image) as handle:
-                handle.convert("RGB").load()
+            read_rgb(image)
         except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             problems.append(f"{image}: not a decodable image ({error})")
     if not entry.lora.is_file():

@@ -93,3 +93,15 @@ def test_weights_turning_nan_stop_the_run_before_anything_is_written(tmp_path):
     kept = load_checkpoint(tmp_path / "run")  # step 1's checkpoint, finite, is the one left
     assert kept.step == 1 and all(bool(torch.isfinite(v).all()) for v in kept.hypernet.values())
     assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
+
+
+def test_a_16_bit_greyscale_image_keeps_its_brightness(tmp_path):
+    import numpy as np
+
+    from hypernet.training.dataset import read_rgb
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(path)  # 50 % grey in 16 bits
+    with Image.open(path) as handle:
+        assert handle.mode.startswith("I;16")
+    assert read_rgb(path).getpixel((0, 0)) == (128, 128, 128)  # PIL's convert("RGB") gives (255, 255, 255)
