@@ -109,8 +109,12 @@ def encode_dataset(base: Path, dataset: Dataset, recipe: Recipe, path: Path) -> 
 
 
 def read_encodings(path: Path) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != CACHE_FORMAT:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, or a pickle of more than tensors (refused by weights_only)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        raise LoraRarError(f"{path}: unreadable encoded-dataset cache ({reason}); delete it to encode again") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("entries"), dict) or payload.get("format") != CACHE_FORMAT:
         raise LoraRarError(f"{path}: encodings of another format; delete it to encode again")
     return payload["entries"]
 

@@ -81,3 +81,33 @@ def test_a_validation_lora_for_another_model_is_refused_before_the_first_step(ba
     _one_error_line(proc, f"{lora}: layer ")
     assert "a LoRA for another base model?" in proc.stderr and not out.exists()
     assert not (tmp_path / "net.safetensors.training" / "log.jsonl").exists()  # no step ran
+
+
+@pytest.fixture(scope="module")
+def training(comfy_host):
+    import importlib
+
+    nodes, _, _ = comfy_host
+    root = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__.rsplit(".nodes.merge", 1)[0]
+    return importlib.import_module(f"{root}.nodes.training")
+
+
+def test_a_truncated_or_code_running_encodings_cache_is_one_line(training, tmp_path):
+    import torch
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil, truncated = tmp_path / "encodings-evil.pt", tmp_path / "encodings-cut.pt"
+    torch.save({"format": 1, "entries": Payload()}, evil)
+    torch.save({"format": 1, "entries": {"a": torch.zeros(10000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    for path in (evil, truncated):
+        with pytest.raises(Exception, match="unreadable encoded-dataset cache") as raised:
+            training.read_encodings(path)
+        assert type(raised.value).__name__ == "LoraRarError" and str(raised.value).startswith(str(path))
+        assert "delete it to encode again" in str(raised.value) and "\n" not in str(raised.value)
+    assert not marker.exists()
