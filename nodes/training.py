@@ -113,6 +113,8 @@ def read_encodings(path: Path) -> dict:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated, or a pickle of more than tensors (refused by weights_only)
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        if "weights_only" in str(error) or "Unsupported global" in str(error):  # never advise weights_only=False
+            reason = "it holds more than tensors, numbers and strings; refused (only weights_only=True loads)"
         raise LoraRarError(f"{path}: unreadable encoded-dataset cache ({reason}); delete it to encode again") from None
     if not isinstance(payload, dict) or not isinstance(payload.get("entries"), dict) or payload.get("format") != CACHE_FORMAT:
         raise LoraRarError(f"{path}: encodings of another format; delete it to encode again")

@@ -110,4 +110,5 @@ def test_a_truncated_or_code_running_encodings_cache_is_one_line(training, tmp_p
             training.read_encodings(path)
         assert type(raised.value).__name__ == "LoraRarError" and str(raised.value).startswith(str(path))
         assert "delete it to encode again" in str(raised.value) and "\n" not in str(raised.value)
+        assert "weights_only` set to `False`" not in str(raised.value)
     assert not marker.exists()
