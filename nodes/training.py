@@ -26,15 +26,16 @@ import nodes as comfy_nodes  # ComfyUI's own nodes.py (the pack's package is imp
 import torch
 
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
-from ..hypernet.files import atomic_file
+from ..hypernet.files import atomic_file, refuse_replacing
 from ..hypernet.keys import attention_role
 from ..hypernet.lora_io import LowRankLayer
 from ..hypernet.model import LoraRarHypernet
 from ..hypernet.training import distributed
-from ..hypernet.training.dataset import Dataset, load_dataset
+from ..hypernet.training.dataset import Dataset, load_dataset, read_rgb
 from ..hypernet.model import new_hypernet, save_hypernet
 from ..hypernet.training.output import refuse_existing, run_dir_for, training_metadata
 from ..hypernet.training.recipe import Recipe
+from ..hypernet.training.state import load_checkpoint
 from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
 from ..hypernet.ziplora import ZipLoraMerge
 from .common import model_class, model_layout
@@ -52,8 +53,7 @@ def _image_tensor(path: Path, resolution: int) -> torch.Tensor:
     import numpy as np
     from PIL import Image
 
-    with Image.open(path) as handle:
-        image = handle.convert("RGB")
+    image = read_rgb(path)
     scale = resolution / min(image.size)
     size = tuple(max(resolution, int(round(side * scale / 8)) * 8) for side in image.size)
     image = image.resize(size, Image.Resampling.BICUBIC)
@@ -109,8 +109,14 @@ def encode_dataset(base: Path, dataset: Dataset, recipe: Recipe, path: Path) -> 
 
 
 def read_encodings(path: Path) -> dict:
-    payload = torch.load(path, map_location="cpu", weights_only=True)
-    if payload.get("format") != CACHE_FORMAT:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated, or a pickle of more than tensors (refused by weights_only)
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0][:160]
+        if "weights_only" in str(error) or "Unsupported global" in str(error):  # never advise weights_only=False
+            reason = "it holds more than tensors, numbers and strings; refused (only weights_only=True loads)"
+        raise LoraRarError(f"{path}: unreadable encoded-dataset cache ({reason}); delete it to encode again") from None
+    if not isinstance(payload, dict) or not isinstance(payload.get("entries"), dict) or payload.get("format") != CACHE_FORMAT:
         raise LoraRarError(f"{path}: encodings of another format; delete it to encode again")
     return payload["entries"]
 
@@ -276,6 +282,14 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
     dataset = load_dataset(dataset_dir)
     if not base.is_file():
         raise LoraRarError(f"{base}: base checkpoint not found")
+    if world.writer:  # --overwrite replaces --out, never one of the run's own inputs
+        inputs = {"base checkpoint": str(base), **({"--init hypernet": str(init)} if init else {})}
+        inputs.update({f"{kind[:-1]} LoRA {name}": str(entry.lora) for (kind, name), entry in dataset.entries.items()})
+        refuse_replacing(out, inputs)
+    if resume:  # a missing or unreadable checkpoint is said before the dataset is encoded
+        load_checkpoint(run_dir)
+    if init is not None:  # likewise an unreadable or non-finite --init
+        LoraRarHypernet.load(init)
     device = comfy.model_management.get_torch_device()
     distributed.start(world, device)
     try:
@@ -288,6 +302,8 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
         distributed.barrier(world)
         model = _load_model(base)
         task = ComfyTask(model, dataset, read_encodings(encodings_path), recipe)
+        for kind, name in sorted(dataset.entries):  # a LoRA for another model: now, not when its pair is first drawn
+            task.layers(kind, name)
         widths = attention_widths(model)
         hypernet = _initial_hypernet(init, widths, recipe)
         trainer = Trainer(hypernet, task, dataset.pairs("train"), dataset.pairs("validation"), recipe, run_dir, world,

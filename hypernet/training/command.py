@@ -8,6 +8,7 @@ so its adapter (nodes/training.py) runs with ComfyUI's own loaders.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import os
@@ -114,10 +115,24 @@ def comfy_adapter(comfy: Path | None):
     return importlib.import_module(f"{PACK_MODULE}.nodes.training")
 
 
+@contextlib.contextmanager
+def pack_errors_as_cli_errors():
+    """The adapter runs the pack imported as ``comfyui_lorarar``, whose LoraRarError is another class than this
+    module's: re-raise it as ours, so the command line prints its one line instead of a traceback."""
+    module = sys.modules.get(f"{PACK_MODULE}.hypernet.errors")
+    theirs = (module.LoraRarError,) if module is not None and module.LoraRarError is not LoraRarError else ()
+    try:
+        yield
+    except theirs as error:
+        raise LoraRarError(str(error)) from error
+
+
 def run_check_dataset(args: argparse.Namespace) -> int:
     problems = check_dataset(args.dataset)
     if args.base is not None:
-        problems += comfy_adapter(args.comfy).check_against_model(args.dataset, args.base)
+        adapter = comfy_adapter(args.comfy)
+        with pack_errors_as_cli_errors():
+            problems += adapter.check_against_model(args.dataset, args.base)
     for line in problems:
         print(line)
     print(f"{args.dataset}: {len(problems)} problem(s)" if problems else f"{args.dataset}: ready for training",
@@ -131,7 +146,8 @@ def run_train(args: argparse.Namespace) -> int:
         refuse_existing(args.out, args.resume, args.overwrite)
     adapter = comfy_adapter(args.comfy)
     try:
-        return _train(adapter, args, recipe)
+        with pack_errors_as_cli_errors():
+            return _train(adapter, args, recipe)
     except KeyboardInterrupt:  # before the loop (loading, encoding): nothing to keep yet
         print("interrupted before training started; nothing was written", file=sys.stderr)
         return 130

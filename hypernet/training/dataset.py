@@ -26,6 +26,9 @@ KINDS = ("subjects", "styles")
 SPLITS = ("train", "validation")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 LORA_FILE, CAPTION_FILE, IMAGES_DIR, SPLIT_FILE = "lora.safetensors", "caption.txt", "images", "split.json"
+# A caption is one prompt; ComfyUI encodes any length in 77-token chunks, so a runaway file (a pasted log, 1 MB of
+# tags) would become thousands of chunks the cross-attention of every training step attends over.
+MAX_CAPTION_CHARS = 4000
 
 
 @dataclass(frozen=True)
@@ -98,6 +101,21 @@ def _read_split(root: Path, problems: list[str]) -> dict[str, dict[str, list[str
     return empty
 
 
+def read_rgb(path: Path):
+    """A training image as an 8-bit RGB PIL image. 16-bit greyscale (PNG "I;16") is scaled to 8 bits first:
+    PIL's convert("RGB") clips it, so anything brighter than 255 / 65535 would become white."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as handle:
+        if handle.mode.startswith("I;16"):
+            grey = np.asarray(handle, dtype=np.float32) / 257.0
+            return Image.fromarray(np.clip(np.round(grey), 0, 255).astype(np.uint8)).convert("RGB")
+        image = handle.convert("RGB")
+        image.load()
+        return image
+
+
 def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
     """Checks one entry's caption, images and LoRA; returns the attention widths its LoRA patches."""
     from PIL import Image, UnidentifiedImageError
@@ -105,13 +123,15 @@ def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
     folder = entry.lora.parent
     if not entry.caption:
         problems.append(f"{folder / CAPTION_FILE}: caption missing or empty (one line: the prompt the LoRA was trained with)")
+    elif len(entry.caption) > MAX_CAPTION_CHARS:
+        problems.append(f"{folder / CAPTION_FILE}: caption of {len(entry.caption)} characters (at most {MAX_CAPTION_CHARS}): "
+                        "one line, the prompt the LoRA was trained with")
     if not entry.images:
         problems.append(f"{folder / IMAGES_DIR}: no training image ({', '.join(IMAGE_SUFFIXES)})")
     for image in entry.images:
         try:
-            with Image.open(image) as handle:
-                handle.convert("RGB").load()
-        except (OSError, UnidentifiedImageError, ValueError) as error:
+            read_rgb(image)
+        except (OSError, UnidentifiedImageError, ValueError, Image.DecompressionBombError) as error:
             problems.append(f"{image}: not a decodable image ({error})")
     if not entry.lora.is_file():
         problems.append(f"{entry.lora}: LoRA file missing")

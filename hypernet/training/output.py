@@ -44,6 +44,8 @@ def refuse_existing(out: Path, resume: bool, overwrite: bool) -> None:
     """Before any work: never replace --out without --overwrite; a run folder with a checkpoint needs --resume
     (continue) or --overwrite (start over: its checkpoint and log are removed)."""
     check_target(out)
+    if out.suffix != ".safetensors":  # save_hypernet refuses it too, but only after the whole run
+        raise LoraRarError(f"{out}: the hypernet is written as .safetensors; name it <name>.safetensors")
     if out.exists() and not overwrite:
         raise LoraRarError(f"{out}: file exists; pass --overwrite to replace it or choose another --out")
     state = run_dir_for(out) / STATE_FILE

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields
 
 from ..errors import LoraRarError
@@ -39,6 +40,11 @@ class Recipe:
         for name in ("epochs", "steps_per_pair", "batch_pairs", "resolution", "hidden"):
             if getattr(self, name) < 1:
                 raise LoraRarError(f"{name} must be at least 1 (got {getattr(self, name)})")
+        numbers = {"learning rate": self.learning_rate, "weight decay": self.weight_decay,
+                   "lambda": self.similarity_lambda, "grad clip": self.grad_clip}
+        for name, value in numbers.items():  # NaN passes every comparison below; inf trains to NaN
+            if not math.isfinite(value):
+                raise LoraRarError(f"{name} {value}: must be a finite number")
         if self.learning_rate <= 0 or self.grad_clip <= 0 or self.weight_decay < 0 or self.similarity_lambda < 0:
             raise LoraRarError("learning rate and grad clip must be > 0, weight decay and lambda >= 0")
 

@@ -76,7 +76,12 @@ def load_checkpoint(folder: Path) -> Checkpoint:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # a truncated or foreign file: one line naming it
-        raise LoraRarError(f"{path}: not a readable training checkpoint ({type(error).__name__}: {error})") from None
+        text = str(error).strip()
+        reason = f"{type(error).__name__}: {(text.splitlines() or [''])[0][:200]}"
+        if "weights_only" in text or "Unsupported global" in text:  # torch's text advises weights_only=False: never
+            reason = "it holds more than tensors, numbers and strings; refused (only weights_only=True loads)"
+        raise LoraRarError(f"{path}: not a readable training checkpoint ({reason}); start over with --overwrite "
+                           "if it cannot be restored") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise LoraRarError(f"{path}: not a training checkpoint of format {FORMAT}")
     return Checkpoint(payload["step"], payload["hypernet"], payload["optimizer"], payload["scaler"], payload["rng"],

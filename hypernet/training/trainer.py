@@ -366,6 +366,14 @@ class Trainer:
                 self._write_log({"kind": "validation", "split": split, "step": self.step, "pairs": len(pairs),
                                  **self.evaluate(pairs)})
 
+    def _refuse_diverged(self) -> None:
+        """Stop before a non-finite H is logged or checkpointed: the last checkpoint (finite) stays the one to resume."""
+        bad = [name for name, p in self.hypernet.named_parameters() if not bool(torch.isfinite(p).all())]
+        if bad:
+            raise LoraRarError(f"step {self.step}: hypernet weights {', '.join(bad[:3])} became NaN or Inf (training "
+                               f"diverged); nothing written for this step, the last checkpoint in {self.run_dir} is "
+                               "kept: lower --lr or --grad-clip and start over")
+
     # ---- the loop -------------------------------------------------------------------------------------------
 
     def run(self) -> TrainResult:
@@ -382,6 +390,7 @@ class Trainer:
             with stop_requests() as stop:
                 while self.step < total:
                     terms = self.train_step()
+                    self._refuse_diverged()
                     record = {"kind": "step", "step": self.step, "epoch": (self.step - 1) // self.recipe.steps_per_pair,
                               "lr": self.optimizer.param_groups[0]["lr"], **terms}
                     history.append(record)

@@ -1,0 +1,114 @@
+"""``python -m hypernet train`` against hostile flags, through the real ComfyUI adapter: errors raised inside the
+pack (imported as its own package there) come out as one ``error:`` line, not a traceback; --overwrite never
+replaces the run's own inputs; --resume without a checkpoint and a non-finite --init are refused before the
+dataset is encoded."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from safetensors.torch import load_file, save_file
+
+from devkit import synthetic_models
+from devkit.training_data import build_dataset
+
+pytestmark = pytest.mark.host
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def base():
+    return synthetic_models.checkpoint_path(synthetic_models.ensure_sd15_model(), synthetic_models.SD15_CHECKPOINT)
+
+
+@pytest.fixture
+def data(tmp_path):
+    return build_dataset(tmp_path / "data", subjects=2, styles=2, images=1, image_size=136)
+
+
+def _train(*args) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORARAR_COMFY": str(synthetic_models.comfy_root())}
+    command = [sys.executable, "-m", "hypernet", "train", *map(str, args), "--resolution", "128", "--epochs", "1",
+               "--steps-per-pair", "1", "--validate-every", "0"]
+    return subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
+
+
+def _one_error_line(proc: subprocess.CompletedProcess, expected: str) -> None:
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(lines) == 1 and expected in lines[0], proc.stderr[-3000:]
+
+
+def test_resume_without_a_checkpoint_is_one_line_before_encoding(base, data, tmp_path):
+    out = tmp_path / "net.safetensors"
+    proc = _train("--dataset", data, "--base", base, "--out", out, "--resume")
+    _one_error_line(proc, "state.pt: no training checkpoint to resume from")
+    assert not list((tmp_path).glob("net.safetensors.training/encodings-*.pt"))  # refused before encoding
+
+
+def test_overwrite_never_replaces_a_lora_of_the_dataset_or_the_base(base, data, tmp_path):
+    lora = data / "subjects" / "subject_0" / "lora.safetensors"
+    before = lora.read_bytes()
+    proc = _train("--dataset", data, "--base", base, "--out", lora, "--overwrite")
+    _one_error_line(proc, f"{lora}: is the subject LoRA subject_0")
+    assert lora.read_bytes() == before
+    link = tmp_path / "base_link.safetensors"
+    link.symlink_to(base)
+    _one_error_line(_train("--dataset", data, "--base", base, "--out", link, "--overwrite"), "is the base checkpoint")
+    assert link.is_symlink()
+
+
+def test_a_nan_init_is_refused_before_encoding(base, data, tmp_path):
+    from hypernet.model import new_hypernet
+
+    init = tmp_path / "nan.safetensors"
+    save_file({k: v * float("nan") for k, v in new_hypernet([320, 640, 1280], hidden=8).state_dict().items()}, str(init))
+    proc = _train("--dataset", data, "--base", base, "--out", tmp_path / "net.safetensors", "--init", init)
+    _one_error_line(proc, "holds NaN or Inf values")
+    assert not list(tmp_path.glob("net.safetensors.training/encodings-*.pt"))
+
+
+def test_a_validation_lora_for_another_model_is_refused_before_the_first_step(base, data, tmp_path):
+    from devkit.loras import SDXL, random_lora, write_lora
+
+    lora = data / "styles" / "style_1" / "lora.safetensors"  # held out: never drawn with --validate-every 0
+    write_lora(lora, random_lora(SDXL, rank=2, seed=4))
+    out = tmp_path / "net.safetensors"
+    proc = _train("--dataset", data, "--base", base, "--out", out)
+    _one_error_line(proc, f"{lora}: layer ")
+    assert "a LoRA for another base model?" in proc.stderr and not out.exists()
+    assert not (tmp_path / "net.safetensors.training" / "log.jsonl").exists()  # no step ran
+
+
+@pytest.fixture(scope="module")
+def training(comfy_host):
+    import importlib
+
+    nodes, _, _ = comfy_host
+    root = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__.rsplit(".nodes.merge", 1)[0]
+    return importlib.import_module(f"{root}.nodes.training")
+
+
+def test_a_truncated_or_code_running_encodings_cache_is_one_line(training, tmp_path):
+    import torch
+
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    evil, truncated = tmp_path / "encodings-evil.pt", tmp_path / "encodings-cut.pt"
+    torch.save({"format": 1, "entries": Payload()}, evil)
+    torch.save({"format": 1, "entries": {"a": torch.zeros(10000)}}, truncated)
+    truncated.write_bytes(truncated.read_bytes()[:5000])
+    for path in (evil, truncated):
+        with pytest.raises(Exception, match="unreadable encoded-dataset cache") as raised:
+            training.read_encodings(path)
+        assert type(raised.value).__name__ == "LoraRarError" and str(raised.value).startswith(str(path))
+        assert "delete it to encode again" in str(raised.value) and "\n" not in str(raised.value)
+        assert "weights_only` set to `False`" not in str(raised.value)
+    assert not marker.exists()
