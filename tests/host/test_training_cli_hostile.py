@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from devkit import synthetic_models
 from devkit.training_data import build_dataset

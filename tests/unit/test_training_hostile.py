@@ -3,7 +3,6 @@ decompression-bomb image in a dataset, a checkpoint pickled to run code, and a r
 
 import os
 import types
-from pathlib import Path
 
 import pytest
 import torch
