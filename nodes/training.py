@@ -41,7 +41,7 @@ from ..hypernet.ziplora import ZipLoraMerge
 from .common import model_class, model_layout
 from .merge import _key_map, _model_weights, _read
 from .ziplora import TIMESTEPS
-from .ziplora_patch import diffusion_layers, loaded, model_conditioning, module_paths, noised_batch, prediction
+from .ziplora_patch import branch_forward, diffusion_layers, loaded, model_conditioning, module_paths, noised_batch, prediction
 
 CACHE_FORMAT = 1
 
@@ -130,15 +130,12 @@ class _Route:
         self.merge: ZipLoraMerge | None = None
 
 
-def _routed_forward(original, name: str, route: _Route):
-    """forward(x, ...) = original(x, ...) + the routed merge's branch of layer ``name`` (if it has that layer)."""
-    def forward(x, *args, **kwargs):
-        out = original(x, *args, **kwargs)
+def _routed_layer(name: str, route: _Route):
+    """The routed merge's layer ``name`` now (None when no merge is routed or it has no such layer)."""
+    def layer_now():
         merge = route.merge
-        layer = merge.layers[name] if merge is not None and name in merge.layers else None
-        extra = layer.extra(x) if layer is not None else None
-        return out if extra is None else out + extra.to(out.dtype)
-    return forward
+        return merge.layers[name] if merge is not None and name in merge.layers else None
+    return layer_now
 
 
 def _checkpointed_forward(original):
@@ -184,7 +181,7 @@ class ComfyTask:
             module = patched.get_model_object(path)
             self.conv[name] = isinstance(module, torch.nn.Conv2d)
             attribute = f"{path}.forward"
-            patched.add_object_patch(attribute, _routed_forward(patched.get_model_object(attribute), name, self.route))
+            patched.add_object_patch(attribute, branch_forward(patched.get_model_object(attribute), _routed_layer(name, self.route)))
         if self.recipe.gradient_checkpointing:
             for name, module in self.model.model.diffusion_model.named_modules():
                 if type(module).__name__ == "BasicTransformerBlock":

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import comfy.model_management
 import torch
@@ -59,11 +59,13 @@ def unsupported_layers(lora: LoraFile, paths: dict[str, str]) -> dict[str, str]:
     return found
 
 
-def _branch_forward(original, layer: ZipLoraLayer):
-    """forward(x, ...) = original(x, ...) + the layer's branch on x."""
+def branch_forward(original, layer_now: Callable[[], ZipLoraLayer | None]):
+    """forward(x, ...) = original(x, ...) + the branch on x of the layer ``layer_now()`` gives (none: nothing added).
+    The ZipLoRA node's layer is fixed; training routes each call to the layer of the pair of the moment."""
     def forward(x, *args, **kwargs):
         out = original(x, *args, **kwargs)
-        extra = layer.extra(x)
+        layer = layer_now()
+        extra = layer.extra(x) if layer is not None else None
         return out if extra is None else out + extra.to(out.dtype)
     return forward
 
@@ -81,7 +83,7 @@ def inject(model, merge: ZipLoraMerge):
         layer.channels_first = isinstance(patched.get_model_object(paths[name]), torch.nn.Conv2d)
         attribute = f"{paths[name]}.forward"
         # the current forward, which is an earlier object patch when one exists: chained, not replaced
-        patched.add_object_patch(attribute, _branch_forward(patched.get_model_object(attribute), layer))
+        patched.add_object_patch(attribute, branch_forward(patched.get_model_object(attribute), lambda layer=layer: layer))
     return patched
 
 
