@@ -159,23 +159,22 @@ def is_text_encoder(name: str) -> bool:
 
 
 _ATTENTION = re.compile(r"^lora_unet_.*_(attn[12]?)_(to_q|to_k|to_v|to_out_0)$")
-# DiT blocks that fuse q, k and v into one linear (Flux img_attn/txt_attn, SD3 attn/attn2) and their output projection
-_FUSED_ATTENTION = re.compile(r"^lora_unet_.*_attn2?_(qkv|proj)$")
+# The roles a linear of an attention block can have (nodes/attention_roles.py reads them from the model):
+# separate projections, q/k/v fused in one linear, or attention fused with the MLP (Flux-style single blocks)
+ATTENTION_ROLES = ("to_q", "to_k", "to_v", "to_out", "qkv", "qkv+mlp", "out+mlp")
+FUSED_WITH_MLP = ("qkv+mlp", "out+mlp")
 
 
 def attention_role(name: str) -> str | None:
-    """The attention projection a canonical diffusion-model layer name is: 'to_q', 'to_k', 'to_v', 'to_out', or
-    'qkv' for a DiT's fused q/k/v linear ('proj', its output projection, is 'to_out'); None for other layers.
+    """The attention projection a canonical *UNet* layer name is ('to_q', 'to_k', 'to_v', 'to_out'), read from
+    the UNet layout's own names (``..._attn1_to_q``); None for other layers.
 
-    UNets and DiTs with separate projections (Qwen-Image's ``attn.to_q``) name them as SDXL does. A single
-    linear that fuses attention with the MLP (Flux single blocks' linear1 / linear2) is no attention role.
+    For the pack's SDXL-family names without a loaded model (the CLI). With a model, the roles come from the
+    model's own modules for every family (nodes/attention_roles.py; MergeContext.role), never from names.
     """
     match = _ATTENTION.match(name)
     if match:
         return "to_out" if match.group(2) == "to_out_0" else match.group(2)
-    match = _FUSED_ATTENTION.match(name)
-    if match:
-        return "qkv" if match.group(1) == "qkv" else "to_out"
     return None
 
 

@@ -80,6 +80,7 @@ class MergeReport:
     params: dict[str, float] = field(default_factory=dict)  # the method's own parameters (e.g. NP-LoRA's mu)
     sampling: dict = field(default_factory=dict)  # a sampling-time merge's summary (K-LoRA: gamma, choices)
     coefficient_blocks: list[CoefficientGroup] = field(default_factory=list)  # per (UNet block, projection)
+    own_rule: int = 0  # layers the method's own rule merged (the rest followed the layer policy)
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -97,7 +98,8 @@ class MergeReport:
             reasons.setdefault(f"{self.actions[layer]}: {reason}", []).append(layer)
         result = {"method": self.method, "layer_policy": self.policy, "subject": self.subject,
                   "style": self.style, "hypernet": self.hypernet, "layers": summary,
-                  "reasons": {k: len(v) for k, v in sorted(reasons.items())}}
+                  "reasons": {k: len(v) for k, v in sorted(reasons.items())},
+                  "own_rule_layers": self.own_rule}
         if self.params:
             result["params"] = dict(self.params)
         if self.sampling:
@@ -125,6 +127,7 @@ class MergeReport:
         if self.hypernet:
             lines.append(f"hypernet: {self.hypernet}")
         lines.append("layers: " + ", ".join(f"{action} {n}" for action, n in sorted(data["layers"].items())))
+        lines.append(f"{self.method}'s own rule: {self.own_rule} of {len(self.actions)} layers")
         for reason, n in data["reasons"].items():
             lines.append(f"  {n} x {reason}")
         for side, keys in self.ignored.items():
@@ -243,15 +246,16 @@ def merge_loras(
     params: dict[str, float] | None = None,
     batched: bool | None = None,
     family: str | None = None,
+    roles: dict[str, str] | None = None,
 ) -> MergedLora:
     """Merge two LoRAs layer by layer; the result's layers are low-rank (rank r_subject + r_style at most).
 
     device: where the method's math runs (the model's device); dtype: of the merged factors (default: the
     inputs' common type, float32 when they differ); progress(done, total) is called per layer; params and
-    batched, family: see :func:`merge_many`.
+    batched, family, roles: see :func:`merge_many`.
     """
     return merge_many(subject, [style], hypernet, method, policy, strengths, layout, device, dtype, progress,
-                      params, batched, family)[0]
+                      params, batched, family, roles)[0]
 
 
 def _merged_dtype(subject: LoraFile, style: LoraFile) -> torch.dtype:
@@ -274,6 +278,7 @@ def merge_many(
     params: dict[str, float] | None = None,
     batched: bool | None = None,
     family: str | None = None,
+    roles: dict[str, str] | None = None,
 ) -> list[MergedLora]:
     """One subject merged with each of several styles: ``merge_loras(subject, style)`` for every style.
 
@@ -282,13 +287,15 @@ def merge_many(
     params: the method's own parameters by name (defaults otherwise); batched: force the compute branch
     (default: :func:`hypernet.pipeline.use_batched`). progress(done, total) counts layers of all inputs.
     family: the model family (ComfyUI's class name, e.g. "Flux"), for methods that serve only some families.
+    roles: canonical layer name -> attention role, read from the loaded model (nodes/attention_roles.py); None
+    without a model, when the UNet layout's names say it.
     """
     rule = _checked_method(method, policy, hypernet, styles)
     for style in styles:
         check_compatible(subject, style, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
     ctx = MergeContext(hypernet, device, layout, resolve_params(rule, params), use_batched(device, batched),
-                       family=family)
+                       family=family, roles=roles)
     why = rule.unsupported(ctx)
     if why:
         raise LoraRarError(f"{rule.name}: {why}")
@@ -332,6 +339,7 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     report = _new_report(rule.name, policy, subject, style, described)
     report.params = dict(params)
     report.actions = {name: layer.action for name, layer in plan.items()}
+    report.own_rule = sum(1 for layer in plan.values() if layer.job is not None)
     report.reasons = {name: layer.reason for name, layer in plan.items() if layer.reason}
     report.coefficient_means = [tuple(m.coefficients.mean(0).tolist()) for m in computed.values() if m.coefficients is not None]
     coefficients = {name: m.coefficients.to("cpu", torch.float32) for name, m in computed.items() if m.coefficients is not None}
@@ -343,6 +351,11 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
             f"{subject.name} + {style.name}: {rule.name} merged no layer with the hypernet (no attention projection "
             f"of a width it serves is in both LoRAs; {', '.join(f'{n} {a}' for a, n in sorted(report.as_dict()['layers'].items()))}): "
             f"LoRAs for another model family? use method direct to sum them")
+    if rule.needs_roles and not report.own_rule:  # the method would only apply the layer policy under its name
+        raise LoraRarError(
+            f"{subject.name} + {style.name}: {rule.name} found no attention projection in both LoRAs "
+            f"({', '.join(f'{n} {a}' for a, n in sorted(report.as_dict()['layers'].items()))}): its rule would "
+            f"merge nothing; use direct or np-lora")
     layers = {name: computed[name].layer for name in plan if name in computed and computed[name].layer is not None}
     switch = rule.finish({name: m.switched for name, m in computed.items() if m.switched is not None}, params)
     report.sampling = switch.summary() if switch is not None else {}

@@ -22,6 +22,7 @@ from ..hypernet.lora_io import LoraFile, to_kohya_state_dict
 from ..hypernet.lowrank import patched_overflow
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
 from ..hypernet.model_keys import lora_for_model, target_key
+from .attention_roles import attention_roles
 from .klora_patch import patch_switched
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
 
@@ -84,7 +85,8 @@ def _merge_files(subject_path, style_path, net, method, layer_policy, strengths,
         # checked against the model itself: a LoRA for another base model is refused whatever the method
         return merge_loras(subject, style, net, method, layer_policy, strengths, layout=layout,
                            device=comfy.model_management.get_torch_device(), params=params,
-                           progress=lambda done, total: bar.update_absolute(done, total), family=model_class(model))
+                           progress=lambda done, total: bar.update_absolute(done, total), family=model_class(model),
+                           roles=attention_roles(model.model.diffusion_model))
 
 
 def _model_signature(model, clip) -> tuple:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..keys import attention_role
 from ..lora_io import LowRankLayer
 
 
@@ -91,6 +92,13 @@ class MergeContext:
     memo: dict = field(default_factory=dict)  # emptied before each layer
     state: dict = field(default_factory=dict)  # kept for the whole call (e.g. H converted to float32 once)
     family: str | None = None  # the model family the LoRAs are for, as ComfyUI names it ("Flux", "SDXL"), if known
+    # canonical layer name -> attention role (hypernet.keys.ATTENTION_ROLES), read from the loaded model's own
+    # modules; None when no model is at hand (the CLI): then the UNet layout's names say it (keys.attention_role)
+    roles: dict[str, str] | None = None
+
+    def role(self, name: str) -> str | None:
+        """The attention role of a layer: 'to_q', 'to_k', 'to_v', 'to_out', 'qkv', 'qkv+mlp', 'out+mlp' or None."""
+        return self.roles.get(name) if self.roles is not None else attention_role(name)
 
 
 class MergeMethod:
@@ -102,6 +110,7 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     needs_hypernet: bool = False
     sampling_time: bool = False  # the result is chosen per sampling step (K-LoRA): no single LoRA file holds it
+    needs_roles: bool = False  # the rule is for attention projections: a merge where it covers no layer is refused
 
     def unsupported(self, ctx: MergeContext) -> str | None:
         """Why this method cannot merge LoRAs for ``ctx``'s model family (a one-line reason), or None."""

@@ -1,7 +1,8 @@
 """k-lora / k-lora-linear: K-LoRA (arXiv 2502.18461), a sampling-time choice between the two LoRAs.
 
-For every UNet attention projection (to_q, to_k, to_v, to_out.0) present in both LoRAs, each sampling step
-applies the subject's update dW_c OR the style's dW_s, never both:
+For every attention projection (query, key, value, output, or a fused q/k/v linear; the roles come from the
+model's own attention modules, MergeContext.role) present in both LoRAs, each sampling step applies the
+subject's update dW_c OR the style's dW_s, never both:
 
 - S_c, S_s: the sum of the k largest |entries| of each update (strength and alpha included), k = r_c * r_s;
 - gamma: the mean over layers of L1(dW_c) / L1(dW_s), after dropping ratios >= 3x the mean;
@@ -25,7 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import LoraRarError
-from ..keys import attention_role
+from ..keys import FUSED_WITH_MLP
 from ..lora_io import LowRankLayer
 from ..lowrank import weighted_sum
 from . import register
@@ -130,10 +131,22 @@ class KLoraMethod(MergeMethod):
     params = (Param("alpha", 1.5, 0.01, 10.0, "time-scaling slope: S(p) = (alpha * p + beta) mod alpha"),
               Param("beta", 1.275, 0.0, 10.0, "time-scaling offset (the published s* default 1.275)"))
     sampling_time = True
+    needs_roles = True
 
-    def claim(self, name, subject, style, ctx: MergeContext) -> Claim | None:
-        if subject is None or style is None or attention_role(name) is None:
+    def unsupported(self, ctx: MergeContext) -> str | None:
+        """A model in which no linear is known as an attention projection: switching nothing would be a plain sum."""
+        if ctx.roles is None or any(role not in FUSED_WITH_MLP for role in ctx.roles.values()):
             return None
+        return (f"no attention projection is known in this {ctx.family or 'model'} model (the pack reads them from "
+                "ComfyUI's attention classes, and none of this model's is known): K-LoRA would only sum the LoRAs; "
+                "use direct or np-lora")
+
+    def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str | None:
+        role = ctx.role(name)
+        if subject is None or style is None or role is None:
+            return None
+        if role in FUSED_WITH_MLP:  # one linear holds attention and MLP rows: a per-step choice would switch both
+            return "attention fused with the MLP in one linear (single block), summed: see docs/METHODS.md"
         return Claim("switched", "K-LoRA: the subject or the style, chosen per sampling step")
 
     def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:

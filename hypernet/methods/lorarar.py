@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..errors import LoraRarError
-from ..keys import attention_role
+from ..keys import FUSED_WITH_MLP
 from ..lora_io import LowRankLayer
 from ..lowrank import weighted_sum
 from ..model import LoraRarHypernet, shown_model_classes
@@ -116,6 +116,7 @@ class LoraRarMethod(MergeMethod):
     name = "lorarar"
     help = "the hypernetwork merge: per-column subject and style coefficients for to_q/to_out.0, to_k/to_v summed"
     needs_hypernet = True
+    needs_roles = True
 
     def unsupported(self, ctx: MergeContext) -> str | None:
         """A model that is no UNet (Flux, SD3, ...) needs a hypernet whose file says it was trained for it."""
@@ -129,9 +130,11 @@ class LoraRarMethod(MergeMethod):
                 "use direct, np-lora or k-lora meanwhile")
 
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str | None:
-        role = attention_role(name)
+        role = ctx.role(name)
         if subject is None or style is None or role is None:
             return None
+        if role in FUSED_WITH_MLP:
+            return "attention fused with the MLP in one linear (single block): the published rule has no such layer"
         if role in ("to_k", "to_v"):
             return Claim("summed", "to_k/to_v (the published rule sums them)")
         if role == "qkv":  # one column coefficient would scale the k and v rows too, which the rule sums

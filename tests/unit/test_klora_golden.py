@@ -172,3 +172,40 @@ def test_a_zero_subject_leaves_every_layer_to_the_style(pair, method):
         switch = merge_loras(subject, style, None, method=method, strengths=strengths).switch
         for p in (0.0, 0.5, 1.0):
             assert set(switch.choose(p).values()) == {side}
+
+
+def _as_dit(tensors: dict) -> dict:
+    """The same factors under names no UNet parser knows (a DiT's): only the roles a model gives can place them."""
+    return {key.replace("lora_unet_", "lora_unet_blocks_0_"): value for key, value in tensors.items()}
+
+
+def test_roles_from_the_model_decide_what_is_switched(pair):
+    """With the model's roles, K-LoRA switches exactly the layers they call attention, whatever their names;
+    a linear fusing attention with the MLP is summed with its reason, and the report counts the rule's layers."""
+    subject_sd, style_sd = (_as_dit(sd) for sd in pair)
+    subject, style = lora_from_tensors(subject_sd, "s"), lora_from_tensors(style_sd, "t")
+    names = sorted(subject.layers)
+    roles = {names[0]: "to_q", names[1]: "qkv", names[2]: "qkv+mlp"}
+    merged = merge_loras(subject, style, None, "k-lora", roles=roles, family="WAN21_T2V")
+    assert sorted(merged.switch.layers) == names[:2]
+    assert merged.report.actions[names[2]] == "summed"
+    assert "attention fused with the MLP" in merged.report.reasons[names[2]]
+    assert merged.report.own_rule == 2
+    assert "k-lora's own rule: 2 of" in merged.report.to_text()
+
+
+def test_no_known_attention_refuses_naming_the_family(pair):
+    """A model whose attention modules the pack does not know (roles {}) or only fused-with-MLP linears: K-LoRA
+    refuses in one line naming the family, never becomes a plain sum under its name."""
+    subject, style = (lora_from_tensors(_as_dit(sd), n) for sd, n in zip(pair, "st"))
+    for roles in ({}, {name: "qkv+mlp" for name in subject.layers}):
+        with pytest.raises(LoraRarError, match=r"^k-lora: no attention projection is known in this Krea2 model") as info:
+            merge_loras(subject, style, None, "k-lora", roles=roles, family="Krea2")
+        assert "\n" not in str(info.value)
+
+
+def test_no_shared_attention_layer_refuses(pair):
+    """Roles exist, but the two LoRAs share none of those layers: refused, not a sum called K-LoRA."""
+    subject, style = (lora_from_tensors(_as_dit(sd), n) for sd, n in zip(pair, "st"))
+    with pytest.raises(LoraRarError, match="k-lora found no attention projection in both LoRAs"):
+        merge_loras(subject, style, None, "k-lora", roles={"lora_unet_elsewhere": "to_q"}, family="Flux2")

@@ -1,0 +1,107 @@
+"""Attention roles come from ComfyUI's own model classes (nodes/attention_roles.py), for every family.
+
+Each family's model is built by the host from its detection config (on the meta device: no weights), and the
+roles the pack reads from its modules must equal a table written here by hand from each family's architecture:
+every query / key / value / output / fused linear has its role, every other linear (MLP, modulation, embedders)
+has none. The pack's table must name only classes the host has, and the SDXL roles must equal the UNet names'.
+"""
+
+import importlib
+import re
+import sys
+
+import pytest
+
+from devkit import synthetic_dit
+from devkit.synthetic_dit import FAMILIES
+
+pytestmark = pytest.mark.host
+
+# family -> [(regex on the native module path, role)], written from the architectures, not from the pack's table
+EXPECTED = {
+    "flux": [(r"double_blocks\.\d+\.(img|txt)_attn\.qkv", "qkv"), (r"double_blocks\.\d+\.(img|txt)_attn\.proj", "to_out"),
+             (r"single_blocks\.\d+\.linear1", "qkv+mlp"), (r"single_blocks\.\d+\.linear2", "out+mlp")],
+    "sd35": [(r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.qkv", "qkv"),
+             (r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.proj", "to_out")],
+    "krea2": [(r".*\.attn\.wq", "to_q"), (r".*\.attn\.wk", "to_k"), (r".*\.attn\.wv", "to_v"), (r".*\.attn\.wo", "to_out")],
+    "zimage": [(r".*\.attention\.qkv", "qkv"), (r".*\.attention\.out", "to_out")],
+    "qwen_image": [(r"transformer_blocks\.\d+\.attn\.(to_q|add_q_proj)", "to_q"),
+                   (r"transformer_blocks\.\d+\.attn\.(to_k|add_k_proj)", "to_k"),
+                   (r"transformer_blocks\.\d+\.attn\.(to_v|add_v_proj)", "to_v"),
+                   (r"transformer_blocks\.\d+\.attn\.(to_out\.0|to_add_out)", "to_out")],
+}
+EXPECTED["flux2"] = EXPECTED["flux"]
+for _wan in ("wan21", "wan22"):
+    EXPECTED[_wan] = [(rf"blocks\.\d+\.(self_attn|cross_attn)\.{name}", role)
+                      for name, role in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out"))]
+UNET = [(r".*\.attn[12]\.to_(q|k|v)", None), (r".*\.attn[12]\.to_out\.0", "to_out")]  # None: the name's own letter
+
+
+def canonical(native: str) -> str:
+    return "lora_unet_" + native.replace(".", "_")
+
+
+def expected_roles(model, rules) -> dict[str, str]:
+    import torch
+
+    roles = {}
+    for name, module in model.named_modules():
+        if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 2:
+            continue
+        for pattern, role in rules:
+            if re.fullmatch(pattern, name):
+                roles[canonical(name)] = role or "to_" + name[-1]
+                break
+    return roles
+
+
+def meta_model(family):
+    """The family's diffusion model as the host builds it from the detection config, on the meta device."""
+    import comfy.model_detection
+
+    config = comfy.model_detection.model_config_from_unet_config(synthetic_dit.host_config(family))
+    return config.get_model({}, device="meta").diffusion_model
+
+
+def roles_module():
+    """nodes/attention_roles.py as the server loaded the pack (under ComfyUI's package name for it)."""
+    import nodes
+
+    merge_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__]
+    return importlib.import_module(merge_module.__name__.rsplit(".nodes.merge", 1)[0] + ".nodes.attention_roles")
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_roles_of_each_family_come_from_its_model(comfy_host, name):
+    if name not in FAMILIES:
+        pytest.skip(f"no synthetic {name} model on this host")
+    model = meta_model(FAMILIES[name])
+    roles = roles_module().attention_roles(model)
+    assert roles == expected_roles(model, EXPECTED[name])
+    assert {"to_out"} <= set(roles.values()), f"{name}: no output projection found"
+
+
+def test_unet_roles_equal_the_layout_names(comfy_host, synthetic_model):
+    from hypernet.keys import attention_role
+
+    diffusion_model = synthetic_model[0].model.diffusion_model
+    roles = roles_module().attention_roles(diffusion_model)
+    assert roles == expected_roles(diffusion_model, UNET)
+    assert roles and all(attention_role(name) == role for name, role in roles.items())
+
+
+def test_table_names_classes_the_host_has(comfy_host):
+    """A renamed or moved attention class in a new ComfyUI fails here, not silently in a user's K-LoRA run."""
+    import comfyui_version
+
+    absent = []
+    for (module, cls), row in roles_module().table().items():
+        try:
+            owner = getattr(importlib.import_module(f"comfy.ldm.{module}"), cls)
+        except (ImportError, AttributeError):
+            absent.append(f"comfy.ldm.{module}.{cls}")
+            continue
+        assert row and all(isinstance(role, str) for role in row.values()), owner
+    # the old host predates Krea 2 (and its other families are checked above through their models)
+    allowed = {"comfy.ldm.krea2.model.Attention"} if comfyui_version.__version__.startswith("0.3.") else set()
+    assert set(absent) <= allowed, f"attention classes the pack's table names but ComfyUI {comfyui_version.__version__} lacks: {absent}"
