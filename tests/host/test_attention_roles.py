@@ -7,52 +7,23 @@ has none. The pack's table must name only classes the host has, and the SDXL rol
 """
 
 import importlib
-import re
 import sys
 
 import pytest
 
 from devkit import synthetic_dit
 from devkit.synthetic_dit import FAMILIES
+from tests.support.families import ROLES, canonical, role_of
 
 pytestmark = pytest.mark.host
 
-# family -> [(regex on the native module path, role)], written from the architectures, not from the pack's table
-EXPECTED = {
-    "flux": [(r"double_blocks\.\d+\.(img|txt)_attn\.qkv", "qkv"), (r"double_blocks\.\d+\.(img|txt)_attn\.proj", "to_out"),
-             (r"single_blocks\.\d+\.linear1", "qkv+mlp"), (r"single_blocks\.\d+\.linear2", "out+mlp")],
-    "sd35": [(r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.qkv", "qkv"),
-             (r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.proj", "to_out")],
-    "krea2": [(r".*\.attn\.wq", "to_q"), (r".*\.attn\.wk", "to_k"), (r".*\.attn\.wv", "to_v"), (r".*\.attn\.wo", "to_out")],
-    "zimage": [(r".*\.attention\.qkv", "qkv"), (r".*\.attention\.out", "to_out")],
-    "qwen_image": [(r"transformer_blocks\.\d+\.attn\.(to_q|add_q_proj)", "to_q"),
-                   (r"transformer_blocks\.\d+\.attn\.(to_k|add_k_proj)", "to_k"),
-                   (r"transformer_blocks\.\d+\.attn\.(to_v|add_v_proj)", "to_v"),
-                   (r"transformer_blocks\.\d+\.attn\.(to_out\.0|to_add_out)", "to_out")],
-}
-EXPECTED["flux2"] = EXPECTED["flux"]
-for _wan in ("wan21", "wan22"):
-    EXPECTED[_wan] = [(rf"blocks\.\d+\.(self_attn|cross_attn)\.{name}", role)
-                      for name, role in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out"))]
-UNET = [(r".*\.attn[12]\.to_(q|k|v)", None), (r".*\.attn[12]\.to_out\.0", "to_out")]  # None: the name's own letter
-
-
-def canonical(native: str) -> str:
-    return "lora_unet_" + native.replace(".", "_")
-
-
-def expected_roles(model, rules) -> dict[str, str]:
+def expected_roles(model, family: str) -> dict[str, str]:
+    """Canonical name -> role of every 2-D weight of ``model`` the hand-written table gives a role."""
     import torch
 
-    roles = {}
-    for name, module in model.named_modules():
-        if not isinstance(getattr(module, "weight", None), torch.Tensor) or module.weight.dim() != 2:
-            continue
-        for pattern, role in rules:
-            if re.fullmatch(pattern, name):
-                roles[canonical(name)] = role or "to_" + name[-1]
-                break
-    return roles
+    return {canonical(name): role_of(family, name) for name, module in model.named_modules()
+            if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.dim() == 2
+            and role_of(family, name) is not None}
 
 
 def meta_model(family):
@@ -71,13 +42,13 @@ def roles_module():
     return importlib.import_module(merge_module.__name__.rsplit(".nodes.merge", 1)[0] + ".nodes.attention_roles")
 
 
-@pytest.mark.parametrize("name", sorted(EXPECTED))
+@pytest.mark.parametrize("name", sorted(set(ROLES) - {"unet"}))
 def test_roles_of_each_family_come_from_its_model(comfy_host, name):
     if name not in FAMILIES:
         pytest.skip(f"no synthetic {name} model on this host")
     model = meta_model(FAMILIES[name])
     roles = roles_module().attention_roles(model)
-    assert roles == expected_roles(model, EXPECTED[name])
+    assert roles == expected_roles(model, name)
     assert {"to_out"} <= set(roles.values()), f"{name}: no output projection found"
 
 
@@ -86,7 +57,7 @@ def test_unet_roles_equal_the_layout_names(comfy_host, synthetic_model):
 
     diffusion_model = synthetic_model[0].model.diffusion_model
     roles = roles_module().attention_roles(diffusion_model)
-    assert roles == expected_roles(diffusion_model, UNET)
+    assert roles == expected_roles(diffusion_model, "unet")
     assert roles and all(attention_role(name) == role for name, role in roles.items())
 
 

@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import save_file
 
 from devkit import synthetic_dit
-from devkit.dense_rule import dense_np_lora
+from devkit.dense_rule import dense_k_lora_choice, dense_k_lora_gamma, dense_k_lora_scores, dense_np_lora
 from devkit.dit_loras import FORMATS_BY_HOST, dense_updates, random_dit_lora, write_lora
 from devkit.synthetic_dit import FAMILIES
+from tests.support.families import canonical, is_switched
 
 pytestmark = pytest.mark.host
 # the nodes raise the LoraRarError of the pack as ComfyUI imported it (another module): matched as its base, ValueError
@@ -52,11 +53,6 @@ def dense(layer) -> torch.Tensor:
 
 def relative_error(actual, expected) -> float:
     return float((actual - expected).norm() / expected.norm())
-
-
-def canonical(weight_key: str) -> str:
-    """``double_blocks.0.img_attn.qkv.weight`` (or with the model's ``diffusion_model.``) -> its kohya layer name."""
-    return "lora_unet_" + weight_key.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")
 
 
 @pytest.mark.parametrize("family,pair,method", CASES, ids=lambda v: "-".join(v) if isinstance(v, tuple) else v)
@@ -219,3 +215,35 @@ def test_a_saved_dit_merge_loads_with_the_stock_loader_and_patches_what_the_node
     assert set(by_node) == set(by_stock) and len(by_node) == TRAINED[family]
     for key, delta in by_node.items():
         assert relative_error(by_stock[key].double(), delta.double()) <= 1e-5, key
+
+
+@pytest.mark.parametrize("family,method", [(f, m) for f in FAMILIES for m in ("k-lora", "k-lora-linear")],
+                         ids=lambda v: v)
+def test_k_lora_switches_exactly_the_attention_linears_with_the_dense_rule(comfy_host, dit, family, method):
+    """K-LoRA on each family: the switched layers are the architecture's attention projections (roles from the
+    model, checked against tests/support/families.py), S_c, S_s and gamma equal the dense rule's, and so does the
+    choice at every progress; the report counts the rule's layers. (The choice inside real sampling:
+    tests/host/test_klora_dit.py.)"""
+    _, models = dit
+    formats = FORMATS_BY_HOST.get(dit[0], FORMATS_BY_HOST["0.33.0"])[family]
+    subject_fmt, style_fmt = formats[0], formats[-1]
+    subject = lora_file(comfy_host, f"kr-{family}-s.safetensors", family, subject_fmt, 31, alpha=2.0)
+    style = lora_file(comfy_host, f"kr-{family}-t.safetensors", family, style_fmt, 32, rank=3)
+    _, _, merged, report = merge(comfy_host, models[family], f"kr-{family}-s.safetensors",
+                                 f"kr-{family}-t.safetensors", method)
+    dense_s = dense_updates(FAMILIES[family], subject_fmt, subject, dtype=torch.float64)
+    dense_t = dense_updates(FAMILIES[family], style_fmt, style, dtype=torch.float64)
+    switched = sorted(key for key in dense_s if is_switched(family, key))
+    assert switched and {canonical(key) for key in switched} == set(merged.switch.layers)
+    assert f"{method}'s own rule: {len(switched)} of {len(dense_s)} layers" in report
+    updates = {key: (0.8 * dense_s[key], 1.3 * dense_t[key]) for key in switched}
+    gamma = dense_k_lora_gamma(list(updates.values()))
+    assert abs(merged.switch.gamma - gamma) <= 1e-6 * gamma
+    params = {"k-lora": ("s*", 1.5, 1.275), "k-lora-linear": ("linear", 1.5, 0.5)}[method]
+    for key, (c, s) in updates.items():
+        layer = merged.switch.layers[canonical(key)]
+        scores = dense_k_lora_scores(c, s, layer.subject.rank * layer.style.rank)
+        assert relative_error(torch.tensor([layer.subject_score, layer.style_score], dtype=torch.float64),
+                              torch.tensor(scores, dtype=torch.float64)) <= 1e-5, key
+        for p in (0.0, 0.2, 0.5, 0.8, 1.0):
+            assert merged.switch.choose(p)[canonical(key)] == dense_k_lora_choice(*scores, gamma, p, *params), (key, p)
