@@ -34,7 +34,7 @@ from devkit.synthetic_dit import FLUX, DitFamily
 FORMATS = {"flux": ("kohya", "comfy", "peft", "diffsynth"), "sd35": ("kohya", "comfy", "peft")}
 # The formats each host's comfy.lora.model_lora_keys_unet maps (checked by tests/host/test_synthetic_dit.py).
 FORMATS_BY_HOST = {"0.33.0": FORMATS, "0.3.75": {"flux": ("kohya", "comfy", "peft"), "sd35": ("kohya", "comfy", "peft")}}
-_FUSED_FORMATS = ("kohya", "comfy")  # one pair per native linear; the others split fused ones into pieces
+FUSED_FORMATS = ("kohya", "comfy")  # one pair per native linear; the others split fused ones into pieces
 
 # Native linears a LoRA trains: attention and MLP, not the modulation (adaLN) layers.
 _TARGETS = {
@@ -136,7 +136,7 @@ def random_dit_lora(family: DitFamily, fmt: str, *, rank: int = 4, seed: int = 0
     for native, (d_out, d_in) in native_linears(family, root).items():
         if modules is not None and native not in modules:
             continue
-        pieces = [Piece(native, 0, d_out)] if fmt in _FUSED_FORMATS else diffusers_pieces(family, native, d_out)
+        pieces = [Piece(native, 0, d_out)] if fmt in FUSED_FORMATS else diffusers_pieces(family, native, d_out)
         for piece in pieces:
             up_key, down_key, alpha_key = _pair_keys(fmt, piece.diffusers)
             state[up_key] = torch.randn(piece.rows, rank, generator=generator) * std
@@ -152,7 +152,7 @@ def dense_updates(family: DitFamily, fmt: str, state: dict[str, torch.Tensor], r
     at strength 1 (up @ down x alpha / rank, pieces placed on their rows). Tiny models only."""
     out = {}
     for native, (d_out, d_in) in native_linears(family, root).items():
-        pieces = [Piece(native, 0, d_out)] if fmt in _FUSED_FORMATS else diffusers_pieces(family, native, d_out)
+        pieces = [Piece(native, 0, d_out)] if fmt in FUSED_FORMATS else diffusers_pieces(family, native, d_out)
         update, found = torch.zeros(d_out, d_in, dtype=dtype), False
         for piece in pieces:
             up_key, down_key, alpha_key = _pair_keys(fmt, piece.diffusers)

@@ -10,18 +10,35 @@ from safetensors.torch import save_file
 
 from devkit import synthetic_dit
 from devkit.dense_rule import dense_k_lora_choice, dense_k_lora_gamma, dense_k_lora_scores, dense_np_lora
-from devkit.dit_loras import FORMATS_BY_HOST, dense_updates, random_dit_lora, write_lora
+from devkit.dit_loras import FORMATS_BY_HOST, FUSED_FORMATS, dense_updates, diffusers_pieces, native_linears, random_dit_lora, write_lora
 from devkit.synthetic_dit import FAMILIES
+from tests.conftest import host_version
 from tests.support.families import canonical, is_switched
 
 pytestmark = pytest.mark.host
 # the nodes raise the LoraRarError of the pack as ComfyUI imported it (another module): matched as its base, ValueError
 
-# Native linears the random LoRAs train (as tests/host/test_synthetic_dit.py counts them)
-TRAINED = {"flux": 2 * 8 + 2 * 2, "sd35": 6 + 4 + 4 + 1}
-# (subject format, style format): a fused format against split pieces, and the other way round
-PAIRS = [("kohya", "peft"), ("peft", "comfy")]
-CASES = [(family, pair, method) for family in FAMILIES for pair in PAIRS for method in ("direct", "np-lora")]
+
+
+def host_formats(family: str) -> tuple[str, ...]:
+    """The LoRA key forms of the family that the host under test reads (devkit/dit_loras.py FORMATS_BY_HOST)."""
+    return FORMATS_BY_HOST.get(host_version(), FORMATS_BY_HOST["0.33.0"])[family]
+
+
+def trainer_pairs(family: str) -> list[tuple[str, str]]:
+    """Every key form once as the subject and once as the style, each time against another trainer's form."""
+    formats = host_formats(family)
+    return [(formats[i], formats[(i + 1) % len(formats)]) for i in range(len(formats))]
+
+
+# np-lora on every pair of trainers (its dense rule checks both sides' factors); direct on the first pair
+CASES = [(family, pair, method) for family in FAMILIES for pair in trainer_pairs(family)
+         for method in (("direct", "np-lora") if pair == trainer_pairs(family)[0] else ("np-lora",))]
+
+
+def trained(family: str) -> int:
+    """How many native linears the random LoRAs of the family train (attention and MLP)."""
+    return len(native_linears(FAMILIES[family]))
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +64,12 @@ def merge(comfy_host, model, subject: str, style: str, method: str, hypernet=Non
     return merge_node.merge(model, hypernet, subject, style, 0.8, 1.3, 1.0, 1.0, method, "sum", **params)
 
 
+def pieces(family: str, fmt: str, key: str) -> int:
+    """How many factor pairs a file of this form holds for one native linear (a split q/k/v form: one per piece)."""
+    native = key.removesuffix(".weight")
+    return 1 if fmt in FUSED_FORMATS else len(diffusers_pieces(FAMILIES[family], native, native_linears(FAMILIES[family])[native][0]))
+
+
 def dense(layer) -> torch.Tensor:
     return (layer.up.double() @ layer.down.double()) * layer.scale
 
@@ -65,15 +88,15 @@ def test_direct_and_np_lora_equal_their_dense_formulas_on_every_fused_layer(comf
                                  f"dit-{family}-{style_fmt}-t.safetensors", method)
     dense_subject = dense_updates(FAMILIES[family], subject_fmt, subject, dtype=torch.float64)
     dense_style = dense_updates(FAMILIES[family], style_fmt, style, dtype=torch.float64)
-    assert len(dense_subject) == len(dense_style) == TRAINED[family]
-    assert f"applied to the model: {TRAINED[family]} layers" in report
+    assert len(dense_subject) == len(dense_style) == trained(family)
+    assert f"applied to the model: {trained(family)} layers" in report
     assert set(merged.layers) == {canonical(key) for key in dense_subject}
     for key in dense_subject:
         s, t = 0.8 * dense_subject[key], 1.3 * dense_style[key]
         expected = s + t if method == "direct" else dense_np_lora(s, t, 0.5)
         layer = merged.layers[canonical(key)]
         assert relative_error(dense(layer), expected) <= 1e-5, key
-        assert layer.rank <= (4 if subject_fmt in ("kohya", "comfy") else 16) + (3 if style_fmt == "comfy" else 12)
+        assert layer.rank <= 4 * pieces(family, subject_fmt, key) + 3 * pieces(family, style_fmt, key)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
@@ -130,7 +153,7 @@ def test_diffsynth_flux_loras_follow_what_the_host_reads(comfy_host, dit):
     if "diffsynth" in FORMATS_BY_HOST.get(version, FORMATS_BY_HOST["0.33.0"])["flux"]:
         _, _, merged, report = merge(comfy_host, models["flux"], "dit-flux-diffsynth.safetensors",
                                      "dit-flux-k4.safetensors", "direct")
-        assert f"applied to the model: {TRAINED['flux']} layers" in report
+        assert f"applied to the model: {trained('flux')} layers" in report
     else:
         with pytest.raises(ValueError, match=r"dit-flux-diffsynth\.safetensors: none of its \d+ LoRA layers"):
             merge(comfy_host, models["flux"], "dit-flux-diffsynth.safetensors", "dit-flux-k4.safetensors", "direct")
@@ -212,7 +235,7 @@ def test_a_saved_dit_merge_loads_with_the_stock_loader_and_patches_what_the_node
             comfy.model_management.unload_all_models()
 
     by_node, by_stock = patched(model_out), patched(stock)
-    assert set(by_node) == set(by_stock) and len(by_node) == TRAINED[family]
+    assert set(by_node) == set(by_stock) and len(by_node) == trained(family)
     for key, delta in by_node.items():
         assert relative_error(by_stock[key].double(), delta.double()) <= 1e-5, key
 
@@ -225,7 +248,7 @@ def test_k_lora_switches_exactly_the_attention_linears_with_the_dense_rule(comfy
     choice at every progress; the report counts the rule's layers. (The choice inside real sampling:
     tests/host/test_klora_dit.py.)"""
     _, models = dit
-    formats = FORMATS_BY_HOST.get(dit[0], FORMATS_BY_HOST["0.33.0"])[family]
+    formats = host_formats(family)
     subject_fmt, style_fmt = formats[0], formats[-1]
     subject = lora_file(comfy_host, f"kr-{family}-s.safetensors", family, subject_fmt, 31, alpha=2.0)
     style = lora_file(comfy_host, f"kr-{family}-t.safetensors", family, style_fmt, 32, rank=3)
@@ -247,3 +270,26 @@ def test_k_lora_switches_exactly_the_attention_linears_with_the_dense_rule(comfy
                               torch.tensor(scores, dtype=torch.float64)) <= 1e-5, key
         for p in (0.0, 0.2, 0.5, 0.8, 1.0):
             assert merged.switch.choose(p)[canonical(key)] == dense_k_lora_choice(*scores, gamma, p, *params), (key, p)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_layers_one_side_lacks_follow_the_layer_policy(comfy_host, dit, family):
+    """A subject trained on the attention linears only (another trainer's form, no alpha) and a style on every
+    linear: shared layers get the method's rule, the style's own layers are kept at its strength."""
+    _, models = dit
+    formats = host_formats(family)
+    subject_fmt, style_fmt = formats[-1], formats[0]
+    attention = [native for native in native_linears(FAMILIES[family]) if is_switched(family, native)]
+    state = random_dit_lora(FAMILIES[family], subject_fmt, rank=2, seed=41, modules=attention)
+    write_lora(comfy_host[2] / f"half-{family}-s.safetensors", state)
+    style = lora_file(comfy_host, f"half-{family}-t.safetensors", family, style_fmt, 42, rank=5, alpha=10.0)
+    _, _, merged, report = merge(comfy_host, models[family], f"half-{family}-s.safetensors",
+                                 f"half-{family}-t.safetensors", "np-lora")
+    dense_s = dense_updates(FAMILIES[family], subject_fmt, state, dtype=torch.float64)
+    dense_t = dense_updates(FAMILIES[family], style_fmt, style, dtype=torch.float64)
+    assert set(dense_s) == {f"{native}.weight" for native in attention} and len(dense_t) == trained(family)
+    assert merged.report.actions == {canonical(key): "projected" if key in dense_s else "kept (style)" for key in dense_t}
+    assert f"np-lora's own rule: {len(dense_s)} of {len(dense_t)} layers" in report
+    for key, update in dense_t.items():
+        expected = dense_np_lora(0.8 * dense_s[key], 1.3 * update, 0.5) if key in dense_s else 1.3 * update
+        assert relative_error(dense(merged.layers[canonical(key)]), expected) <= 1e-5, key
