@@ -85,6 +85,14 @@ def _module_path(target) -> str | None:
     return target[:-len(".weight")] if isinstance(target, str) and target.endswith(".weight") else None
 
 
+def _is_linear(module) -> bool:
+    """A torch.nn.Linear, or the linear ComfyUI 0.33+ builds for a quantised model (an fp8 or scaled fp8 file:
+    comfy.ops mixed_precision_ops, a torch.nn.Module with in/out_features, weight, bias and a linear forward,
+    not a torch.nn.Linear subclass); its own forward dequantises, so the switched forward works on it unchanged."""
+    return isinstance(module, torch.nn.Linear) or (isinstance(module, torch.nn.Module) and all(
+        hasattr(module, name) for name in ("in_features", "out_features", "weight", "bias")))
+
+
 def patch_switched(model, switch: KLoraSwitch, key_map: dict) -> tuple[object, int, str]:
     """A clone of ``model`` sampling with K-LoRA; returns (clone, layers switched, a line for the report)."""
     patched = model.clone()
@@ -93,7 +101,7 @@ def patch_switched(model, switch: KLoraSwitch, key_map: dict) -> tuple[object, i
     for name, layer in switch.layers.items():
         path = _module_path(key_map.get(name))
         module = patched.get_model_object(path) if path is not None else None
-        if not isinstance(module, torch.nn.Linear):
+        if not _is_linear(module):
             skipped[name] = "not in this model" if path is None else f"{path} is not a linear layer"
             continue
         bias = None if module.bias is None else tuple(module.bias.shape)

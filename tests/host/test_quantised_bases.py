@@ -247,3 +247,24 @@ def test_np_lora_on_the_fp8_base_patches_the_merged_layers_update(comfy_host, ba
         dense = (layer.up.double() @ layer.down.double()) * layer.scale
         assert relative_error(change, dense) <= 1e-5, key
 
+
+def test_k_lora_switches_quantised_linears_as_it_switches_bf16_ones(comfy_host, bases, loras):
+    """K-LoRA adds the chosen side's update in the forward of its switched attention linears. ComfyUI 0.33's
+    quantised linear (comfy.ops mixed_precision_ops) is not a torch.nn.Linear: it is switched all the same, and
+    adds the same update as the bf16 base's linear."""
+    models, lines = {}, {}
+    for fmt, base in bases.items():
+        models[fmt], _, _, report = merge(comfy_host, base, "k-lora")
+        lines[fmt] = report.splitlines()[-1]
+    assert lines["scaled_fp8"] == lines["bf16"], lines
+    assert "not switched" not in lines["bf16"]
+    switched = sorted(key for key in models["bf16"].object_patches if key.endswith(".forward"))
+    assert switched and sorted(key for key in models["scaled_fp8"].object_patches if key.endswith(".forward")) == switched
+    for key in switched:
+        path = key[:-len(".forward")]
+        added = []
+        for model in (models["scaled_fp8"], models["bf16"]):
+            module = model.get_model_object(path)
+            x = torch.randn(2, 3, module.in_features, generator=torch.Generator().manual_seed(0))
+            added.append(model.object_patches[key](x) - module(x))
+        assert relative_error(added[0], added[1]) <= 1e-5, key
