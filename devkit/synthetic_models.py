@@ -149,6 +149,15 @@ def comfy_root() -> Path:
     return Path(env) if env else (_running_host() or _default_host()) / "ComfyUI"
 
 
+def comfy_version() -> str:
+    """The version of the host under test, read from its comfyui_version.py ("unknown" when absent)."""
+    try:
+        match = re.search(r'__version__\s*=\s*"([^"]+)"', (comfy_root() / "comfyui_version.py").read_text())
+    except OSError:
+        return "unknown"
+    return match.group(1) if match else "unknown"
+
+
 def host_python() -> Path:
     env = os.environ.get("LORARAR_PYTHON")
     return Path(env) if env else (_running_host() or _default_host()) / "venv" / "bin" / "python"
