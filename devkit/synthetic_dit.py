@@ -52,7 +52,8 @@ VAEs (``VAES``), random, each loaded by stock ``VAELoader(vae_name=...)`` (``Dit
     vae_approx/lighttaew2_2.safetensors               "lighttaew2_2.safetensors": the tiny video autoencoder
         (TAEHV) for 48 channels (Wan 2.2 5B): 22 MiB, its widths are fixed; the Wan 2.2 VAE's are fixed at 160.
 
-All files are float16 on disk, deterministic (fixed seed, keys in sorted order) and cached: ``ensure_dit()``
+All files are float16 on disk, deterministic (fixed seed; model keys drawn in sorted order, VAE keys in their
+module's order) and cached: ``ensure_dit()``
 builds a file only when it is missing or was made by another recipe version of that family or VAE
 (safetensors metadata), so changing one family's recipe rebuilds that family only. The build asks the running
 host's own detection for the model config (from the detection keys alone), so it needs torch and ComfyUI's
@@ -423,11 +424,13 @@ def _vae_model(vae: SyntheticVae):
 
 
 def build_vae(vae: SyntheticVae, root: Path, seed: int = SEED) -> list[str]:
-    """Write ``vae``'s random float16 files (the host's layout, keys sorted); returns their paths under the root."""
+    """Write ``vae``'s random float16 files (the host's layout); returns their paths under the root.
+
+    Drawn in the module's own parameter order: recipe 1 of taesd3 was, and its cached files must stay the same.
+    """
     import torch
 
-    meta = _vae_model(vae).state_dict()
-    state = _randomize({k: meta[k] for k in sorted(meta)}, torch.Generator().manual_seed(seed), torch.float16)
+    state = _randomize(_vae_model(vae).state_dict(), torch.Generator().manual_seed(seed), torch.float16)
     for key in state:
         if key.endswith(".gamma"):  # Wan's RMS norm gains are (C, 1, 1[, 1]): ones, not a random conv-like init
             state[key] = torch.ones_like(state[key])
