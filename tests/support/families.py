@@ -45,3 +45,18 @@ def is_switched(family: str, native: str) -> bool:
 def canonical(native: str) -> str:
     """``double_blocks.0.img_attn.qkv(.weight)`` -> its kohya layer name ``lora_unet_double_blocks_0_img_attn_qkv``."""
     return "lora_unet_" + native.removeprefix("diffusion_model.").removesuffix(".weight").replace(".", "_")
+
+
+# The linears test LoRAs train on the families whose widths the host fixes (Z-Image 3840, Qwen-Image 3072): one
+# block's fused and separate attention projections, a text-stream one and an MLP linear cover every kind of layer
+# there, while a dense float64 golden of every linear would take gigabytes. None: every linear (narrow models).
+WIDE_MODULES = {
+    "zimage": ("layers.0.attention.qkv", "layers.0.attention.out", "layers.0.feed_forward.w2"),
+    "qwen_image": ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.add_k_proj",
+                   "transformer_blocks.0.attn.to_add_out", "transformer_blocks.0.img_mlp.net.2"),
+}
+
+
+def lora_modules(family: str):
+    """The native linears a test LoRA of the family trains (``random_dit_lora(modules=...)``); None: all."""
+    return WIDE_MODULES.get(family)
