@@ -9,7 +9,7 @@ five-frame video with a merged pair (direct and k-lora) through the stock KSampl
 Skipped, saying why: a family the host lacks (``host_lacks``) or whose VAE its VAELoader lacks (``vae_lacks``:
 Flux.2 on 0.3.75), and Flux on 0.3.75, whose stock UNETLoader cannot build the tiny Flux (it hard-codes 24 heads,
 docs/DIT_NOTES.md). The 3840- and 3072-wide families (Z-Image, Qwen-Image) get LoRAs on one block's attention and
-one MLP linear only, so the merges and ComfyUI's patching stay cheap.
+one MLP linear only (tests/support/families.py), so the merges and ComfyUI's patching stay cheap.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from devkit.comfy_server import ComfyServer
 from devkit.dit_loras import FORMATS_BY_HOST, random_dit_lora, write_lora
 from devkit.synthetic_dit import ALL_FAMILIES, FLUX, host_lacks, vae_lacks
 from tests.conftest import host_version
+from tests.support.families import lora_modules
 
 pytestmark = pytest.mark.e2e
 
@@ -40,12 +41,6 @@ VIDEO_FRAMES = 5  # two latent frames: 1 + 4
 # size: 2 steps would add 8 forwards (about 35 s) to the compare and the stock graph, beyond the CI budget. One step
 # still runs every column through the merge, ComfyUI's patching (K-LoRA's switch at p = 0), the sampler and the VAE.
 STEPS = {"zimage": 1}
-# The wide families' LoRAs train these linears only: one block's attention, one MLP linear.
-MODULES = {
-    "zimage": ["layers.0.attention.qkv", "layers.0.attention.out", "layers.0.feed_forward.w1"],
-    "qwen_image": ["transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_k", "transformer_blocks.0.attn.to_v",
-                   "transformer_blocks.0.attn.to_out.0", "transformer_blocks.0.img_mlp.net.0.proj"],
-}
 STYLE_FORMATS = ("peft", "lycoris", "diffsynth", "onetrainer", "comfy")  # the first the host reads for the family
 
 
@@ -81,7 +76,7 @@ def dit_server(tmp_path_factory):
     for name in runnable:
         family, seed = ALL_FAMILIES[name], 121 + 2 * list(ALL_FAMILIES).index(name)
         # the update's entries about as large as the weights' (std 1/sqrt(width)), whatever the width
-        std, modules = 0.2 * (128 / family.hidden_size) ** 0.25, MODULES.get(name)
+        std, modules = 0.2 * (128 / family.hidden_size) ** 0.25, lora_modules(name)
         subject, style = loras_of(name)
         write_lora(loras / subject, random_dit_lora(family, "kohya", rank=4, seed=seed, alpha=4.0, std=std,
                                                     root=models, modules=modules))
