@@ -70,10 +70,10 @@ def loras_of(family: str) -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def dit_server(tmp_path_factory):
     """One server for every family: the synthetic models and their VAEs, the test-only nodes, two LoRAs per family."""
-    runnable = [name for name in dict.fromkeys(COMPARED + VIDEO) if skip_reason(name) is None]
-    models = synthetic_dit.ensure_dit(families=runnable)
+    names = [name for name in dict.fromkeys(COMPARED + VIDEO) if skip_reason(name) is None]
+    models = synthetic_dit.ensure_dit(families=names)
     loras = tmp_path_factory.mktemp("dit_loras")
-    for name in runnable:
+    for name in names:
         family, seed = ALL_FAMILIES[name], 121 + 2 * list(ALL_FAMILIES).index(name)
         # the update's entries about as large as the weights' (std 1/sqrt(width)), whatever the width
         std, modules = 0.2 * (128 / family.hidden_size) ** 0.25, lora_modules(name)
@@ -86,12 +86,17 @@ def dit_server(tmp_path_factory):
         yield server
 
 
-@pytest.fixture(scope="module", params=COMPARED)
-def family(request) -> str:
-    reason = skip_reason(request.param)
+def runnable(family: str) -> str:
+    """The family, or a skip saying why this host cannot run it."""
+    reason = skip_reason(family)
     if reason:
         pytest.skip(reason)
-    return request.param
+    return family
+
+
+@pytest.fixture(scope="module", params=COMPARED)
+def family(request) -> str:
+    return runnable(request.param)
 
 
 def empty_latent(family: str, frames: int = 1) -> dict:
@@ -238,10 +243,7 @@ def test_the_columns_images_are_finite_and_differ_where_the_loras_do(dit_server,
 
 @pytest.fixture(scope="module", params=VIDEO)
 def video_family(request) -> str:
-    reason = skip_reason(request.param)
-    if reason:
-        pytest.skip(reason)
-    return request.param
+    return runnable(request.param)
 
 
 def test_a_merged_pair_samples_a_video_through_the_stock_sampler(dit_server, video_family):
