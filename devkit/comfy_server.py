@@ -43,6 +43,8 @@ from devkit.synthetic_models import comfy_root, host_python  # one place for the
 REPO = Path(__file__).resolve().parents[1]
 # Test-only node packs (devkit/comfy_nodes/README.md): registered as a custom_nodes folder with test_nodes=True.
 TEST_NODES = REPO / "devkit" / "comfy_nodes"
+PACK_LINK = "ComfyUI-LoRA.rar"  # the host's custom_nodes entry scripts/setup_host.sh links to the checkout
+PACK_UNDER_TEST = "lorarar_pack_under_test"  # the name REPO is loaded under when that link points elsewhere
 
 # Model folder types mapped to the same-named subfolder of every models root.
 STANDARD_FOLDERS = (
@@ -103,6 +105,13 @@ class ComfyServer:
     extra_args: more main.py flags (e.g. ["--disable-all-custom-nodes"]).
     test_nodes: also load the test-only node packs of devkit/comfy_nodes (e.g. LoraRarTestConditioning), through
         the YAML's ``custom_nodes:`` entry, so the host's ComfyUI tree is not touched.
+
+    The pack the server runs is always this checkout's (REPO): the host's ``custom_nodes/ComfyUI-LoRA.rar`` links
+    to the checkout that installed the host, so a test run from another one (a git worktree) would otherwise
+    exercise that checkout's nodes. When the link points elsewhere, REPO is linked into the private temp dir as
+    ``lorarar_pack_under_test`` and main.py gets ``--disable-all-custom-nodes --whitelist-custom-nodes`` naming it
+    and the packs of the ``custom_nodes`` folders given here (the host's own link is then skipped). Not done when
+    ``extra_args`` already holds ``--disable-all-custom-nodes``.
     """
 
     def __init__(self, models_dir=None, *extra_models_dirs, folders: dict | None = None,
@@ -133,6 +142,7 @@ class ComfyServer:
         self.proc: subprocess.Popen | None = None
         self._log_fh = None
         self._final_log = ""
+        self._pack_args: list[str] = []
 
     # ---------------------------------------------------------------- lifecycle
 
@@ -162,11 +172,12 @@ class ComfyServer:
                 types += sorted(p.name for p in root.iterdir()
                                 if p.is_dir() and not p.name.startswith(".") and p.name not in types)
             block(f"lorarar_models_{i}", [(t, [root / t]) for t in types])
-        if self.folders:
+        folders = self._folders()
+        if folders:
             # is_default: these folders come first, so files saved "into the loras folder" land here
             lines.append("lorarar_folders:")
             lines.append("  is_default: true")
-            for folder_type, paths in self.folders.items():
+            for folder_type, paths in folders.items():
                 lines.append(f"  {folder_type}: |")
                 lines.extend(f"    {Path(p).resolve()}" for p in paths)
         path = self.tmp / "extra_model_paths.yaml"
@@ -181,9 +192,29 @@ class ComfyServer:
                "--temp-directory", str(self.tmp),          # ComfyUI uses <this>/temp
                "--user-directory", str(self.tmp / "user"),
                "--database-url", f"sqlite:///{self.tmp / 'comfyui.db'}"]
-        if self.models_dirs or self.folders:
+        if self.models_dirs or self._folders():
             cmd += ["--extra-model-paths-config", str(self.tmp / "extra_model_paths.yaml")]
-        return cmd + self.extra_args
+        return cmd + self._pack_args + self.extra_args
+
+    def _folders(self) -> dict:
+        """The YAML's folders: ``folders``, and the folder holding this checkout's pack when it is redirected."""
+        if not self._pack_args:
+            return self.folders
+        custom_nodes = [*self.folders.get("custom_nodes", []), self.tmp / "pack"]
+        return {**self.folders, "custom_nodes": custom_nodes}
+
+    def _redirect_pack(self) -> None:
+        """Load the pack from REPO when the host's link names another checkout (see the class docstring)."""
+        self._pack_args = []
+        installed = self.comfy / "custom_nodes" / PACK_LINK
+        if "--disable-all-custom-nodes" in self.extra_args or installed.resolve() == REPO.resolve():
+            return
+        (self.tmp / "pack").mkdir()
+        (self.tmp / "pack" / PACK_UNDER_TEST).symlink_to(REPO, target_is_directory=True)
+        names = [PACK_UNDER_TEST]
+        for folder in self.folders.get("custom_nodes", []):
+            names += sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith((".", "_")))
+        self._pack_args = ["--disable-all-custom-nodes", "--whitelist-custom-nodes", *names]
 
     def start(self) -> "ComfyServer":
         if self.proc is not None:
@@ -199,7 +230,8 @@ class ComfyServer:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.input_dir.mkdir(parents=True, exist_ok=True)
         self.log_path = self.tmp / "comfyui.log"
-        if self.models_dirs or self.folders:
+        self._redirect_pack()
+        if self.models_dirs or self._folders():
             self._write_yaml()
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "DO_NOT_TRACK": "1",
                "HF_HUB_OFFLINE": "1", **self.env}
