@@ -74,6 +74,17 @@ def merge(comfy_host, model, subject: str, style: str, method: str, hypernet=Non
     return merge_node.merge(model, hypernet, subject, style, 0.8, 1.3, 1.0, 1.0, method, "sum", **params)
 
 
+def merged_pair(comfy_host, dit, family: str, pair: tuple[str, str], method: str, prefix: str, seeds: tuple[int, int]):
+    """(merged LoRA, report, subject's and style's dense float64 updates by weight key) of a subject (rank 4,
+    alpha 2 where its form stores one) and a style (rank 3, no alpha) in the pair's key forms, merged by the node."""
+    names = [f"{prefix}-{family}-{fmt}-{side}.safetensors" for fmt, side in zip(pair, "st")]
+    subject = lora_file(comfy_host, names[0], family, pair[0], seeds[0], alpha=2.0)
+    style = lora_file(comfy_host, names[1], family, pair[1], seeds[1], rank=3)
+    _, _, merged, report = merge(comfy_host, dit[1][family], *names, method)
+    return (merged, report, dense_updates(FAMILIES[family], pair[0], subject, dtype=torch.float64),
+            dense_updates(FAMILIES[family], pair[1], style, dtype=torch.float64))
+
+
 def pieces(family: str, fmt: str, key: str) -> int:
     """How many factor pairs a file of this form holds for one native linear (a split q/k/v form: one per piece)."""
     native = key.removesuffix(".weight")
@@ -90,14 +101,8 @@ def relative_error(actual, expected) -> float:
 
 @pytest.mark.parametrize("family,pair,method", CASES, ids=lambda v: "-".join(v) if isinstance(v, tuple) else v)
 def test_direct_and_np_lora_equal_their_dense_formulas_on_every_fused_layer(comfy_host, dit, family, pair, method):
-    _, models = dit
     subject_fmt, style_fmt = pair
-    subject = lora_file(comfy_host, f"dit-{family}-{subject_fmt}-s.safetensors", family, subject_fmt, 1, alpha=2.0)
-    style = lora_file(comfy_host, f"dit-{family}-{style_fmt}-t.safetensors", family, style_fmt, 2, rank=3)
-    _, _, merged, report = merge(comfy_host, models[family], f"dit-{family}-{subject_fmt}-s.safetensors",
-                                 f"dit-{family}-{style_fmt}-t.safetensors", method)
-    dense_subject = dense_updates(FAMILIES[family], subject_fmt, subject, dtype=torch.float64)
-    dense_style = dense_updates(FAMILIES[family], style_fmt, style, dtype=torch.float64)
+    merged, report, dense_subject, dense_style = merged_pair(comfy_host, dit, family, pair, method, "dit", (1, 2))
     assert len(dense_subject) == len(dense_style) == trained(family)
     assert f"applied to the model: {trained(family)} layers" in report
     assert set(merged.layers) == {canonical(key) for key in dense_subject}
@@ -257,15 +262,8 @@ def test_k_lora_switches_exactly_the_attention_linears_with_the_dense_rule(comfy
     model, checked against tests/support/families.py), S_c, S_s and gamma equal the dense rule's, and so does the
     choice at every progress; the report counts the rule's layers. (The choice inside real sampling:
     tests/host/test_klora_dit.py.)"""
-    _, models = dit
-    formats = host_formats(family)
-    subject_fmt, style_fmt = formats[0], formats[-1]
-    subject = lora_file(comfy_host, f"kr-{family}-s.safetensors", family, subject_fmt, 31, alpha=2.0)
-    style = lora_file(comfy_host, f"kr-{family}-t.safetensors", family, style_fmt, 32, rank=3)
-    _, _, merged, report = merge(comfy_host, models[family], f"kr-{family}-s.safetensors",
-                                 f"kr-{family}-t.safetensors", method)
-    dense_s = dense_updates(FAMILIES[family], subject_fmt, subject, dtype=torch.float64)
-    dense_t = dense_updates(FAMILIES[family], style_fmt, style, dtype=torch.float64)
+    pair = (host_formats(family)[0], host_formats(family)[-1])
+    merged, report, dense_s, dense_t = merged_pair(comfy_host, dit, family, pair, method, "kr", (31, 32))
     switched = sorted(key for key in dense_s if is_switched(family, key))
     assert switched and {canonical(key) for key in switched} == set(merged.switch.layers)
     assert f"{method}'s own rule: {len(switched)} of {len(dense_s)} layers" in report
