@@ -21,7 +21,7 @@ from . import methods
 from .base_models import UNetLayout
 from .coefficients import CoefficientGroup, summarize, summary_lines
 from .errors import LoraRarError
-from .keys import is_text_encoder
+from .keys import FUSED_WITH_MLP, is_text_encoder
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
 from .lowrank import update_bound
 from .methods import MergeContext, MergedLayer, MergeMethod, resolve_params
@@ -80,7 +80,9 @@ class MergeReport:
     params: dict[str, float] = field(default_factory=dict)  # the method's own parameters (e.g. NP-LoRA's mu)
     sampling: dict = field(default_factory=dict)  # a sampling-time merge's summary (K-LoRA: gamma, choices)
     coefficient_blocks: list[CoefficientGroup] = field(default_factory=list)  # per (UNet block, projection)
-    own_rule: int = 0  # layers the method's own rule merged (the rest followed the layer policy)
+    # layers the method claimed: its own rule merged them (direct's rule is the sum, so all); the rest followed the
+    # layer policy or were skipped
+    own_rule_layers: int = 0
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -99,7 +101,7 @@ class MergeReport:
         result = {"method": self.method, "layer_policy": self.policy, "subject": self.subject,
                   "style": self.style, "hypernet": self.hypernet, "layers": summary,
                   "reasons": {k: len(v) for k, v in sorted(reasons.items())},
-                  "own_rule_layers": self.own_rule}
+                  "own_rule_layers": self.own_rule_layers}
         if self.params:
             result["params"] = dict(self.params)
         if self.sampling:
@@ -127,7 +129,7 @@ class MergeReport:
         if self.hypernet:
             lines.append(f"hypernet: {self.hypernet}")
         lines.append("layers: " + ", ".join(f"{action} {n}" for action, n in sorted(data["layers"].items())))
-        lines.append(f"{self.method}'s own rule: {self.own_rule} of {len(self.actions)} layers")
+        lines.append(f"{self.method}'s own rule: {self.own_rule_layers} of {len(self.actions)} layers")
         for reason, n in data["reasons"].items():
             lines.append(f"  {n} x {reason}")
         for side, keys in self.ignored.items():
@@ -296,7 +298,7 @@ def merge_many(
     device = torch.device(device) if device is not None else torch.device("cpu")
     ctx = MergeContext(hypernet, device, layout, resolve_params(rule, params), use_batched(device, batched),
                        family=family, roles=roles)
-    why = rule.unsupported(ctx)
+    why = rule.unsupported(ctx) or _no_attention(rule, ctx)
     if why:
         raise LoraRarError(f"{rule.name}: {why}")
     plans = [_plan(subject, style, rule, policy, strengths, dtype or _merged_dtype(subject, style), ctx)
@@ -304,6 +306,16 @@ def merge_many(
     computed = compute(plans, rule, ctx, progress)
     return [_result(subject, style, hypernet, rule, policy, strengths, ctx.params, plan, layers)
             for style, plan, layers in zip(styles, plans, computed)]
+
+
+def _no_attention(rule: MergeMethod, ctx: MergeContext) -> str | None:
+    """Why a method whose rule is for attention projections cannot run on a model in which none is known (its
+    attention classes are not in the pack's table, nodes/attention_roles.py): it would only apply the layer policy."""
+    if not rule.needs_roles or ctx.roles is None or any(role not in FUSED_WITH_MLP for role in ctx.roles.values()):
+        return None
+    return (f"no attention projection is known in this {ctx.family + ' ' if ctx.family else ''}model (the pack reads them from "
+            f"ComfyUI's attention classes, and none of this model's is known): {rule.name} would only sum the LoRAs; "
+            "use direct or np-lora")
 
 
 def _checked_method(method: str, policy: str, hypernet, styles) -> MergeMethod:
@@ -339,7 +351,7 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     report = _new_report(rule.name, policy, subject, style, described)
     report.params = dict(params)
     report.actions = {name: layer.action for name, layer in plan.items()}
-    report.own_rule = sum(1 for layer in plan.values() if layer.job is not None)
+    report.own_rule_layers = sum(1 for layer in plan.values() if layer.job is not None)
     report.reasons = {name: layer.reason for name, layer in plan.items() if layer.reason}
     report.coefficient_means = [tuple(m.coefficients.mean(0).tolist()) for m in computed.values() if m.coefficients is not None]
     coefficients = {name: m.coefficients.to("cpu", torch.float32) for name, m in computed.items() if m.coefficients is not None}
@@ -351,7 +363,7 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
             f"{subject.name} + {style.name}: {rule.name} merged no layer with the hypernet (no attention projection "
             f"of a width it serves is in both LoRAs; {', '.join(f'{n} {a}' for a, n in sorted(report.as_dict()['layers'].items()))}): "
             f"LoRAs for another model family? use method direct to sum them")
-    if rule.needs_roles and not report.own_rule:  # the method would only apply the layer policy under its name
+    if rule.needs_roles and not report.own_rule_layers:  # the method would only apply the layer policy under its name
         raise LoraRarError(
             f"{subject.name} + {style.name}: {rule.name} found no attention projection in both LoRAs "
             f"({', '.join(f'{n} {a}' for a, n in sorted(report.as_dict()['layers'].items()))}): its rule would "

@@ -35,6 +35,12 @@ def target_key(target) -> str:
     return target if isinstance(target, str) else target[0]
 
 
+def module_layer_name(module: str) -> str:
+    """The canonical layer name of a diffusion-model module path: ``double_blocks.0.img_attn.qkv`` ->
+    ``lora_unet_double_blocks_0_img_attn_qkv`` (the name kohya writes, and the one every merge uses)."""
+    return "lora_unet_" + module.replace(".", "_")
+
+
 def canonical_names(key_map: dict) -> dict[str, str]:
     """Model weight key -> its layer's canonical name: ``lora_unet_<module with _>`` for the diffusion model,
     the map's own kohya name (lora_te1_ first) for a text encoder. Only whole-weight entries count."""
@@ -43,7 +49,7 @@ def canonical_names(key_map: dict) -> dict[str, str]:
         if not isinstance(target, str) or target in names:
             continue
         if target.startswith(_UNET) and target.endswith(".weight"):
-            names[target] = "lora_unet_" + target[len(_UNET):-len(".weight")].replace(".", "_")
+            names[target] = module_layer_name(target[len(_UNET):-len(".weight")])
     text = {}
     for name, target in key_map.items():
         if isinstance(target, str) and not target.startswith(_UNET) and name.startswith("lora_te"):

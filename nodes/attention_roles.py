@@ -3,7 +3,7 @@
 Methods that treat attention projections apart (K-LoRA switches them per step, LoRA.rar gives the query and
 output per-column coefficients) must know each linear's role. Every family spells them differently (Wan's
 ``self_attn.q``, Krea 2's ``attn.wq``, Z-Image's ``attention.qkv``, Qwen-Image's ``add_q_proj``), so the role is
-not read from a name: it comes from the ComfyUI attention module that owns the linear. ``_ATTENTION`` holds one
+not read from a name: it comes from the ComfyUI attention module that owns the linear. ``_ROLES_BY_CLASS`` holds one
 row per attention class of ComfyUI (its attribute -> role); a subclass inherits its parent's row (Wan's cross
 attention is a WanSelfAttention). tests/host/test_attention_roles.py builds each family's model from ComfyUI's
 own classes and checks the table against it on every host, and names the attention classes it does not cover.
@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import torch
 
-from ..hypernet.keys import FUSED_WITH_MLP
+from ..hypernet.model_keys import module_layer_name
 
 # (module under comfy.ldm, class name) -> {attribute path of a linear inside it: role}
-_ATTENTION: dict[tuple[str, str], dict[str, str]] = {
+_ROLES_BY_CLASS: dict[tuple[str, str], dict[str, str]] = {
     # UNets (SD 1.5, SDXL, KOALA, ...) and DiTs built on the same block (PixArt, ...)
     ("modules.attention", "CrossAttention"): {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out"},
     # SD3 / SD3.5 joint blocks (context_block and x_block, attn and attn2)
@@ -40,6 +40,8 @@ _ATTENTION: dict[tuple[str, str], dict[str, str]] = {
     ("qwen_image.model", "Attention"): {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out.0": "to_out",
                                         "add_q_proj": "to_q", "add_k_proj": "to_k", "add_v_proj": "to_v",
                                         "to_add_out": "to_out"},
+    # HunyuanVideo's token refiner (its main blocks are Flux's classes above)
+    ("hunyuan_video.model", "SelfAttentionRef"): {"qkv": "qkv", "proj": "to_out"},
     # HiDream: image stream and the dual-stream blocks' text stream (*_t)
     ("hidream.model", "HiDreamAttention"): {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out",
                                             "to_q_t": "to_q", "to_k_t": "to_k", "to_v_t": "to_v",
@@ -48,16 +50,16 @@ _ATTENTION: dict[tuple[str, str], dict[str, str]] = {
 _LDM = "comfy.ldm."
 
 
-def table() -> dict[tuple[str, str], dict[str, str]]:
-    """The attention classes this pack knows (a copy), for the host test and the docs."""
-    return {key: dict(row) for key, row in _ATTENTION.items()}
+def attention_classes() -> dict[tuple[str, str], dict[str, str]]:
+    """The attention classes this pack knows (a copy): (module under comfy.ldm, class name) -> {attribute: role}."""
+    return {key: dict(row) for key, row in _ROLES_BY_CLASS.items()}
 
 
 def _row(module: torch.nn.Module) -> dict[str, str] | None:
     """The table row of the module's class or of its nearest ancestor class in the table."""
     for cls in type(module).__mro__:
         if cls.__module__.startswith(_LDM):
-            row = _ATTENTION.get((cls.__module__[len(_LDM):], cls.__name__))
+            row = _ROLES_BY_CLASS.get((cls.__module__[len(_LDM):], cls.__name__))
             if row is not None:
                 return row
     return None
@@ -74,7 +76,7 @@ def _linear(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
 
 
 def attention_roles(diffusion_model: torch.nn.Module) -> dict[str, str]:
-    """Canonical layer name (``lora_unet_<module path with _>``, as hypernet.model_keys names a model weight)
+    """Canonical layer name (hypernet.model_keys.module_layer_name, as the LoRAs' layers are named)
     -> role, for every linear an attention module of ``diffusion_model`` owns. Empty when none is known."""
     roles: dict[str, str] = {}
     for path, module in diffusion_model.named_modules():
@@ -83,21 +85,16 @@ def attention_roles(diffusion_model: torch.nn.Module) -> dict[str, str]:
             continue
         for attribute, role in row.items():
             if _linear(module, attribute) is not None:
-                roles["lora_unet_" + f"{path}.{attribute}".replace(".", "_")] = role
+                roles[module_layer_name(f"{path}.{attribute}")] = role
     return roles
 
 
 def unknown_attention_classes(diffusion_model: torch.nn.Module) -> list[str]:
-    """Classes of ComfyUI in the model whose name says attention but which the table does not cover."""
+    """Classes of ComfyUI in the model whose name says attention but which the table does not cover: their linears
+    get no role (the merge report names them, the host test expects none in the tested families)."""
+    # a block named for attention that owns no linear itself (Wan's WanAttentionBlock holds known attention
+    # modules) is no attention class
     names = {f"{type(m).__module__}.{type(m).__name__}" for m in diffusion_model.modules()
-             if "attention" in type(m).__name__.lower() and type(m).__module__.startswith(_LDM) and _row(m) is None}
+             if "attention" in type(m).__name__.lower() and type(m).__module__.startswith(_LDM) and _row(m) is None
+             and any(_linear(m, name) is not None for name, _ in m.named_children())}
     return sorted(names)
-
-
-def attention_summary(roles: dict[str, str]) -> str:
-    """``12 linears: to_q 3, to_k 3, ...`` (for reports and errors)."""
-    counts: dict[str, int] = {}
-    for role in roles.values():
-        counts[role] = counts.get(role, 0) + 1
-    attention = sum(n for role, n in counts.items() if role not in FUSED_WITH_MLP)
-    return f"{attention} attention linears (" + ", ".join(f"{r} {n}" for r, n in sorted(counts.items())) + ")"

@@ -22,7 +22,7 @@ from ..hypernet.lora_io import LoraFile, to_kohya_state_dict
 from ..hypernet.lowrank import patched_overflow
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, STRENGTH_LIMIT, MergedLora, Strengths, merge_loras
 from ..hypernet.model_keys import lora_for_model, target_key
-from .attention_roles import attention_roles
+from .attention_roles import attention_roles, unknown_attention_classes
 from .klora_patch import patch_switched
 from .common import CATEGORY, HYPERNET_TYPE, MERGED_TYPE, fingerprint, model_class, model_layout
 
@@ -164,10 +164,18 @@ class LoraRarMerge:
         # the names (and paths) given now, also when the merge itself was reused for files of the same content
         merged = merged.named(subject_lora, style_lora, subject_path, style_path)
         model_out, clip_out, applied, applied_text = apply_merged(model, clip, merged)
-        note = _base_model_note(name, model)
+        note = _base_model_note(name, model) or _unknown_attention_note(method, model)
         trained = f"hypernet {net.describe(name)}" if net is not None and net.training_metadata else ""
         return (model_out, clip_out, applied,
                 "\n".join(filter(None, [applied.report.to_text(), applied_text, note, trained])))
+
+
+def _unknown_attention_note(method: str, model) -> str:
+    """A line for the report when a method that treats attention apart meets attention classes the pack's table
+    lacks: their linears get no role, so they follow the layer policy (a new ComfyUI family, a custom model)."""
+    unknown = unknown_attention_classes(model.model.diffusion_model) if methods.get(method).needs_roles else []
+    return (f"note: {len(unknown)} attention classes of this model are not in the pack's table ({', '.join(unknown[:3])}): "
+            "their linears follow the layer policy" if unknown else "")
 
 
 def _key_map(model, clip) -> dict:

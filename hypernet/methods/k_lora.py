@@ -133,20 +133,12 @@ class KLoraMethod(MergeMethod):
     sampling_time = True
     needs_roles = True
 
-    def unsupported(self, ctx: MergeContext) -> str | None:
-        """A model in which no linear is known as an attention projection: switching nothing would be a plain sum."""
-        if ctx.roles is None or any(role not in FUSED_WITH_MLP for role in ctx.roles.values()):
-            return None
-        return (f"no attention projection is known in this {ctx.family or 'model'} model (the pack reads them from "
-                "ComfyUI's attention classes, and none of this model's is known): K-LoRA would only sum the LoRAs; "
-                "use direct or np-lora")
-
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str | None:
         role = ctx.role(name)
         if subject is None or style is None or role is None:
             return None
         if role in FUSED_WITH_MLP:  # one linear holds attention and MLP rows: a per-step choice would switch both
-            return "attention fused with the MLP in one linear (single block), summed: see docs/METHODS.md"
+            return "attention fused with the MLP in one linear (single block): see docs/METHODS.md"
         return Claim("switched", "K-LoRA: the subject or the style, chosen per sampling step")
 
     def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:

@@ -52,6 +52,7 @@ def test_roles_of_each_family_come_from_its_model(comfy_host, name):
     model = meta_model(ALL_FAMILIES[name])
     roles = roles_module().attention_roles(model)
     assert roles == expected_roles(model, name)
+    assert roles_module().unknown_attention_classes(model) == []
     assert {"to_out"} <= set(roles.values()), f"{name}: no output projection found"
 
 
@@ -69,13 +70,28 @@ def test_table_names_classes_the_host_has(comfy_host):
     import comfyui_version
 
     absent = []
-    for (module, cls), row in roles_module().table().items():
+    from hypernet.keys import ATTENTION_ROLES
+
+    for (module, cls), row in roles_module().attention_classes().items():
         try:
             owner = getattr(importlib.import_module(f"comfy.ldm.{module}"), cls)
         except (ImportError, AttributeError):
             absent.append(f"comfy.ldm.{module}.{cls}")
             continue
-        assert row and all(isinstance(role, str) for role in row.values()), owner
+        assert row and set(row.values()) <= set(ATTENTION_ROLES), owner
     # the old host predates Krea 2 (and its other families are checked above through their models)
     allowed = {"comfy.ldm.krea2.model.Attention"} if comfyui_version.__version__.startswith("0.3.") else set()
     assert set(absent) <= allowed, f"attention classes the pack's table names but ComfyUI {comfyui_version.__version__} lacks: {absent}"
+
+
+def test_an_attention_class_outside_the_table_is_named_and_gets_no_role(comfy_host):
+    """AuraFlow's SingleAttention (a family no test builds a whole model of) as ComfyUI constructs it: no role,
+    and unknown_attention_classes names it, which the merge node puts in the report of K-LoRA and LoRA.rar."""
+    import comfy.ldm.aura.mmdit
+    import comfy.ops
+    import torch
+
+    model = torch.nn.Sequential(comfy.ldm.aura.mmdit.SingleAttention(64, 2, device="meta",
+                                                                     operations=comfy.ops.disable_weight_init))
+    assert roles_module().attention_roles(model) == {}
+    assert roles_module().unknown_attention_classes(model) == ["comfy.ldm.aura.mmdit.SingleAttention"]

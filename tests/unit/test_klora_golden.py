@@ -190,7 +190,7 @@ def test_roles_from_the_model_decide_what_is_switched(pair):
     assert sorted(merged.switch.layers) == names[:2]
     assert merged.report.actions[names[2]] == "summed"
     assert "attention fused with the MLP" in merged.report.reasons[names[2]]
-    assert merged.report.own_rule == 2
+    assert merged.report.own_rule_layers == 2
     assert "k-lora's own rule: 2 of" in merged.report.to_text()
 
 
@@ -209,3 +209,15 @@ def test_no_shared_attention_layer_refuses(pair):
     subject, style = (lora_from_tensors(_as_dit(sd), n) for sd, n in zip(pair, "st"))
     with pytest.raises(LoraRarError, match="k-lora found no attention projection in both LoRAs"):
         merge_loras(subject, style, None, "k-lora", roles={"lora_unet_elsewhere": "to_q"}, family="Flux2")
+
+
+def test_lorarar_refuses_a_model_with_no_known_attention_like_k_lora(pair):
+    """Every method whose rule is for attention projections gets the same one-line refusal (hypernet/merge.py),
+    not only K-LoRA: here LoRA.rar with a hypernet of the LoRAs' width on a model whose roles are unknown."""
+    from hypernet.model import new_hypernet
+
+    subject, style = (lora_from_tensors(_as_dit(sd), n) for sd, n in zip(pair, "st"))
+    net = new_hypernet({layer.d_out for layer in subject.layers.values()})
+    net.model_classes = ("HunyuanVideo",)  # as a file trained for that family says (lorarar_model_classes)
+    with pytest.raises(LoraRarError, match=r"^lorarar: no attention projection is known in this HunyuanVideo model"):
+        merge_loras(subject, style, net, "lorarar", roles={}, family="HunyuanVideo")
