@@ -265,8 +265,8 @@ WAN22 = DitFamily("wan22", "diffusion_models/lorarar-synthetic-wan22.safetensors
                   detection_shapes=_wan_shapes(128, ffn=256, layers=1, channels=48), frames=2, vae=LIGHTTAEW22_NAME,
                   config={"dim": 128, "num_heads": 1, "ffn_dim": 256, "num_layers": 1, "in_dim": 48, "out_dim": 48})
 
-# The families the merge, K-LoRA, CLI and compare tests run on (they iterate this); ALL_FAMILIES adds the rest,
-# which tests/host/test_synthetic_dit.py checks (detection, one step, every LoRA format).
+# The families the CLI's --base any tests and the compare-conditioning test run on (they iterate this); ALL_FAMILIES
+# adds the rest: the roles, merge, K-LoRA, compare and synthetic-model tests run on every one a host loads.
 FAMILIES = {family.name: family for family in (FLUX, SD35)}
 ALL_FAMILIES = {family.name: family for family in (FLUX, SD35, FLUX2, KREA2, ZIMAGE, QWEN_IMAGE, WAN21, WAN22)}
 
