@@ -74,7 +74,8 @@ def _read(path: str, key_map: dict, shapes: dict, layout, text_encoders: bool) -
                           text_encoders=text_encoders)
 
 
-def _merge_files(subject_path, style_path, net, method, layer_policy, strengths, model, clip, params) -> MergedLora:
+def _merge_files(subject_path, style_path, net, method, layer_policy, strengths, model, clip, params,
+                 roles: dict[str, str]) -> MergedLora:
     layout = model_layout(model)
     key_map, weights = _key_map(model, clip), _model_weights(model, clip)
     shapes = {key: tuple(weight.shape) for key, weight in weights.items()}
@@ -86,7 +87,7 @@ def _merge_files(subject_path, style_path, net, method, layer_policy, strengths,
         return merge_loras(subject, style, net, method, layer_policy, strengths, layout=layout,
                            device=comfy.model_management.get_torch_device(), params=params,
                            progress=lambda done, total: bar.update_absolute(done, total), family=model_class(model),
-                           roles=attention_roles(model.model.diffusion_model))
+                           roles=roles)
 
 
 def _model_signature(model, clip) -> tuple:
@@ -156,10 +157,15 @@ class LoraRarMerge:
         net, name = None, None
         if methods.get(method).needs_hypernet:
             net, _, name = hypernet.for_model(model)
+        # the roles decide what k-lora / lorarar do per layer, and two models of one class and unet_config can
+        # differ in them (a node pack's own attention modules): they are part of the key (a few ms on a 12B model)
+        with unforeseen_as_error(f"{model_class(model)} model's attention modules"):
+            roles = attention_roles(model.model.diffusion_model)
         key = (fingerprint(subject_path), fingerprint(style_path), net.sha256 if net else None,
-               method, tuple(sorted(params.items())), layer_policy, strengths, _model_signature(model, clip))
+               method, tuple(sorted(params.items())), layer_policy, strengths, _model_signature(model, clip),
+               tuple(sorted(roles.items())))
         merged = _MERGES.get(key) or _merge_files(subject_path, style_path, net, method, layer_policy, strengths,
-                                                  model, clip, params)
+                                                  model, clip, params, roles)
         _remember(key, merged)
         # the names (and paths) given now, also when the merge itself was reused for files of the same content
         merged = merged.named(subject_lora, style_lora, subject_path, style_path)

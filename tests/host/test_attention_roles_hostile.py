@@ -1,0 +1,41 @@
+"""Hostile models against the attention roles (nodes/attention_roles.py): what a custom node pack can do to the
+modules the roles are read from must never let K-LoRA / lorarar do, or report, something else than the model in
+hand gets."""
+
+import pytest
+import torch
+
+from devkit import synthetic_dit
+from devkit.dit_loras import random_dit_lora, write_lora
+from devkit.synthetic_dit import FLUX
+
+pytestmark = pytest.mark.host
+
+
+def flux_patcher():
+    return synthetic_dit.load_patcher(FLUX, synthetic_dit.ensure_dit(in_process=True), dtype="float32")[0]
+
+
+def merge(comfy_host, model, subject, style, method):
+    node = comfy_host[0].NODE_CLASS_MAPPINGS["LoraRarMerge"]()
+    return node.merge(model, None, subject, style, 1.0, 1.0, 1.0, 1.0, method, "sum")
+
+
+class NodePackAttention(torch.nn.Module):
+    """What a custom node pack's own attention looks like to the pack: not one of ComfyUI's classes."""
+
+
+def test_cached_merge_is_not_reused_for_a_model_with_other_attention_classes(comfy_host):
+    """Same files, method, model class and unet_config, but the second model's double-block attention is a custom
+    node pack's class (state dict and key map unchanged): its roles differ, so K-LoRA must refuse it as it does
+    on a fresh run, not hand back the first model's cached K-LoRA merge and report."""
+    write_lora(comfy_host[2] / "roles-cache-s.safetensors", random_dit_lora(FLUX, "kohya", seed=61))
+    write_lora(comfy_host[2] / "roles-cache-t.safetensors", random_dit_lora(FLUX, "peft", seed=62))
+    stock, custom = flux_patcher(), flux_patcher()
+    for block in custom.model.diffusion_model.double_blocks:
+        block.img_attn.__class__ = block.txt_attn.__class__ = NodePackAttention
+    assert set(custom.model.state_dict()) == set(stock.model.state_dict())
+    *_, report = merge(comfy_host, stock, "roles-cache-s.safetensors", "roles-cache-t.safetensors", "k-lora")
+    assert "k-lora's own rule: " in report
+    with pytest.raises(ValueError, match=r"^k-lora: no attention projection is known in this Flux model"):
+        merge(comfy_host, custom, "roles-cache-s.safetensors", "roles-cache-t.safetensors", "k-lora")
