@@ -67,18 +67,24 @@ def _row(module: torch.nn.Module) -> dict[str, str] | None:
 
 def _linear(module: torch.nn.Module, path: str) -> torch.nn.Module | None:
     for part in path.split("."):
+        # a node may have emptied or shortened an indexed container (to_out): then there is no linear, no role
         module = getattr(module, part, None) if not part.isdigit() else (
-            module[int(part)] if isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList)) else None)
+            module[int(part)] if isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList))
+            and int(part) < len(module) else None)
         if module is None:
             return None
     weight = getattr(module, "weight", None)
     return module if isinstance(weight, torch.Tensor) and weight.dim() == 2 else None
 
 
-def attention_roles(diffusion_model: torch.nn.Module) -> dict[str, str]:
+def attention_roles(diffusion_model: torch.nn.Module | None) -> dict[str, str]:
     """Canonical layer name (hypernet.model_keys.module_layer_name, as the LoRAs' layers are named)
-    -> role, for every linear an attention module of ``diffusion_model`` owns. Empty when none is known."""
+    -> role, for every linear an attention module of ``diffusion_model`` owns. Empty when none is known, or
+    when the model has no diffusion model module (None: a custom loader's, unet_config
+    ``disable_unet_model_creation``; the LoRA read then refuses the files in one line)."""
     roles: dict[str, str] = {}
+    if diffusion_model is None:
+        return roles
     for path, module in diffusion_model.named_modules():
         row = _row(module)
         if row is None:

@@ -160,7 +160,7 @@ class LoraRarMerge:
         # the roles decide what k-lora / lorarar do per layer, and two models of one class and unet_config can
         # differ in them (a node pack's own attention modules): they are part of the key (a few ms on a 12B model)
         with unforeseen_as_error(f"{model_class(model)} model's attention modules"):
-            roles = attention_roles(model.model.diffusion_model)
+            roles = attention_roles(getattr(model.model, "diffusion_model", None))
         key = (fingerprint(subject_path), fingerprint(style_path), net.sha256 if net else None,
                method, tuple(sorted(params.items())), layer_policy, strengths, _model_signature(model, clip),
                tuple(sorted(roles.items())))

@@ -39,3 +39,30 @@ def test_cached_merge_is_not_reused_for_a_model_with_other_attention_classes(com
     assert "k-lora's own rule: " in report
     with pytest.raises(ValueError, match=r"^k-lora: no attention projection is known in this Flux model"):
         merge(comfy_host, custom, "roles-cache-s.safetensors", "roles-cache-t.safetensors", "k-lora")
+
+
+def test_a_model_without_diffusion_model_is_refused_by_the_lora_read_not_a_traceback(comfy_host):
+    """A custom loader's model (unet_config disable_unet_model_creation: no ``diffusion_model`` attribute) has no
+    roles to read: the merge refuses in the files' one line, as before the roles, not with an AttributeError."""
+    write_lora(comfy_host[2] / "roles-nodm-s.safetensors", random_dit_lora(FLUX, "kohya", seed=63))
+    model = flux_patcher()
+    del model.model.diffusion_model
+    for method in ("direct", "k-lora"):
+        with pytest.raises(ValueError, match=r"roles-nodm-s\.safetensors: none of its \d+ LoRA layers is a layer "):
+            merge(comfy_host, model, "roles-nodm-s.safetensors", "roles-nodm-s.safetensors", method)
+
+
+def test_an_emptied_indexed_attribute_has_no_role_instead_of_an_index_error(comfy_host):
+    """``to_out.0`` of a CrossAttention whose ``to_out`` a node emptied (or replaced by a shorter Sequential) is no
+    linear: no role, not an IndexError blamed on the LoRA files."""
+    import comfy.ops
+    from comfy.ldm.modules.attention import CrossAttention
+
+    from tests.host.test_attention_roles import roles_module
+
+    attention = CrossAttention(query_dim=8, heads=1, dim_head=8, operations=comfy.ops.disable_weight_init)
+    attention.to_out = torch.nn.Sequential()
+    holder = torch.nn.Module()
+    holder.attn1 = attention
+    assert roles_module().attention_roles(holder) == {
+        "lora_unet_attn1_to_q": "to_q", "lora_unet_attn1_to_k": "to_k", "lora_unet_attn1_to_v": "to_v"}
