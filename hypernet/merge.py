@@ -83,6 +83,8 @@ class MergeReport:
     # layers the method claimed: its own rule merged them (direct's rule is the sum, so all); the rest followed the
     # layer policy or were skipped
     own_rule_layers: int = 0
+    # their names: a layer the node later leaves out (MergedLora.without) no longer counts as merged by the rule
+    own_rule_names: frozenset = frozenset()
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -191,6 +193,8 @@ class MergedLora:
         report = dataclasses.replace(self.report, actions=dict(self.report.actions), reasons=dict(self.report.reasons))
         for name, why in dropped.items():
             report.actions[name], report.reasons[name] = "skipped", why
+        report.own_rule_names = report.own_rule_names - dropped.keys()
+        report.own_rule_layers = len(report.own_rule_names)
         layers = {name: layer for name, layer in self.layers.items() if name not in dropped}
         coefficients = {name: c for name, c in self.coefficients.items() if name not in dropped}
         report.coefficient_blocks = summarize(coefficients)
@@ -351,7 +355,8 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     report = _new_report(rule.name, policy, subject, style, described)
     report.params = dict(params)
     report.actions = {name: layer.action for name, layer in plan.items()}
-    report.own_rule_layers = sum(1 for layer in plan.values() if layer.job is not None)
+    report.own_rule_names = frozenset(name for name, layer in plan.items() if layer.job is not None)
+    report.own_rule_layers = len(report.own_rule_names)
     report.reasons = {name: layer.reason for name, layer in plan.items() if layer.reason}
     report.coefficient_means = [tuple(m.coefficients.mean(0).tolist()) for m in computed.values() if m.coefficients is not None]
     coefficients = {name: m.coefficients.to("cpu", torch.float32) for name, m in computed.items() if m.coefficients is not None}

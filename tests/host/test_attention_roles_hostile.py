@@ -66,3 +66,18 @@ def test_an_emptied_indexed_attribute_has_no_role_instead_of_an_index_error(comf
     holder.attn1 = attention
     assert roles_module().attention_roles(holder) == {
         "lora_unet_attn1_to_q": "to_q", "lora_unet_attn1_to_k": "to_k", "lora_unet_attn1_to_v": "to_v"}
+
+
+def test_own_rule_count_leaves_out_a_layer_that_does_not_fit_the_model(comfy_host):
+    """Both LoRAs name img_attn.proj of block 0 but for a wider model: NP-LoRA's rule projects it, then the node
+    leaves it out of the patch (skipped, listed). The report's own-rule line must count what was applied by the
+    rule, not the dropped layer too."""
+    for side, seed in (("s", 64), ("t", 65)):
+        state = random_dit_lora(FLUX, "kohya", seed=seed)
+        state["lora_unet_double_blocks_0_img_attn_proj.lora_down.weight"] = torch.randn(4, 512) * 0.05
+        write_lora(comfy_host[2] / f"roles-misfit-{side}.safetensors", state)
+    _, _, applied, report = merge(comfy_host, flux_patcher(), "roles-misfit-s.safetensors",
+                                  "roles-misfit-t.safetensors", "np-lora")
+    assert applied.report.actions["lora_unet_double_blocks_0_img_attn_proj"] == "skipped"
+    projected = applied.report.count("projected")
+    assert f"np-lora's own rule: {projected} of {len(applied.report.actions)} layers" in report
