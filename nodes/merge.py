@@ -170,10 +170,10 @@ class LoraRarMerge:
         # the names (and paths) given now, also when the merge itself was reused for files of the same content
         merged = merged.named(subject_lora, style_lora, subject_path, style_path)
         model_out, clip_out, applied, applied_text = apply_merged(model, clip, merged)
-        note = _base_model_note(name, model) or _unknown_attention_note(method, model)
+        notes = [_base_model_note(name, model), _unknown_attention_note(method, model)]
         trained = f"hypernet {net.describe(name)}" if net is not None and net.training_metadata else ""
         return (model_out, clip_out, applied,
-                "\n".join(filter(None, [applied.report.to_text(), applied_text, note, trained])))
+                "\n".join(filter(None, [applied.report.to_text(), applied_text, *notes, trained])))
 
 
 def _unknown_attention_note(method: str, model) -> str:
