@@ -139,10 +139,10 @@ def row_math(spec: dict) -> dict:
     if spec.get("dense64_runs"):  # float64: how the golden tests run the reference
         result["dense64_s"], _, _ = _timed(lambda: dense(torch.float64), spec["dense64_runs"])
     if spec.get("batched"):
-        from hypernet.methods.lorarar import _FactoredHypernet, lorarar_coefficients_batched
+        from hypernet.methods.lorarar import FactoredHypernet, lorarar_coefficients_batched
 
         pairs = [(subject.layers[s], style.layers[s]) for s, role in stems if role in ("to_q", "to_out")]
-        h = _FactoredHypernet(hypernet, torch.device("cpu"))
+        h = FactoredHypernet(hypernet, torch.device("cpu"))
         per_layer = lambda: [h.coefficients(h.subject_hidden(a), b) for a, b in pairs]  # noqa: E731
         batched = lambda: lorarar_coefficients_batched(hypernet, pairs)  # noqa: E731
         per_layer(), batched()

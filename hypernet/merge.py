@@ -352,7 +352,7 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     described = None
     if rule.needs_hypernet:
         described = f"{hypernet.source} (sha256 {hypernet.sha256})" if hypernet.sha256 else str(hypernet.source)
-    report = _new_report(rule.name, policy, subject, style, described)
+    report = new_report(rule.name, policy, subject, style, described)
     report.params = dict(params)
     report.actions = {name: layer.action for name, layer in plan.items()}
     report.own_rule_names = frozenset(name for name, layer in plan.items() if layer.job is not None)
@@ -381,11 +381,11 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     if rule.needs_hypernet and hypernet.sha256:
         sources["hypernet"] = hypernet.sha256
     return MergedLora(layers=layers, report=report, sources=sources, strengths=strengths,
-                      source_paths=_source_paths(subject, style, hypernet if rule.needs_hypernet else None),
+                      source_paths=source_paths(subject, style, hypernet if rule.needs_hypernet else None),
                       coefficients=coefficients, switch=switch)
 
 
-def _new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hypernet: str | None) -> MergeReport:
+def new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hypernet: str | None) -> MergeReport:
     sides = (("subject", subject), ("style", style))
     return MergeReport(method, policy, subject.name, style.name, hypernet,
                        ignored={side: lora.ignored_keys for side, lora in sides if lora.ignored_keys},
@@ -393,7 +393,7 @@ def _new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hy
                        notes=[f"{side} LoRA: {note}" for side, lora in sides for note in lora.notes])
 
 
-def _source_paths(subject: LoraFile, style: LoraFile, hypernet: LoraRarHypernet | None) -> dict[str, str]:
+def source_paths(subject: LoraFile, style: LoraFile, hypernet: LoraRarHypernet | None) -> dict[str, str]:
     paths = {"subject LoRA": subject.path, "style LoRA": style.path}
     if hypernet is not None and hypernet.source:
         paths["hypernet"] = str(hypernet.source)

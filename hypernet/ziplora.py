@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from .coefficients import summarize
 from .lora_io import LoraFile, LowRankLayer
 from .lowrank import weighted_sum
-from .merge import MergedLora, Strengths, _new_report, _source_paths  # the report and paths every merge writes
+from .merge import MergedLora, Strengths, new_report, source_paths  # the report and paths every merge writes
 
 BRANCHES = ("merged", "subject", "style", "off")  # what the injected layers add to the base output
 DEFAULT_LAMBDA = 0.01  # ZipLoRA's and LoRA.rar's weight of the summed |cos| term
@@ -233,7 +233,7 @@ def to_merged_lora(merge: ZipLoraMerge, subject: LoraFile, style: LoraFile, stre
 
     strengths: the ones the merge was built with (recorded only; they are already folded into the layers).
     """
-    report = _new_report("ziplora", "sum", subject, style, None)
+    report = new_report("ziplora", "sum", subject, style, None)
     report.params = dict(params or {})
     for name, layer in merge.layers.items():
         if layer.trainable:
@@ -245,5 +245,5 @@ def to_merged_lora(merge: ZipLoraMerge, subject: LoraFile, style: LoraFile, stre
     report.coefficient_means = [tuple(c.mean(0).tolist()) for c in coefficients.values()]
     report.coefficient_blocks = summarize(coefficients)
     return MergedLora(layers=merge.merged_layers(), report=report, sources={"subject": subject.sha256, "style": style.sha256},
-                      strengths=strengths or Strengths(), source_paths=_source_paths(subject, style, None),
+                      strengths=strengths or Strengths(), source_paths=source_paths(subject, style, None),
                       coefficients=coefficients)

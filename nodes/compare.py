@@ -25,7 +25,7 @@ from ..hypernet.errors import LoraRarError
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP
 from .common import CATEGORY, HYPERNET_TYPE, model_class, model_layout
 from .evaluate import to_image, to_pil
-from .merge import LoraRarMerge, _param_inputs, _params_for
+from .merge import LoraRarMerge, param_inputs, params_for
 
 
 def _column_model(column: str, model, clip, hypernet, subject_lora, style_lora, layer_policy, given) -> tuple:
@@ -102,7 +102,7 @@ def _params_of(column: str, given: dict) -> dict[str, float]:
     """The parameters a method column runs with (its defaults unless set on the node); none for a baseline."""
     if column in comparison.BASELINES:
         return {}
-    return merge_methods.resolve_params(merge_methods.get(column), _params_for(column, given))
+    return merge_methods.resolve_params(merge_methods.get(column), params_for(column, given))
 
 
 class LoraRarCompare:
@@ -156,7 +156,7 @@ class LoraRarCompare:
                 "clip": ("CLIP", {"tooltip": "The text encoders; each column encodes the prompts with its own "
                                              "(LoRA-patched) copy. Needed unless both conditioning inputs are connected."}),
                 "hypernet": (HYPERNET_TYPE, {"tooltip": "From the LoRA.rar Hypernet Loader; without it the methods that need one become tiles saying so."}),
-                **_param_inputs(),
+                **param_inputs(),
                 # links, not widgets: at the end so the widgets' positions in saved workflows stay as they were
                 "positive_conditioning": ("CONDITIONING", {"tooltip": "Used for every column instead of encoding "
                                           "the prompt (connect both or neither); a merge's text-encoder layers "

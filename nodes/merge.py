@@ -54,20 +54,20 @@ def _strength(tooltip: str):
     return ("FLOAT", {"default": 1.0, "min": -STRENGTH_LIMIT, "max": STRENGTH_LIMIT, "step": 0.01, "tooltip": tooltip})
 
 
-def _param_inputs() -> dict:
+def param_inputs() -> dict:
     """Every registered method's own parameters as optional inputs, e.g. ``np_lora_mu``."""
     return {methods.param_key(method, param): ("FLOAT", {
         "default": param.default, "min": param.minimum, "max": param.maximum, "step": param.step,
         "tooltip": f"{method.name} only: {param.help}"}) for method in methods.all_methods() for param in method.params}
 
 
-def _params_for(method: str, given: dict) -> dict[str, float]:
+def params_for(method: str, given: dict) -> dict[str, float]:
     rule = methods.get(method)
     return {param.name: given[methods.param_key(rule, param)] for param in rule.params
             if methods.param_key(rule, param) in given}
 
 
-def _read(path: str, key_map: dict, shapes: dict, layout, text_encoders: bool) -> LoraFile:
+def read_for_model(path: str, key_map: dict, shapes: dict, layout, text_encoders: bool) -> LoraFile:
     """A LoRA file's layers as this model's key map sends them (ComfyUI's own conversions applied first)."""
     tensors = comfy.lora_convert.convert_lora(read_state_dict(path, "LoRA"))
     return lora_for_model(tensors, path, key_map, shapes, fingerprint(path), layout, host="ComfyUI's key map",
@@ -77,11 +77,11 @@ def _read(path: str, key_map: dict, shapes: dict, layout, text_encoders: bool) -
 def _merge_files(subject_path, style_path, net, method, layer_policy, strengths, model, clip, params,
                  roles: dict[str, str]) -> MergedLora:
     layout = model_layout(model)
-    key_map, weights = _key_map(model, clip), _model_weights(model, clip)
+    key_map, weights = model_key_map(model, clip), model_weights(model, clip)
     shapes = {key: tuple(weight.shape) for key, weight in weights.items()}
     with unforeseen_as_error(f"{subject_path} + {style_path}"):
-        subject = _read(subject_path, key_map, shapes, layout, clip is not None)
-        style = _read(style_path, key_map, shapes, layout, clip is not None)
+        subject = read_for_model(subject_path, key_map, shapes, layout, clip is not None)
+        style = read_for_model(style_path, key_map, shapes, layout, clip is not None)
         bar = comfy.utils.ProgressBar(1)
         # checked against the model itself: a LoRA for another base model is refused whatever the method
         return merge_loras(subject, style, net, method, layer_policy, strengths, layout=layout,
@@ -133,7 +133,7 @@ class LoraRarMerge:
             },
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The text encoders, for LoRAs that also train them. Leave empty to patch the model only."}),
-                **_param_inputs(),
+                **param_inputs(),
             },
         }
 
@@ -151,7 +151,7 @@ class LoraRarMerge:
     def merge(self, model, hypernet, subject_lora, style_lora, subject_strength, style_strength,
               subject_clip_strength, style_clip_strength, method, layer_policy, clip=None, **method_params):
         strengths = Strengths(subject_strength, style_strength, subject_clip_strength, style_clip_strength)
-        params = _params_for(method, method_params)
+        params = params_for(method, method_params)
         subject_path = folder_paths.get_full_path_or_raise("loras", subject_lora)
         style_path = folder_paths.get_full_path_or_raise("loras", style_lora)
         net, name = None, None
@@ -184,13 +184,13 @@ def _unknown_attention_note(method: str, model) -> str:
             "their linears follow the layer policy" if unknown else "")
 
 
-def _key_map(model, clip) -> dict:
+def model_key_map(model, clip) -> dict:
     """ComfyUI's map from every LoRA layer name it reads to the weight (or band of one) it patches."""
     key_map = comfy.lora.model_lora_keys_unet(model.model, {})
     return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map) if clip is not None else key_map
 
 
-def _model_weights(model, clip) -> dict:
+def model_weights(model, clip) -> dict:
     """Every weight and bias the key map can name (the tensors themselves, not copies): the UNet's, and the
     text encoders' when connected."""
     weights = dict(model.model.state_dict())
@@ -310,7 +310,7 @@ def _cached_verdict(model, clip, merged: MergedLora):
 def _verdict(model, clip, merged: MergedLora):
     """Which merged layers this model can take and the kohya state dict that patches them; refuses merges
     that fit nowhere, name one weight twice, or would overflow the model's weights."""
-    key_map, weights = _key_map(model, clip), _model_weights(model, clip)
+    key_map, weights = model_key_map(model, clip), model_weights(model, clip)
     misfits = _misfits(merged, key_map, weights)
     applied = merged.without(misfits) if misfits else merged
     unknown = [name for name in applied.layers if not _in_model(name, key_map, weights)]

@@ -39,7 +39,7 @@ from ..hypernet.training.state import load_checkpoint
 from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
 from ..hypernet.ziplora import ZipLoraMerge
 from .common import model_class, model_layout
-from .merge import _key_map, _model_weights, _read
+from .merge import model_key_map, model_weights, read_for_model
 from .ziplora import TIMESTEPS
 from .ziplora_patch import branch_forward, diffusion_layers, loaded, model_conditioning, module_paths, noised_batch, prediction
 
@@ -156,8 +156,8 @@ class ComfyTask:
     def __init__(self, model, dataset: Dataset, encodings: dict, recipe: Recipe):
         self.model, self.dataset, self.encodings, self.recipe = model, dataset, encodings, recipe
         self.paths = model_layers(model)
-        self.key_map = _key_map(model, None)
-        self.shapes = {key: tuple(weight.shape) for key, weight in _model_weights(model, None).items()}
+        self.key_map = model_key_map(model, None)
+        self.shapes = {key: tuple(weight.shape) for key, weight in model_weights(model, None).items()}
         self.layout = model_layout(model)
         self.route = _Route()
         self.device = model.load_device
@@ -167,7 +167,7 @@ class ComfyTask:
     def layers(self, kind: str, name: str) -> dict[str, LowRankLayer]:
         path = str(self.dataset.entry(kind, name).lora)
         with unforeseen_as_error(path):
-            lora = _read(path, self.key_map, self.shapes, self.layout, False)
+            lora = read_for_model(path, self.key_map, self.shapes, self.layout, False)
         problem = misfit(lora, self.paths, self.shapes)
         if problem:
             raise LoraRarError(problem)
@@ -329,14 +329,14 @@ def check_against_model(dataset_dir: Path, base: Path) -> list[str]:
     if not base.is_file():
         return [f"{base}: base checkpoint not found"]
     model = _load_model(base)
-    paths, key_map = model_layers(model), _key_map(model, None)
-    shapes = {key: tuple(weight.shape) for key, weight in _model_weights(model, None).items()}
+    paths, key_map = model_layers(model), model_key_map(model, None)
+    shapes = {key: tuple(weight.shape) for key, weight in model_weights(model, None).items()}
     problems = []
     for (kind, name), entry in sorted(dataset.entries.items()):
         if not entry.lora.is_file():
             continue
         try:
-            lora = _read(str(entry.lora), key_map, shapes, model_layout(model), False)
+            lora = read_for_model(str(entry.lora), key_map, shapes, model_layout(model), False)
         except LoraRarError as error:
             problems.append(str(error))
             continue

@@ -27,7 +27,7 @@ from ..hypernet.merge import MergedLora
 from ..hypernet.ziplora import DEFAULT_LAMBDA, ZipLoraMerge, optimisation_step, to_merged_lora, ziplora_loss
 from .common import CATEGORY, MERGED_TYPE, fingerprint, model_layout
 from .evaluate import to_image
-from .merge import LoraRarMerge, _key_map, _model_weights, _read, apply_merged
+from .merge import LoraRarMerge, model_key_map, model_weights, read_for_model, apply_merged
 from .ziplora_patch import (diffusion_layers, inject, loaded, model_conditioning, module_paths, noised_batch, prediction,
                             unsupported_layers)
 
@@ -115,10 +115,10 @@ def _encode_images(vae, images: torch.Tensor, what: str) -> torch.Tensor:
 
 def _read_pair(model, subject_path: str, style_path: str):
     """(subject, style) LoraFiles as this model's key map reads them (diffusion model only)."""
-    key_map = _key_map(model, None)
-    shapes = {key: tuple(weight.shape) for key, weight in _model_weights(model, None).items()}
+    key_map = model_key_map(model, None)
+    shapes = {key: tuple(weight.shape) for key, weight in model_weights(model, None).items()}
     with unforeseen_as_error(f"{subject_path} + {style_path}"):
-        return tuple(_read(path, key_map, shapes, model_layout(model), False) for path in (subject_path, style_path))
+        return tuple(read_for_model(path, key_map, shapes, model_layout(model), False) for path in (subject_path, style_path))
 
 
 def _draw(model, latents: torch.Tensor, conditioning: list, generator: torch.Generator):

@@ -26,7 +26,7 @@ import torch
 from ..hypernet.lora_io import LoraFile, LowRankLayer
 from ..hypernet.model_keys import canonical_names
 from ..hypernet.ziplora import ZipLoraMerge, ZipLoraLayer
-from .merge import _key_map
+from .merge import model_key_map
 
 _UNET = "diffusion_model."
 
@@ -34,7 +34,7 @@ _UNET = "diffusion_model."
 def module_paths(model) -> dict[str, str]:
     """Canonical layer name -> the diffusion-model module it patches, as an attribute path under
     ``model.model`` (``diffusion_model.input_blocks.4.1...attn1.to_q``), from ComfyUI's key map."""
-    names = canonical_names(_key_map(model, None))
+    names = canonical_names(model_key_map(model, None))
     return {name: key[:-len(".weight")] for key, name in names.items() if key.startswith(_UNET)}
 
 

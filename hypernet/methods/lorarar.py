@@ -23,7 +23,7 @@ from . import register
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod
 
 
-class _FactoredHypernet:
+class FactoredHypernet:
     """H's layers in float32 on the merge device, the input layer split into subject and style halves.
 
     Built once per merge call, so the per-layer loop converts no hypernet weight (H may still be training
@@ -73,7 +73,7 @@ def lorarar_coefficients(hypernet: LoraRarHypernet, subject: LowRankLayer, style
     layer = hypernet.input_layer(subject.d_out)
     if layer is None:
         raise LoraRarError(f"hypernet has no input layer for attention width {subject.d_out}")
-    factored = _FactoredHypernet(hypernet, torch.device(device) if device is not None else layer.weight.device)
+    factored = FactoredHypernet(hypernet, torch.device(device) if device is not None else layer.weight.device)
     return factored.coefficients(factored.subject_hidden(subject), style)
 
 
@@ -89,7 +89,7 @@ def lorarar_coefficients_batched(hypernet: LoraRarHypernet, pairs: list[tuple[Lo
     if not pairs:
         return []
     device = torch.device(device) if device is not None else torch.device("cpu")
-    factored = _FactoredHypernet(hypernet, device)
+    factored = FactoredHypernet(hypernet, device)
     groups: dict[tuple, list[int]] = {}
     for index, (subject, style) in enumerate(pairs):
         key = (subject.d_out, subject.d_in, subject.rank, style.rank)
@@ -161,10 +161,10 @@ class LoraRarMethod(MergeMethod):
         return [_scaled(job, by_job[id(job)], ctx) if id(job) in by_job else self.merge(job, ctx) for job in jobs]
 
 
-def _factored(ctx: MergeContext) -> _FactoredHypernet:
+def _factored(ctx: MergeContext) -> FactoredHypernet:
     """H converted once per merge call (kept in the context, not across calls: H may be training elsewhere)."""
     if "lorarar" not in ctx.state:
-        ctx.state["lorarar"] = _FactoredHypernet(ctx.hypernet, ctx.device)
+        ctx.state["lorarar"] = FactoredHypernet(ctx.hypernet, ctx.device)
     return ctx.state["lorarar"]
 
 

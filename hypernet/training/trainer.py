@@ -2,7 +2,7 @@
 
 Per step and per pair (subject LoRA, style LoRA) in the rank's batch:
 
-1. H (``_FactoredHypernet``, differentiable) gives each to_q / to_out.0 layer both LoRAs patch its (d_in, 2)
+1. H (``FactoredHypernet``, differentiable) gives each to_q / to_out.0 layer both LoRAs patch its (d_in, 2)
    column coefficients from the factors; ``ZipLoraLayer.use_coefficients`` hands them to the injected branch.
    to_k / to_v (and any other layer both patch) are summed: coefficients fixed at 1, no gradient.
 2. ``ziplora_loss`` on one subject draw and one style draw (image crop, noise, timestep; the same for the merged
@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import LoraRarError
 from ..keys import attention_role
 from ..lora_io import LowRankLayer
-from ..methods.lorarar import _FactoredHypernet
+from ..methods.lorarar import FactoredHypernet
 from ..model import LoraRarHypernet
 from ..ziplora import ZipLoraMerge, ziplora_loss
 from . import distributed
@@ -92,7 +92,7 @@ class CoefficientNet(torch.nn.Module):
 
     def forward(self, pairs: list[tuple[LowRankLayer, LowRankLayer]]) -> list[torch.Tensor]:
         """pairs: (subject layer, style layer) each -> (d_in, 2) float32 [m_subject, m_style] with H's graph."""
-        factored = _FactoredHypernet(self.hypernet, self.hypernet.output[1].weight.device)  # new per call: H changes
+        factored = FactoredHypernet(self.hypernet, self.hypernet.output[1].weight.device)  # new per call: H changes
         return [factored.coefficients(factored.subject_hidden(subject), style) for subject, style in pairs]
 
 

@@ -41,9 +41,9 @@ def pair(comfy_host, synthetic_model, layout, pack):
     subject = random_lora(layout, rank=4, seed=131, alpha=2.0, std=0.1, modules=[*BOTH, SUBJECT_ONLY])
     style = random_lora(layout, rank=6, seed=132, std=0.08, modules=list(BOTH))
     paths = [write_lora(loras / f"zip_{side}.safetensors", state) for side, state in (("subject", subject), ("style", style))]
-    key_map = merge_module._key_map(model, None)
-    shapes = {k: tuple(w.shape) for k, w in merge_module._model_weights(model, None).items()}
-    files = [merge_module._read(str(path), key_map, shapes, layout, False) for path in paths]  # no CLIP connected
+    key_map = merge_module.model_key_map(model, None)
+    shapes = {k: tuple(w.shape) for k, w in merge_module.model_weights(model, None).items()}
+    files = [merge_module.read_for_model(str(path), key_map, shapes, layout, False) for path in paths]  # no CLIP connected
     return subject, style, *files
 
 
