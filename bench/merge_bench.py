@@ -30,6 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from devkit.weights import shared_hypernet, shared_weights_dir  # noqa: E402  (needs the repo on sys.path)
+from devkit.loaded_pack import pack_module  # noqa: E402
 MB = 2**20
 
 # Targets (issue 5), checked on rank-64 SDXL attention LoRAs.
@@ -300,9 +301,8 @@ def row_node(spec: dict) -> dict:
             files.append(write_lora(loras / f"{name}.safetensors",
                                     random_lora(layout, rank=spec["rank"], seed=seed, dtype=dtype, alpha=alpha)).name)
         merge_node = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]
-        merge_module = sys.modules[merge_node.__module__]
         # the pack as ComfyUI imported it (its own module names): the caches to clear are that copy's
-        pack_files = sys.modules[merge_node.__module__.rsplit(".", 2)[0] + ".hypernet.files"]
+        adapter = pack_module(nodes, "nodes.adapter")
         (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto")
 
         def stock():
@@ -315,9 +315,7 @@ def row_node(spec: dict) -> dict:
             return merge_node().merge(model, hypernet, files[0], files[1], 1.0, 1.0, 1.0, 1.0, "lorarar", "sum")[0]
 
         def clear():
-            merge_module._MERGES.clear()
-            getattr(merge_module, "_VERDICT", {}).clear()
-            pack_files._SHA256_CACHE.clear()
+            adapter.forget_results()
             nodes.LoraLoader.loaded_lora = None  # stock LoraLoader keeps the last file it read
 
         results = {"stock": {}, "ours": {}}

@@ -6,22 +6,19 @@ from __future__ import annotations
 import hashlib
 import os
 import secrets
-import threading
 import unicodedata
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .cache import BoundedCache
 from .errors import LoraRarError, LoraRarFileExists
 
 if TYPE_CHECKING:  # torch is imported where a state dict is read: hashing and writing files do not need it
     import torch
 
-# file_sha256's memory: (absolute path, size, mtime_ns, inode) -> hex digest; the oldest entry goes past 64 files
-_SHA256_CACHE: dict[tuple, str] = {}
-_SHA256_CACHE_MAX = 64
-_SHA256_LOCK = threading.Lock()
+_SHA256_CACHE: BoundedCache[str] = BoundedCache(64, "absolute path, size, mtime_ns, inode")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # any other file is read as a torch pickle, weights_only=True
 # atomic_file's temp name is ".{name}." + 8 random hex digits + ".tmp": 14 bytes more than the name itself
 _TEMP_NAME_EXTRA = 14
@@ -38,19 +35,19 @@ def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
     """
     stat = os.stat(path)
     key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
-    with _SHA256_LOCK:
-        known = _SHA256_CACHE.get(key)
+    known = _SHA256_CACHE.get(key)
     if known is not None:
         return known
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         while block := handle.read(chunk):
             digest.update(block)
-    with _SHA256_LOCK:  # ComfyUI runs nodes and HTTP handlers on several threads
-        while len(_SHA256_CACHE) >= _SHA256_CACHE_MAX:
-            _SHA256_CACHE.pop(next(iter(_SHA256_CACHE)))
-        _SHA256_CACHE[key] = digest.hexdigest()
-    return digest.hexdigest()
+    return _SHA256_CACHE.put(key, digest.hexdigest())
+
+
+def forget_hashes() -> None:
+    """Forget every remembered hash (a benchmark's cold run)."""
+    _SHA256_CACHE.clear()
 
 
 def read_state_dict(path: str | Path, kind: str) -> dict[str, torch.Tensor]:

@@ -25,10 +25,10 @@ from .keys import FUSED_WITH_MLP, is_text_encoder
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
 from .lowrank import update_bound
 from .methods import MergeContext, MergedLayer, MergeMethod, resolve_params
-from .methods.k_lora import KLoraSwitch
 from .methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched  # noqa: F401  (public API)
 from .model import LoraRarHypernet
 from .pipeline import LAYER_POLICIES, LayerPlan, compute, plan_layer, use_batched
+from .runtime import RuntimePart
 
 LAYER_POLICY_HELP = (
     "Layers LoRA.rar does not cover (non-attention layers, text encoders, layers in only one LoRA, "
@@ -78,7 +78,8 @@ class MergeReport:
     unmapped: dict[str, list[str]] = field(default_factory=dict)  # "subject"/"style" -> layers the model's key map lacks
     notes: list[str] = field(default_factory=list)  # what was changed on purpose, e.g. fp8 factors widened
     params: dict[str, float] = field(default_factory=dict)  # the method's own parameters (e.g. NP-LoRA's mu)
-    sampling: dict = field(default_factory=dict)  # a sampling-time merge's summary (K-LoRA: gamma, choices)
+    sampling: dict = field(default_factory=dict)  # the runtime part's summary (K-LoRA: gamma, choices)
+    sampling_line: str = ""  # and its line in the text
     coefficient_blocks: list[CoefficientGroup] = field(default_factory=list)  # per (UNet block, projection)
     # layers the method claimed: its own rule merged them (direct's rule is the sum, so all); the rest followed the
     # layer policy or were skipped
@@ -140,11 +141,8 @@ class MergeReport:
             lines.append(f"not merged: {len(stems)} layers of the {side} LoRA that ComfyUI's key map does not know for "
                          f"this model (ComfyUI would not apply them either), e.g. {stems[0]}")
         lines.extend(f"note: {note}" for note in self.notes)
-        if self.sampling:
-            chosen = ", ".join(f"p={p}: {n}" for p, n in self.sampling["subject_layers_at_progress"].items())
-            lines.append(f"sampling time: {self.sampling['switched_layers']} layers switched per step, gamma "
-                         f"{self.sampling['gamma']:.4g}, {self.sampling['pattern']} scaling; layers on the subject "
-                         f"at progress {chosen}")
+        if self.sampling_line:
+            lines.append(self.sampling_line)
         if "coefficients" in data:
             c = data["coefficients"]
             lines.append(f"mean coefficients: subject {c['subject_mean']:.3f}, style {c['style_mean']:.3f}")
@@ -161,13 +159,15 @@ class MergedLora:
     sources: dict[str, str]  # "subject"/"style"/"hypernet" -> sha256
     strengths: Strengths = Strengths()
     source_paths: dict[str, str] = field(default_factory=dict)  # "subject LoRA"/... -> the input file, never to be overwritten
-    switch: "KLoraSwitch | None" = None  # layers chosen per sampling step (k-lora); ``layers`` holds the static rest
+    # what the method adds in the layers' forwards while the model runs (k-lora: the side chosen per sampling step);
+    # ``layers`` holds the static rest
+    runtime: RuntimePart | None = None
 
     def check_savable(self) -> None:
-        """Refuse to write a sampling-time merge as a file: no single LoRA holds a per-step choice."""
-        if self.switch is not None:
+        """Refuse to write a merge with a runtime part as a file: no single LoRA holds it."""
+        if self.runtime is not None and self.runtime.unsavable:
             raise LoraRarError(
-                f"{self.report.method} chooses per step at sampling time; it cannot be saved as one LoRA file; "
+                f"{self.report.method} {self.runtime.unsavable}; it cannot be saved as one LoRA file; "
                 "use the merge node's MODEL output, or save a merge made with another method")
     # layer -> (d_in, 2) float32 CPU subject/style column coefficients, for methods that predict them (lorarar)
     coefficients: dict[str, torch.Tensor] = field(default_factory=dict)
@@ -374,15 +374,16 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
             f"({', '.join(f'{n} {a}' for a, n in sorted(report.as_dict()['layers'].items()))}): its rule would "
             f"merge nothing; use direct or np-lora")
     layers = {name: computed[name].layer for name in plan if name in computed and computed[name].layer is not None}
-    switch = rule.finish({name: m.switched for name, m in computed.items() if m.switched is not None}, params)
-    report.sampling = switch.summary() if switch is not None else {}
+    runtime = rule.finish({name: m.runtime for name, m in computed.items() if m.runtime is not None}, params)
+    report.sampling = runtime.summary() if runtime is not None else {}
+    report.sampling_line = runtime.summary_line() if runtime is not None else ""
     _check_finite(layers, subject, style)
     sources = {"subject": subject.sha256, "style": style.sha256}
     if rule.needs_hypernet and hypernet.sha256:
         sources["hypernet"] = hypernet.sha256
     return MergedLora(layers=layers, report=report, sources=sources, strengths=strengths,
                       source_paths=source_paths(subject, style, hypernet if rule.needs_hypernet else None),
-                      coefficients=coefficients, switch=switch)
+                      coefficients=coefficients, runtime=runtime)
 
 
 def new_report(method: str, policy: str, subject: LoraFile, style: LoraFile, hypernet: str | None) -> MergeReport:

@@ -13,7 +13,7 @@ The objective (ZipLoRA, also LoRA.rar's training objective, ../shared/METHOD.md 
     + lambda * SUM over layers |cos(m_subject, m_style)|
 
 with the same noised latents and timestep for the merged branch and its target, targets under no_grad.
-This module is torch only: the model forward is a callable given by the caller (nodes/ziplora_patch.py
+This module is torch only: the model forward is a callable given by the caller (nodes/adapter/
 supplies ComfyUI's), the branch each call runs is chosen with :meth:`ZipLoraMerge.branch`.
 A hypernetwork (issue 14) can produce the coefficients instead: :meth:`ZipLoraLayer.use_coefficients`.
 """
@@ -31,6 +31,7 @@ from .coefficients import summarize
 from .lora_io import LoraFile, LowRankLayer
 from .lowrank import weighted_sum
 from .merge import MergedLora, Strengths, new_report, source_paths  # the report and paths every merge writes
+from .runtime import RuntimeBranch
 
 BRANCHES = ("merged", "subject", "style", "off")  # what the injected layers add to the base output
 DEFAULT_LAMBDA = 0.01  # ZipLoRA's and LoRA.rar's weight of the summed |cos| term
@@ -139,8 +140,9 @@ class ZipLoraLayer(torch.nn.Module):
         return weighted_sum(parts, dtype=torch.float32)
 
 
-class ZipLoraMerge(torch.nn.Module):
-    """Every injected layer of one subject/style pair, keyed by canonical layer name, and the branch switch."""
+class ZipLoraMerge(torch.nn.Module, RuntimeBranch):
+    """Every injected layer of one subject/style pair, keyed by canonical layer name, and the branch switch: the
+    runtime branch the host injects (its router: :meth:`branch`, which side the layers add now)."""
 
     def __init__(self, subject: dict[str, LowRankLayer], style: dict[str, LowRankLayer],
                  subject_strength: float = 1.0, style_strength: float = 1.0):
@@ -150,6 +152,15 @@ class ZipLoraMerge(torch.nn.Module):
         self.layers = torch.nn.ModuleDict({
             name: ZipLoraLayer(subject.get(name), style.get(name), self.switch, subject_strength, style_strength)
             for name in names})
+
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def prepare(self, name: str, channels_first: bool) -> None:
+        self.layers[name].channels_first = channels_first
+
+    def extra(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        return self.layers[name].extra(x)
 
     def coefficient_parameters(self) -> list[torch.nn.Parameter]:
         """The only trainable tensors: m_subject, m_style of every layer both LoRAs have."""
@@ -178,6 +189,30 @@ class ZipLoraMerge(torch.nn.Module):
 
     def merged_layers(self) -> dict[str, LowRankLayer]:
         return {name: layer.merged_layer() for name, layer in self.layers.items()}
+
+
+class RoutedMerge(RuntimeBranch):
+    """The branch of whichever :class:`ZipLoraMerge` is attached now (training: the pair of the moment), over a
+    fixed set of layers, so the model is patched once for a whole run; no merge attached: nothing is added."""
+
+    def __init__(self, names: list[str]):
+        self.names, self.merge = list(names), None
+        self.channels_first: dict[str, bool] = {}
+
+    def layer_names(self) -> list[str]:
+        return self.names
+
+    def prepare(self, name: str, channels_first: bool) -> None:
+        self.channels_first[name] = channels_first
+
+    def attach(self, merge: ZipLoraMerge | None) -> None:
+        for name, layer in (merge.layers.items() if merge is not None else ()):
+            layer.channels_first = self.channels_first.get(name, False)
+        self.merge = merge
+
+    def extra(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
+        merge = self.merge
+        return merge.layers[name].extra(x) if merge is not None and name in merge.layers else None
 
 
 @dataclass

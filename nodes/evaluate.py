@@ -1,42 +1,10 @@
-"""Evaluation node: the paper's MLLM judge protocol (and optional CLIP-I) over a batch of generated images."""
+"""Evaluation node: the paper's MLLM judge protocol (and optional CLIP-I) over a batch of generated images
+(nodes/adapter/judging.py runs it)."""
 
 from __future__ import annotations
 
-import json
-
-import comfy.model_management
-import comfy.utils
-import numpy as np
-import torch
-from PIL import Image
-
-from ..hypernet import evaluation
-from ..hypernet.errors import LoraRarError
-from ..hypernet.evaluation import (DEFAULT_API_KEY_ENV, MAX_RETRIES, MAX_TIMEOUT_S, PINNED_URL_ENV, ChatCompletionsJudge,
-                                   JudgeCancelled)
-from .common import CATEGORY
-
-
-def to_pil(images: torch.Tensor) -> list[Image.Image]:
-    """ComfyUI IMAGE (B, H, W, C) floats in [0, 1] -> B RGB PIL images."""
-    if images.shape[-1] == 1:
-        images = images.expand(*images.shape[:-1], 3)
-    pixels = (images[..., :3].clamp(0, 1) * 255).round().to(torch.uint8).cpu().numpy()
-    return [Image.fromarray(frame, "RGB") for frame in pixels]
-
-
-def to_image(picture: Image.Image) -> torch.Tensor:
-    """One RGB PIL image -> ComfyUI IMAGE (1, H, W, 3) float32 in [0, 1]."""
-    return torch.from_numpy(np.asarray(picture.convert("RGB"), dtype=np.float32) / 255.0).unsqueeze(0)
-
-
-def clip_i(clip_vision, generated: torch.Tensor, *reference_sets: torch.Tensor) -> list[list[float]]:
-    """Per reference set, per generated image: mean cosine similarity of ComfyUI CLIP vision image embeddings."""
-    def embed(images):
-        return clip_vision.encode_image(images)["image_embeds"]
-
-    embeds = embed(generated)
-    return [evaluation.mean_cosine(embeds, embed(references)).tolist() for references in reference_sets]
+from ..hypernet.evaluation import DEFAULT_API_KEY_ENV, MAX_RETRIES, MAX_TIMEOUT_S, PINNED_URL_ENV
+from .adapter import CATEGORY, JudgeSettings, evaluate_images
 
 
 class LoraRarEvaluate:
@@ -85,52 +53,7 @@ class LoraRarEvaluate:
             },
         }
 
-    @staticmethod
-    def _ask_all(judge, generated, subject_refs, style_refs, style_name) -> list:
-        bar = comfy.utils.ProgressBar(evaluation.question_count(len(generated), len(subject_refs), len(style_refs)))
-        try:
-            return [evaluation.judge_image(judge, f"#{index}", picture, subject_refs, style_refs, style_name,
-                                         before_question=comfy.model_management.throw_exception_if_processing_interrupted,
-                                         after_question=lambda: bar.update(1))
-                    for index, picture in enumerate(generated)]
-        except JudgeCancelled:
-            pass  # outside the except block: ComfyUI's interrupt exception should not chain to ours
-        comfy.model_management.throw_exception_if_processing_interrupted()
-        raise comfy.model_management.InterruptProcessingException()
-
     def evaluate(self, images, subject_references, style_references, style_name, judge_url, judge_model,
                  api_key_env, clip_vision=None, timeout_s=120.0, retries=3, labels=None):
-        if not style_name.strip():
-            raise LoraRarError("style_name is empty: name the style, e.g. 'watercolor painting'")
-        # Cancel is polled during each request and each wait between retries, not only between questions
-        judge = ChatCompletionsJudge(judge_url, judge_model, api_key_env, timeout=timeout_s, retries=retries,
-                                     cancelled=comfy.model_management.processing_interrupted)
-        names = evaluation.parse_labels(labels, len(images)) if labels is not None else None  # before any question
-        generated = [evaluation.resize_long_side(p) for p in to_pil(images)]
-        subject_refs = [evaluation.resize_long_side(p) for p in to_pil(subject_references)]
-        style_refs = [evaluation.resize_long_side(p) for p in to_pil(style_references)]
-        results = self._ask_all(judge, generated, subject_refs, style_refs, style_name.strip())
-        if clip_vision is not None:
-            for result, subject_sim, style_sim in zip(results, *clip_i(clip_vision, images, subject_references, style_references)):
-                result.clip_i_subject, result.clip_i_style = subject_sim, style_sim
-        total = evaluation.score("batch", results)
-        table = {
-            "judge": {"endpoint": judge.endpoint, "model": judge.model},
-            "style_name": style_name.strip(),
-            "subject_references": len(subject_refs), "style_references": len(style_refs),
-            "subject_score": total.subject, "style_score": total.style, "overall_score": total.both,
-            "unparsed": total.unparsed, "clip_i_subject": total.clip_i_subject, "clip_i_style": total.clip_i_style,
-            "images": [{"index": i, **r.as_dict()} for i, r in enumerate(results)],
-        }
-        ranked = evaluation.rank(names or [f"#{i}" for i in range(len(results))], results)
-        if names is not None:
-            table["ranking"] = evaluation.ranking_rows(ranked)
-            for row, name in zip(table["images"], names):
-                row["label"] = name
-        picture = evaluation.grid([evaluation.annotate(p, r) for p, r in zip(generated, results)])
-        summary = (f"subject {100 * total.subject:.0f}%, style {100 * total.style:.0f}%, both {100 * total.both:.0f}% "
-                   f"of {total.images} images" + (f"; {total.unparsed} unparsed answers" if total.unparsed else ""))
-        ranking = evaluation.format_ranking(ranked)
-        return {"ui": {"text": [summary] + ([ranking] if names is not None else [])},
-                "result": (total.subject, total.style, total.both, json.dumps(table, indent=1), to_image(picture),
-                           ranking)}
+        judge = JudgeSettings(judge_url, judge_model, api_key_env, timeout_s, retries)
+        return evaluate_images(images, subject_references, style_references, style_name, judge, clip_vision, labels)

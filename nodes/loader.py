@@ -2,70 +2,10 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from dataclasses import dataclass, field
-
-import folder_paths
-
-from ..hypernet.base_models import UNetLayout
-from ..hypernet.checkpoints import for_model_class, load_hypernet, load_manifest
-from ..hypernet.errors import LoraRarError
-from ..hypernet.model import LoraRarHypernet
-from .common import (CATEGORY, FOLDER, HYPERNET_TYPE, download_dir, fingerprint, hypernet_choices, hypernet_dirs,
-                     model_class, model_layout, register_folder)
+from .adapter import (CATEGORY, HYPERNET_TYPE, hypernet_changed, hypernet_choices, license_line, load_hypernets,
+                      register_folder)
 
 register_folder()
-
-# Loaded hypernets by published name, or by (file name, content sha256) for own files: a file retrained under
-# the old name is loaded again. Each is about 2 MB; four covers both published ones and two own files.
-_LOADED: "OrderedDict[object, tuple[LoraRarHypernet, UNetLayout | None]]" = OrderedDict()
-_LOADED_MAX = 4
-
-
-@dataclass(frozen=True)
-class LoadedHypernets:
-    """What the loader resolved: the chosen hypernet, or for 'auto' the published ones (all of them, or the one
-    serving the connected model); the merge node takes the one for its model. name -> (hypernet, trained on)."""
-
-    choice: str
-    by_name: dict = field(default_factory=dict, compare=False)
-
-    def for_model(self, model) -> tuple[LoraRarHypernet, UNetLayout | None, str]:
-        """(hypernet, its training layout, its name) for ``model``; 'auto' picks by the manifest's model classes."""
-        name = for_model_class(model_class(model)).name if self.choice == "auto" else self.choice
-        if name not in self.by_name:
-            raise LoraRarError(f"the Hypernet Loader resolved {', '.join(self.by_name)} for another model than this "
-                               f"{model_class(model)} one; connect this model to the loader or choose a hypernet")
-        hypernet, trained_on = self.by_name[name]
-        hypernet.check_fits(name, model_class(model), attention_widths(model))
-        return hypernet, trained_on, name
-
-
-def attention_widths(model) -> set[int] | None:
-    """The widths of a UNet model's attention layers (SD 1.5: 320, 640, 1280); None for models that are no UNet."""
-    layout = model_layout(model)
-    return None if layout is None else {width for _, width, _ in layout.attention_blocks()}
-
-
-def _license_line() -> str:
-    infos = load_manifest().values()
-    return "; ".join(f"{i.name}: {i.license}, {i.attribution}" for i in infos)
-
-
-def _load(name: str) -> tuple[LoraRarHypernet, UNetLayout | None]:
-    published = name in load_manifest()
-    source = name if published else folder_paths.get_full_path_or_raise(FOLDER, name)
-    key = name if published else (name, fingerprint(source))
-    if key not in _LOADED:
-        _LOADED[key] = load_hypernet(source, hypernet_dirs(), download_dir())
-        while len(_LOADED) > _LOADED_MAX:
-            _LOADED.popitem(last=False)
-    _LOADED.move_to_end(key)
-    return _LOADED[key]
-
-
-def _published_for(model) -> bool:
-    return any(model_class(model) in info.comfy_model_classes for info in load_manifest().values())
 
 
 class LoraRarHypernetLoader:
@@ -82,7 +22,7 @@ class LoraRarHypernetLoader:
         "then downloaded once from the pinned upstream URL and checked by sha256. A file trained with "
         "'python -m hypernet train' says what it was trained for (in the merge report) and is refused for a "
         "model of another family or other attention widths. The published hypernets are "
-        f"licensed CC BY-NC-SA 4.0 (non-commercial): {_license_line()}."
+        f"licensed CC BY-NC-SA 4.0 (non-commercial): {license_line()}."
     )
 
     @classmethod
@@ -100,15 +40,7 @@ class LoraRarHypernetLoader:
 
     @classmethod
     def IS_CHANGED(cls, hypernet="auto", **_):
-        # an own checkpoint retrained under the same name must not give the cached result
-        path = folder_paths.get_full_path(FOLDER, hypernet) if hypernet not in ("auto", *load_manifest()) else None
-        return fingerprint(path) if path else hypernet
+        return hypernet_changed(hypernet)
 
     def load(self, hypernet: str, model=None):
-        if hypernet == "auto" and model is not None and not _published_for(model):
-            return (LoadedHypernets(hypernet),)  # the merge says why, per method: direct and friends still run
-        if hypernet == "auto":
-            names = [for_model_class(model_class(model)).name] if model is not None else list(load_manifest())
-        else:
-            names = [hypernet]
-        return (LoadedHypernets(hypernet, {name: _load(name) for name in names}),)
+        return (load_hypernets(hypernet, model),)

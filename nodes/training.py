@@ -37,11 +37,9 @@ from ..hypernet.training.output import refuse_existing, run_dir_for, training_me
 from ..hypernet.training.recipe import Recipe
 from ..hypernet.training.state import load_checkpoint
 from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
-from ..hypernet.ziplora import ZipLoraMerge
-from .common import model_class, model_layout
-from .merge import model_key_map, model_weights, read_for_model
-from .ziplora import TIMESTEPS
-from .ziplora_patch import branch_forward, diffusion_layers, loaded, model_conditioning, module_paths, noised_batch, prediction
+from ..hypernet.ziplora import RoutedMerge, ZipLoraMerge
+from .adapter import (ModelView, diffusion_layers, inject, loaded, model_class, model_conditioning, noised_batch,
+                      prediction, refuse_unsupported, timestep_count)
 
 CACHE_FORMAT = 1
 
@@ -123,21 +121,6 @@ def read_encodings(path: Path) -> dict:
 
 # ---- the model side of the loop -----------------------------------------------------------------------------
 
-class _Route:
-    """The merge the injected layers run now (None: none); one object shared by every patched forward."""
-
-    def __init__(self):
-        self.merge: ZipLoraMerge | None = None
-
-
-def _routed_layer(name: str, route: _Route):
-    """The routed merge's layer ``name`` now (None when no merge is routed or it has no such layer)."""
-    def layer_now():
-        merge = route.merge
-        return merge.layers[name] if merge is not None and name in merge.layers else None
-    return layer_now
-
-
 def _checkpointed_forward(original):
     """The block's forward recomputed in backward (torch.utils.checkpoint, non-reentrant: the hypernet's
     coefficients reach the branch from outside the block and still get their gradient)."""
@@ -155,33 +138,28 @@ class ComfyTask:
 
     def __init__(self, model, dataset: Dataset, encodings: dict, recipe: Recipe):
         self.model, self.dataset, self.encodings, self.recipe = model, dataset, encodings, recipe
-        self.paths = model_layers(model)
-        self.key_map = model_key_map(model, None)
-        self.shapes = {key: tuple(weight.shape) for key, weight in model_weights(model, None).items()}
-        self.layout = model_layout(model)
-        self.route = _Route()
+        self.view = ModelView(model)
+        self.paths = self.view.module_paths()
+        self.shapes = self.view.shapes
+        self.route = RoutedMerge(list(self.paths))
         self.device = model.load_device
+        self.timesteps = timestep_count(model)
         self._conditions: dict[str, dict] = {}
         self.patched = self._inject()
 
     def layers(self, kind: str, name: str) -> dict[str, LowRankLayer]:
         path = str(self.dataset.entry(kind, name).lora)
         with unforeseen_as_error(path):
-            lora = read_for_model(path, self.key_map, self.shapes, self.layout, False)
+            lora = self.view.read(path)
         problem = misfit(lora, self.paths, self.shapes)
         if problem:
             raise LoraRarError(problem)
+        refuse_unsupported(lora, self.paths, "training")
         return diffusion_layers(lora, self.paths)
 
     def _inject(self):
-        """A clone of the model whose LoRA-capable layers run the routed branch (object patches of forward)."""
-        patched = self.model.clone()
-        self.conv = {}
-        for name, path in self.paths.items():
-            module = patched.get_model_object(path)
-            self.conv[name] = isinstance(module, torch.nn.Conv2d)
-            attribute = f"{path}.forward"
-            patched.add_object_patch(attribute, branch_forward(patched.get_model_object(attribute), _routed_layer(name, self.route)))
+        """A clone of the model whose LoRA-capable layers run the routed branch (the one injector)."""
+        patched, _, _ = inject(self.model, self.route, self.paths)  # what it skips (3x3 convs) no LoRA may patch: layers() refuses those
         if self.recipe.gradient_checkpointing:
             for name, module in self.model.model.diffusion_model.named_modules():
                 if type(module).__name__ == "BasicTransformerBlock":
@@ -190,10 +168,7 @@ class ComfyTask:
         return patched
 
     def attach(self, merge: ZipLoraMerge | None) -> None:
-        if merge is not None:
-            for name, layer in merge.layers.items():
-                layer.channels_first = self.conv.get(name, False)
-        self.route.merge = merge
+        self.route.attach(merge)
 
     def draw(self, kind: str, name: str, generator: torch.Generator):
         """A latent crop of one of the entry's images, its noise and timestep, all from ``generator`` (CPU)."""
@@ -205,7 +180,7 @@ class ComfyTask:
         left = int(torch.randint(latent.shape[2] - size + 1, (1,), generator=generator))
         crop = latent[None, :, top:top + size, left:left + size]
         noise = torch.randn(crop.shape, generator=generator)
-        timestep = torch.randint(0, TIMESTEPS, (1,), generator=generator)
+        timestep = torch.randint(0, self.timesteps, (1,), generator=generator)
         crop = crop.to(self.device)
         key = f"{kind}/{name}"
         if key not in self._conditions:  # the same latent size every draw: built once per entry
@@ -234,16 +209,10 @@ def misfit(lora, paths: dict[str, str], shapes: dict) -> str | None:
     return None
 
 
-def model_layers(model) -> dict[str, str]:
-    """module_paths of the layers this model has (ComfyUI's key map also names those other UNets of its family have)."""
-    weights = model.model.state_dict()
-    return {name: path for name, path in module_paths(model).items() if f"{path}.weight" in weights}
-
-
 def attention_widths(model) -> list[int]:
     """The widths H needs: the d_out of every to_q / to_out.0 layer of the model (one input layer per width)."""
     weights = model.model.state_dict()
-    return sorted({int(weights[f"{path}.weight"].shape[0]) for name, path in model_layers(model).items()
+    return sorted({int(weights[f"{path}.weight"].shape[0]) for name, path in ModelView(model).module_paths().items()
                    if attention_role(name) in HYPERNET_ROLES})
 
 
@@ -329,14 +298,14 @@ def check_against_model(dataset_dir: Path, base: Path) -> list[str]:
     if not base.is_file():
         return [f"{base}: base checkpoint not found"]
     model = _load_model(base)
-    paths, key_map = model_layers(model), model_key_map(model, None)
-    shapes = {key: tuple(weight.shape) for key, weight in model_weights(model, None).items()}
+    view = ModelView(model)
+    paths, shapes = view.module_paths(), view.shapes
     problems = []
     for (kind, name), entry in sorted(dataset.entries.items()):
         if not entry.lora.is_file():
             continue
         try:
-            lora = read_for_model(str(entry.lora), key_map, shapes, model_layout(model), False)
+            lora = view.read(str(entry.lora))
         except LoraRarError as error:
             problems.append(str(error))
             continue

@@ -39,6 +39,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from devkit.loaded_pack import pack_module  # noqa: E402  (needs the repo on sys.path)
 CARRIED_SITE = REPO / ".gpu" / "site"  # what scripts/gpu_bundle.sh --install put there (workers inherit it)
 if CARRIED_SITE.is_dir():
     sys.path.insert(0, str(CARRIED_SITE))
@@ -195,8 +196,7 @@ def worker_speed(args) -> dict:
 
     times = {}
     for label, function in (("stock", stock), ("ours", ours)) * 4:
-        merge_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__]
-        merge_module._MERGES.clear()  # cold merge each time; the files stay in the page cache for both
+        pack_module(nodes, "nodes.adapter").forget_results()  # cold merge each time; the files stay in the page cache
         nodes.LoraLoader.loaded_lora = None
         torch.cuda.synchronize() if device.type == "cuda" else None
         start = time.perf_counter()

@@ -7,7 +7,7 @@ A new method is one module here with one :class:`~hypernet.methods.base.MergeMet
 from __future__ import annotations
 
 from ..errors import LoraRarError
-from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param, SwitchedLayer
+from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -62,4 +62,4 @@ def resolve_params(method: MergeMethod, given: dict[str, float] | None) -> dict[
 from . import lorarar, direct, np_lora, b_lora, k_lora  # noqa: E402,F401
 
 __all__ = ["Claim", "LayerJob", "MergeContext", "MergedLayer", "MergeMethod", "Param", "all_methods", "get",
-           "names", "param_key", "register", "resolve_params", "SwitchedLayer", "unregister"]
+           "names", "param_key", "register", "resolve_params", "unregister"]

@@ -14,6 +14,7 @@ import torch
 
 from ..keys import attention_role
 from ..lora_io import LowRankLayer
+from ..runtime import RuntimePart
 
 
 @dataclass(frozen=True)
@@ -52,30 +53,14 @@ class LayerJob:
     action: str = ""
 
 
-@dataclass(frozen=True)
-class SwitchedLayer:
-    """A layer merged at sampling time: each step applies the subject's OR the style's update, never a sum.
-
-    subject, style: the two sides with their strengths folded in (scale 1); subject_score, style_score: the
-    numbers the method's rule compares (K-LoRA: sums of the top-k absolute entries of each update).
-    """
-
-    subject: LowRankLayer
-    style: LowRankLayer
-    subject_score: float
-    style_score: float
-    subject_l1: float  # sum of |entries| of each side's update, for rules that compare layers' magnitudes
-    style_l1: float
-
-
 @dataclass
 class MergedLayer:
-    """One merged layer: ``layer`` patched once (static), or ``switched`` chosen per sampling step (then
-    ``layer`` is None)."""
+    """One merged layer: ``layer`` patched once (static), and/or ``runtime``: the method's own per-layer data for
+    its runtime branch (K-LoRA: both sides and their scores), which :meth:`MergeMethod.finish` gathers."""
 
     layer: LowRankLayer | None
     coefficients: torch.Tensor | None = None  # (d_in, 2) subject/style column coefficients, when the rule has them
-    switched: SwitchedLayer | None = None
+    runtime: object | None = None
 
 
 @dataclass
@@ -125,9 +110,9 @@ class MergeMethod:
     def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:
         raise NotImplementedError
 
-    def finish(self, switched: dict[str, SwitchedLayer], params: dict[str, float]) -> object | None:
-        """The sampling-time part of one merged LoRA, from all its switched layers (a rule that compares layers,
-        like K-LoRA's gamma, needs every layer); None for methods whose result is a plain LoRA."""
+    def finish(self, runtime: dict[str, object], params: dict[str, float]) -> "RuntimePart | None":
+        """The runtime part (hypernet.runtime.RuntimePart) of one merged LoRA, from every layer's ``runtime`` data
+        (a rule that compares layers, like K-LoRA's gamma, needs them all); None for a plain LoRA."""
         return None
 
     def merge_batch(self, jobs: list[LayerJob], ctx: MergeContext) -> list[MergedLayer]:

@@ -13,7 +13,7 @@ subject's update dW_c OR the style's dW_s, never both:
 S_c, S_s and gamma are computed once per merge, from the factors in slabs of columns (the whole d_out x d_in
 update never exists); only S(p) changes with the step. Every other layer follows the layer policy and is
 patched statically. The official code's t counts forward calls; here p is the sampler's progress (the
-ComfyUI side, nodes/klora_patch.py, derives it from the current sigma), so any sampler and step count
+ComfyUI side, nodes/adapter/branch.py, derives it from the current sigma), so any sampler and step count
 gives the same choice at the same point of the schedule. The schedule is the part being sampled: with
 denoise < 1, and in each stage of a KSamplerAdvanced split, p runs from 0 to 1 through that part.
 """
@@ -21,7 +21,7 @@ denoise < 1, and in each stage of a KSamplerAdvanced split, p runs from 0 to 1 t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -30,7 +30,8 @@ from ..keys import FUSED_WITH_MLP
 from ..lora_io import LowRankLayer
 from ..lowrank import weighted_sum
 from . import register
-from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param, SwitchedLayer
+from ..runtime import FactorCache, RuntimeBranch, RuntimePart, low_rank_apply
+from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
 
 PATTERNS = ("s*", "linear")
 OUTLIER_FACTOR = 3.0  # ratios at least this many times the mean are left out of gamma (the published rule)
@@ -90,8 +91,24 @@ def schedule_progress(sigma: float, sigmas: list[float]) -> float:
     return 1.0
 
 
+@dataclass(frozen=True)
+class SwitchedLayer:
+    """A layer merged at sampling time: each step applies the subject's OR the style's update, never a sum.
+
+    subject, style: the two sides with their strengths folded in (scale 1); subject_score, style_score: the
+    numbers the rule compares (sums of the top-k absolute entries of each update).
+    """
+
+    subject: LowRankLayer
+    style: LowRankLayer
+    subject_score: float
+    style_score: float
+    subject_l1: float  # sum of |entries| of each side's update, for gamma (the layers' L1 ratio)
+    style_l1: float
+
+
 @dataclass(frozen=True, eq=False)
-class KLoraSwitch:
+class KLoraSwitch(RuntimePart):
     """The sampling-time part of a K-LoRA merge: the switched layers, gamma and the time scaling.
 
     layers: layer name -> SwitchedLayer (each side's factors with its strength folded in, S_c and S_s).
@@ -102,6 +119,7 @@ class KLoraSwitch:
     pattern: str
     alpha: float
     beta: float
+    method: str = "k-lora"
 
     def scale(self, p: float) -> float:
         return time_scale(p, self.pattern, self.alpha, self.beta)
@@ -121,6 +139,51 @@ class KLoraSwitch:
         subject_at = {f"{p:g}": sum(side == "subject" for side in self.choose(p).values()) for p in (0.0, 0.5, 1.0)}
         return {"switched_layers": len(self.layers), "gamma": self.gamma, "pattern": self.pattern,
                 "subject_layers_at_progress": subject_at}
+
+    def summary_line(self) -> str:
+        summary = self.summary()
+        chosen = ", ".join(f"p={p}: {n}" for p, n in summary["subject_layers_at_progress"].items())
+        return (f"sampling time: {summary['switched_layers']} layers switched per step, gamma {self.gamma:.4g}, "
+                f"{self.pattern} scaling; layers on the subject at progress {chosen}")
+
+    def layer_names(self) -> list[str]:
+        return list(self.layers)
+
+    def updates(self, name: str) -> list[tuple[str, LowRankLayer]]:
+        layer = self.layers[name]  # one side at a time, never both
+        return [("subject", layer.subject), ("style", layer.style)]
+
+    def branch(self) -> "KLoraBranch":
+        return KLoraBranch(self)
+
+
+@dataclass(eq=False)
+class KLoraBranch(RuntimeBranch):
+    """One patched model's K-LoRA: every switched layer adds the side chosen at the sampler's current progress."""
+
+    switch: KLoraSwitch
+    p: float = 0.0
+    choice: dict = field(default_factory=dict)
+    factors: FactorCache = field(default_factory=FactorCache)
+    follows_sampling = True
+
+    def __post_init__(self):
+        self.choice = self.switch.choose(0.0)  # a forward outside sampling (no progress yet) gets the first step's
+
+    def layer_names(self) -> list[str]:
+        return list(self.switch.layers)
+
+    def misfit(self, name, weight_shape, bias_shape) -> str | None:
+        return self.switch.layers[name].subject.misfit(weight_shape, bias_shape)
+
+    def at_progress(self, p: float) -> None:
+        if p != self.p:
+            self.p, self.choice = p, self.switch.choose(p)
+
+    def extra(self, name: str, x: torch.Tensor) -> torch.Tensor:
+        side = self.choice[name]
+        layer = getattr(self.switch.layers[name], side)
+        return low_rank_apply(x, self.factors.get((name, side), layer, x.device, x.dtype))
 
 
 class KLoraMethod(MergeMethod):
@@ -150,13 +213,15 @@ class KLoraMethod(MergeMethod):
         if not all(map(math.isfinite, (subject_score, style_score, subject_l1, style_l1))):
             raise LoraRarError(f"layer {job.name}: k-lora's top-k sums are not finite (subject {subject_score:.3g}, "
                                f"style {style_score:.3g}); the files' values or the strengths are too large")
-        return MergedLayer(None, switched=SwitchedLayer(subject, style, subject_score, style_score, subject_l1,
-                                                        style_l1))
+        return MergedLayer(None, runtime=SwitchedLayer(subject, style, subject_score, style_score, subject_l1,
+                                                       style_l1))
 
-    def finish(self, switched: dict[str, SwitchedLayer], params: dict[str, float]) -> KLoraSwitch:
+    def finish(self, runtime: dict[str, SwitchedLayer], params: dict[str, float]) -> KLoraSwitch | None:
+        if not runtime:
+            return None
         # a layer whose style update is zero (style strength 0) has no ratio; its choice is the subject anyway
-        ratios = [layer.subject_l1 / layer.style_l1 for layer in switched.values() if layer.style_l1 > 0]
-        return KLoraSwitch(dict(switched), gamma_of(ratios), self.pattern, params["alpha"], params["beta"])
+        ratios = [layer.subject_l1 / layer.style_l1 for layer in runtime.values() if layer.style_l1 > 0]
+        return KLoraSwitch(dict(runtime), gamma_of(ratios), self.pattern, params["alpha"], params["beta"], self.name)
 
 
 class KLoraLinearMethod(KLoraMethod):

@@ -1,4 +1,4 @@
-"""Attention roles come from ComfyUI's own model classes (nodes/attention_roles.py), for every family.
+"""Attention roles come from ComfyUI's own model classes (nodes/adapter/roles.py), for every family.
 
 Each family's model is built by the host from its detection config (on the meta device: no weights), and the
 roles the pack reads from its modules must equal a table written here by hand from each family's architecture:
@@ -10,6 +10,8 @@ import importlib
 import sys
 
 import pytest
+
+from devkit.loaded_pack import pack_module
 
 from devkit import synthetic_dit
 from devkit.synthetic_dit import ALL_FAMILIES
@@ -37,11 +39,10 @@ def meta_model(family):
 
 
 def roles_module():
-    """nodes/attention_roles.py as the server loaded the pack (under ComfyUI's package name for it)."""
+    """nodes/adapter/roles.py as the server loaded the pack (under ComfyUI's package name for it)."""
     import nodes
 
-    merge_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__]
-    return importlib.import_module(merge_module.__name__.rsplit(".nodes.merge", 1)[0] + ".nodes.attention_roles")
+    return pack_module(nodes, "nodes.adapter.roles")
 
 
 @pytest.mark.parametrize("name", sorted(set(ROLES) - {"unet"}))

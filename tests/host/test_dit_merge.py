@@ -276,19 +276,19 @@ def test_k_lora_switches_exactly_the_attention_linears_with_the_dense_rule(comfy
     pair = (host_formats(family)[0], host_formats(family)[-1])
     merged, report, dense_s, dense_t = merged_pair(comfy_host, dit, family, pair, method, "kr", (31, 32))
     switched = sorted(key for key in dense_s if is_switched(family, key))
-    assert switched and {canonical(key) for key in switched} == set(merged.switch.layers)
+    assert switched and {canonical(key) for key in switched} == set(merged.runtime.layers)
     assert f"{method}'s own rule: {len(switched)} of {len(dense_s)} layers" in report
     updates = {key: (0.8 * dense_s[key], 1.3 * dense_t[key]) for key in switched}
     gamma = dense_k_lora_gamma(list(updates.values()))
-    assert abs(merged.switch.gamma - gamma) <= 1e-6 * gamma
+    assert abs(merged.runtime.gamma - gamma) <= 1e-6 * gamma
     params = {"k-lora": ("s*", 1.5, 1.275), "k-lora-linear": ("linear", 1.5, 0.5)}[method]
     for key, (c, s) in updates.items():
-        layer = merged.switch.layers[canonical(key)]
+        layer = merged.runtime.layers[canonical(key)]
         scores = dense_k_lora_scores(c, s, layer.subject.rank * layer.style.rank)
         assert relative_error(torch.tensor([layer.subject_score, layer.style_score], dtype=torch.float64),
                               torch.tensor(scores, dtype=torch.float64)) <= 1e-5, key
         for p in (0.0, 0.2, 0.5, 0.8, 1.0):
-            assert merged.switch.choose(p)[canonical(key)] == dense_k_lora_choice(*scores, gamma, p, *params), (key, p)
+            assert merged.runtime.choose(p)[canonical(key)] == dense_k_lora_choice(*scores, gamma, p, *params), (key, p)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -83,7 +83,7 @@ def test_k_lora_switches_fused_dit_attention_linears_per_step(comfy_host, models
         "k-lora", "sum")
     dense_c = {k: v for k, v in dense_updates(family, "kohya", subject, dtype=torch.float64).items() if is_switched(name, k)}
     dense_s = dense_updates(family, style_fmt, style, dtype=torch.float64)
-    assert set(merged.switch.layers) == {canonical(k) for k in dense_c}
+    assert set(merged.runtime.layers) == {canonical(k) for k in dense_c}
     assert f"switched per sampling step: {len(dense_c)} layers" in report
     gamma = dense_k_lora_gamma([(dense_c[k], dense_s[k]) for k in dense_c])
     seen = set()
@@ -91,7 +91,7 @@ def test_k_lora_switches_fused_dit_attention_linears_per_step(comfy_host, models
     calls, records = _sample(model_out, family, 4, 1.0 if name in WIDE_MODULES else 2.0)
     scores, weights = {}, {}  # per recorded linear: the dense rule's S_c, S_s and both effective weights, once
     for module in RECORDED[name]:
-        key, layer = f"{module}.weight", merged.switch.layers[canonical(f"{module}.weight")]
+        key, layer = f"{module}.weight", merged.runtime.layers[canonical(f"{module}.weight")]
         # k = r_c * r_s of the layer as merged: a split style's q/k/v pieces make one layer of their summed rank
         scores[module] = dense_k_lora_scores(dense_c[key], dense_s[key], layer.subject.rank * layer.style.rank)
         weight = originals[module][0].double()

@@ -114,7 +114,7 @@ def test_k_lora_follows_the_samplers_progress_with_euler_at_two_step_counts(comf
     model_out, _, merged, report = _merge(comfy_host, model, None, "ks_subject.safetensors", "ks_style.safetensors",
                                           method="k-lora")
     switched = len(layout.attention_linears())
-    assert f"switched per sampling step: {switched} layers" in report and merged.switch is not None
+    assert f"switched per sampling step: {switched} layers" in report and merged.runtime is not None
     rule = DenseKLora(layout, *pair, "k-lora")
     seen = {}
     for steps in (4, 5):  # a call counter would drift between step counts; the sampler's progress does not

@@ -2,6 +2,8 @@
 and two layer names for one model weight (which ComfyUI would apply only one of) are refused."""
 
 import pytest
+
+from devkit.loaded_pack import pack_module
 import torch
 
 from devkit.loras import random_lora, write_lora
@@ -94,10 +96,8 @@ def test_a_rerun_reuses_the_patch_check_but_another_model_is_checked_again(comfy
 
     nodes, _, loras = comfy_host
     model, _ = synthetic_model
-    merge_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__]
-    checks = []
-    real_verdict = merge_module._verdict
-    monkeypatch.setattr(merge_module, "_verdict", lambda *args: checks.append(args[0]) or real_verdict(*args))
+    verdicts = pack_module(nodes, "nodes.adapter.fit").VERDICTS
+    made = verdicts.made
     write_lora(loras / "rerun_subject.safetensors", random_lora(layout, rank=4, seed=95))
     style = random_lora(layout, rank=4, seed=96)
     style[f"{TO_K}.lora_up.weight"] = torch.full((640, 4), 100.0)  # fine in float32, overflows float16
@@ -106,11 +106,11 @@ def test_a_rerun_reuses_the_patch_check_but_another_model_is_checked_again(comfy
 
     first = _merge(nodes, model, "rerun_subject.safetensors", "rerun_style.safetensors")
     again = _merge(nodes, model, "rerun_subject.safetensors", "rerun_style.safetensors")
-    assert len(checks) == 1 and again[3] == first[3]
+    assert verdicts.made - made == 1 and again[3] == first[3]
     assert set(again[0].patches) == set(first[0].patches) and again[0] is not first[0]  # a fresh patched clone
     with pytest.raises(ValueError, match=rf"layer {TO_K} of .*rerun_style.*float16"):
         _merge(nodes, fp16_model, "rerun_subject.safetensors", "rerun_style.safetensors")
-    assert checks[-1] is fp16_model and len(checks) == 2
+    assert verdicts.made - made == 2
     upstream, _ = nodes.NODE_CLASS_MAPPINGS["LoraLoader"]().load_lora(model, None, "rerun_subject.safetensors", 0.5, 0.0)
     _merge(nodes, upstream, "rerun_subject.safetensors", "rerun_style.safetensors")
-    assert checks[-1] is upstream and len(checks) == 3
+    assert verdicts.made - made == 3

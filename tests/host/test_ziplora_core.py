@@ -1,4 +1,4 @@
-"""ZipLoRA's differentiable merge on the MODEL ComfyUI loaded (hypernet/ziplora.py + nodes/ziplora_patch.py):
+"""ZipLoRA's differentiable merge on the MODEL ComfyUI loaded (hypernet/ziplora.py + nodes/adapter/):
 its coefficient gradient is the dense objective's, a few optimiser steps lower the loss, CPU runs repeat
 exactly, and the converted merged LoRA patched by ComfyUI's stock LoRA patching computes what the branch did."""
 
@@ -6,6 +6,8 @@ import importlib
 import sys
 
 import pytest
+
+from devkit.loaded_pack import pack_module
 import torch
 
 from devkit.dense_rule import dense_update, dense_ziplora_linear, dense_ziplora_objective, dense_ziplora_update
@@ -25,11 +27,10 @@ def _kohya(module: str) -> str:
 
 @pytest.fixture(scope="module")
 def pack(comfy_host):
-    """(merge node module, ziplora_patch module, ziplora math module) as the server loaded the pack."""
+    """(the adapter, the adapter, ziplora math module) as the server loaded the pack."""
     nodes, _, _ = comfy_host
-    merge_module = sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__]
-    root = merge_module.__name__.rsplit(".nodes.merge", 1)[0]
-    return merge_module, importlib.import_module(f"{root}.nodes.ziplora_patch"), importlib.import_module(f"{root}.hypernet.ziplora")
+    adapter = pack_module(nodes, "nodes.adapter")
+    return adapter, adapter, pack_module(nodes, "hypernet.ziplora")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +42,8 @@ def pair(comfy_host, synthetic_model, layout, pack):
     subject = random_lora(layout, rank=4, seed=131, alpha=2.0, std=0.1, modules=[*BOTH, SUBJECT_ONLY])
     style = random_lora(layout, rank=6, seed=132, std=0.08, modules=list(BOTH))
     paths = [write_lora(loras / f"zip_{side}.safetensors", state) for side, state in (("subject", subject), ("style", style))]
-    key_map = merge_module.model_key_map(model, None)
-    shapes = {k: tuple(w.shape) for k, w in merge_module.model_weights(model, None).items()}
-    files = [merge_module.read_for_model(str(path), key_map, shapes, layout, False) for path in paths]  # no CLIP connected
+    view = merge_module.ModelView(model)  # no CLIP connected
+    files = [view.read(str(path)) for path in paths]
     return subject, style, *files
 
 
@@ -77,7 +77,7 @@ def _merge(pack, pair, seed: int | None = None):
 
 def _factored_gradient(model, pack, merge, batches):
     _, patch, ziplora = pack
-    patched = patch.inject(model, merge)
+    patched = patch.inject(model, merge, patch.ModelView(model).module_paths())[0]
     with patch.loaded(patched):
         loss = ziplora.ziplora_loss(merge, lambda batch: patch.prediction(patched, batch), *batches)
         grads = torch.autograd.grad(loss.total, merge.coefficient_parameters())
@@ -88,7 +88,7 @@ def _dense_gradient(model, pack, pair, merge, batches):
     """The same objective with every layer patched densely: W + a dW_s diag(m_s) + b dW_t diag(m_t)."""
     _, patch, _ = pack
     subject_sd, style_sd, _, _ = pair
-    paths = patch.module_paths(model)
+    paths = patch.ModelView(model).module_paths()
     state = {"branch": "merged"}
     leaves, patched = [], model.clone()
     for module in BOTH + (SUBJECT_ONLY,):
@@ -139,7 +139,7 @@ def _optimise(model, pack, pair, steps: int, seed: int = 3, final: bool = True):
     merge = _merge(pack, pair)
     batches = _batches(model, patch, seed=seed)
     optimizer = torch.optim.Adam(merge.coefficient_parameters(), lr=0.02)
-    patched = patch.inject(model, merge)
+    patched = patch.inject(model, merge, patch.ModelView(model).module_paths())[0]
     losses = []
     with patch.loaded(patched):
         def loss_fn():
@@ -177,7 +177,7 @@ def test_converted_merged_lora_patched_by_comfyui_computes_what_the_branch_did(s
     assert set(merged.coefficients) == {_kohya(m) for m in BOTH}
     assert all(merged.coefficients[_kohya(m)].shape == (merged.layers[_kohya(m)].d_in, 2) for m in BOTH)
     assert {merged.layers[_kohya(m)].rank for m in BOTH} == {4 + 6} and merged.layers[_kohya(SUBJECT_ONLY)].rank == 4
-    paths = patch.module_paths(model)
+    paths = patch.ModelView(model).module_paths()
     generator = torch.Generator().manual_seed(12)
     inputs = {name: torch.randn(2, 16, merge.layers[name].sides["subject"][0].d_in, generator=generator) for name in merge.layers}
 
@@ -185,7 +185,7 @@ def test_converted_merged_lora_patched_by_comfyui_computes_what_the_branch_did(s
         with patch.loaded(patched), torch.no_grad():
             return {name: patched.get_model_object(paths[name])(x) for name, x in inputs.items()}
 
-    injected = outputs(patch.inject(model, merge))
+    injected = outputs(patch.inject(model, merge, patch.ModelView(model).module_paths())[0])
     stock, _, applied, text = merge_module.apply_merged(model, None, merged)
     assert f"applied to the model: {len(merge.layers)} layers" in text
     patched = outputs(stock)

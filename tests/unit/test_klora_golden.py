@@ -55,7 +55,7 @@ def test_k_lora_scores_gamma_and_choices_match_the_dense_rule(pair, method, stre
     merged = merge_loras(lora_from_tensors(subject, "s.safetensors"), lora_from_tensors(style, "t.safetensors"), None,
                          method=method, dtype=torch.float32, strengths=Strengths(*strengths))
     updates, scores, gamma = _dense_reference(subject, style, *strengths)
-    switch = merged.switch
+    switch = merged.runtime
     assert merged.layers == {} and set(switch.layers) == set(updates)
     assert merged.report.count("switched") == len(MODULES) and switch.pattern == PATTERNS[method]
     assert relative(switch.gamma, gamma) <= 1e-5
@@ -104,7 +104,7 @@ def test_k_lora_never_forms_a_dense_update(pair):
     smallest_dense = min(layer.d_out * layer.d_in for layer in subject.layers.values())
     with LargestOutputs() as watch:
         merged = merge_loras(subject, style, None, method="k-lora")
-    assert len(merged.switch.layers) == len(MODULES)
+    assert len(merged.runtime.layers) == len(MODULES)
     numel, op = watch.largest
     assert 0 < numel < smallest_dense, f"{op} returned {numel} elements: a dense update ({smallest_dense}+) was formed"
 
@@ -134,7 +134,7 @@ def test_progress_outside_zero_to_one_is_refused(pair):
     merged = merge_loras(lora_from_tensors(subject, "s.safetensors"), lora_from_tensors(style, "t.safetensors"), None,
                          method="k-lora")
     with pytest.raises(LoraRarError, match="k-lora progress 1.5: must be between 0 and 1"):
-        merged.switch.choose(1.5)
+        merged.runtime.choose(1.5)
 
 
 def test_k_lora_is_listed_last_current_pattern_first():
@@ -169,7 +169,7 @@ def test_a_zero_subject_leaves_every_layer_to_the_style(pair, method):
     them, and the side with an update, the style, is chosen everywhere (style strength 0: the subject)."""
     subject, style = (lora_from_tensors(t, n) for t, n in ((pair[0], "s.safetensors"), (pair[1], "t.safetensors")))
     for strengths, side in ((Strengths(0.0, 1.0), "style"), (Strengths(1.0, 0.0), "subject")):
-        switch = merge_loras(subject, style, None, method=method, strengths=strengths).switch
+        switch = merge_loras(subject, style, None, method=method, strengths=strengths).runtime
         for p in (0.0, 0.5, 1.0):
             assert set(switch.choose(p).values()) == {side}
 
@@ -187,7 +187,7 @@ def test_roles_from_the_model_decide_what_is_switched(pair):
     names = sorted(subject.layers)
     roles = {names[0]: "to_q", names[1]: "qkv", names[2]: "qkv+mlp"}
     merged = merge_loras(subject, style, None, "k-lora", roles=roles, family="WAN21_T2V")
-    assert sorted(merged.switch.layers) == names[:2]
+    assert sorted(merged.runtime.layers) == names[:2]
     assert merged.report.actions[names[2]] == "summed"
     assert "attention fused with the MLP" in merged.report.reasons[names[2]]
     assert merged.report.own_rule_layers == 2

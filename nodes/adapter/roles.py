@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from ..hypernet.model_keys import module_layer_name
+from ...hypernet.model_keys import module_layer_name
 
 # (module under comfy.ldm, class name) -> {attribute path of a linear inside it: role}
 _ROLES_BY_CLASS: dict[tuple[str, str], dict[str, str]] = {

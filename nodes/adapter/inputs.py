@@ -1,0 +1,53 @@
+"""What the nodes declare and share: category, custom types, the inputs several nodes take (strengths, the
+methods' own parameters) and how a node's method parameters are read back."""
+
+from __future__ import annotations
+
+import folder_paths
+
+from ...hypernet import methods
+from ...hypernet.files import file_sha256
+from ...hypernet.merge import STRENGTH_LIMIT
+
+CATEGORY = "LoRA.rar"
+HYPERNET_TYPE = "LORARAR_HYPERNET"
+MERGED_TYPE = "LORARAR_MERGED_LORA"
+
+
+def strength_input(tooltip: str) -> tuple:
+    return ("FLOAT", {"default": 1.0, "min": -STRENGTH_LIMIT, "max": STRENGTH_LIMIT, "step": 0.01, "tooltip": tooltip})
+
+
+def lora_names() -> list[str]:
+    return folder_paths.get_filename_list("loras")
+
+
+def lora_path(name: str) -> str:
+    """The full path of a LoRA the node names; ComfyUI's own one-line error when it is not in models/loras."""
+    return folder_paths.get_full_path_or_raise("loras", name)
+
+
+def method_param_inputs() -> dict:
+    """Every registered method's own parameters as optional inputs, e.g. ``np_lora_mu``, in the registry's
+    widget order (hypernet.methods.widget_order): saved workflows hold widget values by position."""
+    return {methods.param_key(method, param): ("FLOAT", {
+        "default": param.default, "min": param.minimum, "max": param.maximum, "step": param.step,
+        "tooltip": f"{method.name} only: {param.help}"}) for method in methods.all_methods() for param in method.params}
+
+
+def params_for(method: str, given: dict) -> dict[str, float]:
+    """The node inputs of ``method``'s own parameters, by parameter name (the others' are ignored)."""
+    rule = methods.get(method)
+    return {param.name: given[methods.param_key(rule, param)] for param in rule.params
+            if methods.param_key(rule, param) in given}
+
+
+def loras_changed(subject_lora=None, style_lora=None) -> str | float:
+    """IS_CHANGED of a node reading two LoRA files: their content, not only their names."""
+    if subject_lora is None or style_lora is None:
+        return float("nan")  # names wired from another node: not known here, so always run (cheap when cached)
+    hashes = []
+    for name in (subject_lora, style_lora):
+        path = folder_paths.get_full_path("loras", name)
+        hashes.append(file_sha256(path) if path else str(name))
+    return "|".join(hashes)

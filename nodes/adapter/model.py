@@ -1,0 +1,120 @@
+"""What the pack reads from a loaded ComfyUI MODEL / CLIP: its family and layout, ComfyUI's LoRA key map, its
+weights and layer shapes, and LoRA files read through that key map (one reader for the merge, ZipLoRA and
+training). The key map itself is ComfyUI's (comfy.lora.model_lora_keys_unet / _clip): never a copy of ours.
+"""
+
+from __future__ import annotations
+
+import comfy.lora
+import comfy.lora_convert
+
+from ...hypernet.base_models import UNetLayout
+from ...hypernet.errors import LoraRarError, unforeseen_as_error
+from ...hypernet.files import file_sha256, read_state_dict
+from ...hypernet.lora_io import LoraFile, LowRankLayer
+from ...hypernet.model_keys import canonical_names, lora_for_model
+
+_UNET = "diffusion_model."
+
+
+def model_class(model) -> str:
+    """ComfyUI's name of the model's family: its model_config class ("SDXL", "Flux", "WAN21", ...)."""
+    return type(model.model.model_config).__name__
+
+
+def model_layout(model) -> UNetLayout | None:
+    """The model's UNet layout; None for models that are no SDXL-style UNet (Flux, SD3, ...): their layers are
+    matched through ComfyUI's key map alone, and the methods that need a UNet layout say so by family."""
+    config = model.model.model_config.unet_config
+    try:
+        return UNetLayout.from_unet_config(model_class(model), config)
+    except (KeyError, TypeError):
+        return None
+
+
+def model_signature(model, clip) -> tuple:
+    """What decides how a file's layers are read for this model: its family and widths, the text encoders."""
+    return (model_class(model), str(model.model.model_config.unet_config),
+            type(clip.cond_stage_model).__name__ if clip is not None else None)
+
+
+def model_key_map(model, clip) -> dict:
+    """ComfyUI's map from every LoRA layer name it reads to the weight (or band of one) it patches."""
+    key_map = comfy.lora.model_lora_keys_unet(model.model, {})
+    return comfy.lora.model_lora_keys_clip(clip.cond_stage_model, key_map) if clip is not None else key_map
+
+
+def model_weights(model, clip) -> dict:
+    """Every weight and bias the key map can name (the tensors themselves, not copies): the diffusion model's,
+    and the text encoders' when connected."""
+    weights = dict(model.model.state_dict())
+    if clip is not None:
+        weights.update(clip.cond_stage_model.state_dict())
+    return weights
+
+
+def weight_shapes(weights: dict) -> dict[str, tuple[int, ...]]:
+    """key -> shape of every weight of :func:`model_weights` (what the readers check a LoRA's layers against)."""
+    return {key: tuple(weight.shape) for key, weight in weights.items()}
+
+
+class ModelView:
+    """One loaded MODEL (and CLIP, if any) as the readers see it: key map, shapes and layout, built once."""
+
+    def __init__(self, model, clip=None):
+        self.model, self.clip = model, clip
+        self.key_map = model_key_map(model, clip)
+        self.weights = model_weights(model, clip)
+        self.shapes = weight_shapes(self.weights)
+        self.layout = model_layout(model)
+        self.family = model_class(model)
+
+    def read(self, path: str) -> LoraFile:
+        """A LoRA file's layers as this model's key map sends them (ComfyUI's own conversions applied first)."""
+        tensors = comfy.lora_convert.convert_lora(read_state_dict(path, "LoRA"))
+        return lora_for_model(tensors, path, self.key_map, self.shapes, file_sha256(path), self.layout,
+                              host="ComfyUI's key map", text_encoders=self.clip is not None)
+
+    def read_pair(self, subject_path: str, style_path: str) -> tuple[LoraFile, LoraFile]:
+        """(subject, style), any unforeseen failure as a one-line error naming both files."""
+        with unforeseen_as_error(f"{subject_path} + {style_path}"):
+            return self.read(subject_path), self.read(style_path)
+
+    def module_paths(self) -> dict[str, str]:
+        """Canonical layer name -> the diffusion-model module it patches, as an attribute path under
+        ``model.model`` (``diffusion_model.input_blocks.4.1...attn1.to_q``), for the modules the model has
+        (ComfyUI's key map also names those other models of the family have)."""
+        names = canonical_names(model_key_map(self.model, None))
+        return {name: key[:-len(".weight")] for key, name in names.items()
+                if key.startswith(_UNET) and key in self.weights}
+
+
+def diffusion_layers(lora: LoraFile, paths: dict[str, str]) -> dict[str, LowRankLayer]:
+    """The plain low-rank layers of a LoRA that patch a diffusion-model module (text-encoder layers are not part
+    of a runtime branch; :func:`unsupported_layers` lists the other diffusion-model layers first)."""
+    return {name: layer for name, layer in lora.layers.items() if name in paths and isinstance(layer, LowRankLayer)}
+
+
+def unsupported_layers(lora: LoraFile, paths: dict[str, str]) -> dict[str, str]:
+    """Diffusion-model layers of a LoRA a factored branch cannot run, name -> what they are: adapters that are
+    not up @ down (LoHa, LoKr, DoRA, ...) and convs with a kernel other than 1x1 (LoCon's 3x3), whose branch
+    would need the layer's own convolution. Left out, they would silently vanish from the result."""
+    found = {}
+    for name, layer in lora.layers.items():
+        if name not in paths:
+            continue
+        if not isinstance(layer, LowRankLayer):
+            found[name] = layer.kind
+        elif layer.conv_kernel != ():
+            found[name] = f"{'x'.join(map(str, layer.conv_kernel))} conv"
+    return found
+
+
+def refuse_unsupported(lora: LoraFile, paths: dict[str, str], what: str) -> None:
+    """One line naming the file when it has diffusion-model layers a factored branch cannot run."""
+    unsupported = unsupported_layers(lora, paths)
+    if unsupported:
+        name, kind = next(iter(unsupported.items()))
+        raise LoraRarError(f"{what}: {lora.path} has {len(unsupported)} diffusion-model layers the optimisation "
+                           f"cannot run (e.g. {name}: {kind}); it optimises plain LoRA layers (linear or 1x1 conv) "
+                           "only: use the merge node for this file")

@@ -1,0 +1,257 @@
+"""ZipLoRA through ComfyUI's own model (arXiv 2311.13600): the merge coefficients of one subject/style LoRA pair
+optimised on reference images, for pairs the published hypernetwork does not serve.
+
+The objective, the factored branch and the conversion to a merged LoRA are hypernet/ziplora.py; the branch rides
+on the model through the one injector (branch.py). This module prepares the data (images VAE-encoded, prompts
+CLIP-encoded), runs the optimisation loop with ComfyUI's progress bar and Cancel, caches the result by its inputs,
+and applies it through the merge's own patching (fit.py), so its outputs are those of every other merge.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import time
+from dataclasses import dataclass, field
+
+import comfy.utils
+import torch
+
+from ...hypernet.cache import BoundedCache
+from ...hypernet.errors import LoraRarError
+from ...hypernet.files import file_sha256
+from ...hypernet.loss_curve import loss_curve
+from ...hypernet.merge import MergedLora
+from ...hypernet.ziplora import DEFAULT_LAMBDA, ZipLoraMerge, optimisation_step, to_merged_lora, ziplora_loss
+from .branch import inject
+from .fit import apply_merged
+from .inputs import lora_path
+from .model import ModelView, diffusion_layers, refuse_unsupported
+from .sampling import (check_images, encode_images, encode_text, loaded, model_conditioning, noised_batch, prediction,
+                       throw_if_cancelled, timestep_count, to_image, trainable)
+
+DEFAULT_LEARNING_RATE = 0.01  # LoRA.rar's ZipLoRA baseline (../shared/METHOD.md); the paper gives none
+# Early stop: the published rule is "until the cosine reaches 0", but |cos| of two float32 vectors only reaches
+# exactly 0 by chance, so the default stops once the mean |cos| per layer is below 1e-3 (the columns' weight
+# vectors within 0.06 degrees of orthogonal): further steps can no longer lower lambda * sum|cos| measurably.
+DEFAULT_STOP_SIMILARITY = 1e-3
+# The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
+# latent pixels; 64 px (8 x 8 latents) is the smallest this pack tests, and smaller references teach nothing anyway.
+MIN_IMAGE_PX = 64
+
+# The last result: a re-run where only the sampling changed reuses it. One entry: ComfyUI's cache bounds memory.
+RESULTS: BoundedCache = BoundedCache(
+    1, "files' sha256, settings, the model's sampled weights and patches, latents' and conditionings' hashes")
+
+
+@dataclass(frozen=True)
+class Settings:
+    steps: int
+    learning_rate: float
+    similarity_lambda: float
+    seed: int
+    stop_similarity: float
+
+    def as_params(self) -> dict[str, float]:
+        return {name: float(value) for name, value in self.__dict__.items()}
+
+
+@dataclass
+class _Result:
+    merged: MergedLora
+    history: list[dict[str, float]]
+    start: dict[str, float]
+    end: dict[str, float]
+    seconds: float
+    early_stop: bool
+    layers: int
+    lines: list[str] = field(default_factory=list)
+
+
+def _hash_tensors(*tensors: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    for tensor in tensors:
+        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _conditioning_tensors(conditioning: list) -> list[torch.Tensor]:
+    """The tensors of a ComfyUI CONDITIONING (cross attention and the extras, e.g. the pooled output)."""
+    return [t for cross_attn, extras in conditioning
+            for t in (cross_attn, *(v for _, v in sorted(extras.items()) if isinstance(v, torch.Tensor)))]
+
+
+def _model_fingerprint(model) -> str:
+    """The model's weights, sampled (16 values spread over each tensor, every shape and dtype), and the patches
+    already on it: telling two checkpoints apart without reading gigabytes on every run."""
+    digest = hashlib.sha256(type(model.model.model_config).__name__.encode())
+    for name, weight in model.model.state_dict().items():
+        flat = weight.detach().reshape(-1)
+        count = min(16, flat.numel())
+        sample = flat[torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)]  # integer: exact for any size
+        digest.update(f"{name}|{tuple(weight.shape)}|{weight.dtype}|".encode())
+        digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
+    if model.patches:  # a LoRA loaded upstream changes what the merge is optimised on
+        digest.update(f"{sorted(model.patches)}|{model.patches_uuid}".encode())
+    return digest.hexdigest()
+
+
+def _reference(vae, clip, images: torch.Tensor, prompt: str, what: str) -> tuple:
+    """(latents (B, C, h, w), CONDITIONING) of one side's reference images and prompt."""
+    check_images(images, f"ZipLoRA: {what}", MIN_IMAGE_PX)
+    return encode_images(vae, images), encode_text(clip, prompt)
+
+
+def _draw(model, latents: torch.Tensor, conditioning: list, generator: torch.Generator):
+    """One training example: a reference latent, its noise and timestep drawn from ``generator`` (on the CPU, so a
+    seed gives the same draws on every device); the merged branch and its target both run on this batch."""
+    device = model.load_device
+    latent = latents[torch.randint(len(latents), (1,), generator=generator)]
+    noise = torch.randn(latent.shape, generator=generator)
+    timestep = torch.randint(0, timestep_count(model), (1,), generator=generator)
+    latent = latent.to(device)
+    return noised_batch(model, latent, noise.to(device), timestep.to(device),
+                        model_conditioning(model, conditioning, latent))
+
+
+class _Progress:
+    """ComfyUI's progress bar per step, and the loss as the node's progress text where a server runs."""
+
+    def __init__(self, steps: int, node_id: str | None):
+        self.bar, self.node_id = comfy.utils.ProgressBar(steps, node_id=node_id), node_id
+        try:
+            from server import PromptServer
+            self.server = getattr(PromptServer, "instance", None)
+        except ImportError:
+            self.server = None
+
+    def __call__(self, step: int, steps: int, loss: dict[str, float]) -> None:
+        self.bar.update_absolute(step, steps)
+        if self.server is not None and self.node_id is not None:
+            self.server.send_progress_text(f"ZipLoRA step {step}/{steps}: loss {loss['total']:.5g} (subject "
+                                           f"{loss['subject']:.3g}, style {loss['style']:.3g}, sum|cos| "
+                                           f"{loss['similarity']:.3g})", self.node_id)
+
+
+def _optimise(model, subject_path, style_path, subject_data, style_data, settings: Settings, node_id) -> _Result:
+    """The optimisation: AdamW on the coefficients only, one subject and one style example per step."""
+    with torch.inference_mode(False), torch.enable_grad():  # ComfyUI runs nodes in inference mode
+        subject_data, style_data = _ordinary(subject_data), _ordinary(style_data)
+        return _optimise_trainable(trainable(model), subject_path, style_path, subject_data, style_data, settings,
+                                   node_id)
+
+
+def _ordinary(data: tuple) -> tuple:
+    """(latents, CONDITIONING) made under inference mode, as ordinary tensors (clones) autograd may save."""
+    latents, conditioning = data
+    return latents.clone(), [[cross_attn.clone(), {k: v.clone() if isinstance(v, torch.Tensor) else v
+                                                   for k, v in extras.items()}] for cross_attn, extras in conditioning]
+
+
+def _optimise_trainable(model, subject_path, style_path, subject_data, style_data, settings: Settings, node_id) -> _Result:
+    view = ModelView(model)
+    subject, style = view.read_pair(subject_path, style_path)
+    paths = view.module_paths()
+    for lora in (subject, style):
+        refuse_unsupported(lora, paths, "ZipLoRA")
+    merge = ZipLoraMerge(diffusion_layers(subject, paths), diffusion_layers(style, paths))
+    if not merge.coefficient_parameters():
+        raise LoraRarError(f"ZipLoRA: {subject.path} and {style.path} share no diffusion-model layer, so there is "
+                           "nothing to optimise (the merge is their plain sum: use the merge node's direct method)")
+    patched, _, skipped = inject(model, merge, paths)
+    if skipped:
+        name, why = next(iter(skipped.items()))
+        raise LoraRarError(f"ZipLoRA: {len(skipped)} layers of {subject.path} + {style.path} cannot run in this "
+                           f"model's forward (e.g. {name}: {why})")
+    started = time.perf_counter()
+    with loaded(patched):  # the draws too: the model's noise schedule is on its device once loaded
+        start, history, end, early = _steps(patched, merge, subject_data, style_data, settings, node_id)
+    merged = to_merged_lora(merge, subject, style, params=settings.as_params())
+    layers = len(merge.coefficient_parameters()) // 2
+    return _Result(merged, history, start, end, time.perf_counter() - started, early, layers)
+
+
+def _steps(patched, merge: ZipLoraMerge, subject_data, style_data, settings: Settings, node_id) -> tuple:
+    """(loss at start, per-step losses, loss at end, stopped early): the start and end losses on one fixed evaluation
+    batch, drawn first from the seed, so the two compare; each step on its own draw."""
+    parameters = merge.coefficient_parameters()
+    # decoupled weight decay off: it would pull the coefficients toward 0, away from the init 1 both targets favour
+    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(settings.seed)
+
+    def draw():
+        return _draw(patched, *subject_data, generator), _draw(patched, *style_data, generator)
+
+    def loss_on(batches):
+        return ziplora_loss(merge, lambda batch: prediction(patched, batch), *batches, lam=settings.similarity_lambda)
+
+    evaluation = draw()
+    with torch.no_grad():
+        start = _finite(loss_on(evaluation).as_floats(), "at start, before any step,")
+    progress, history, early = _Progress(settings.steps, node_id), [], False
+    for step in range(settings.steps):
+        throw_if_cancelled()
+        batches = draw()
+        history.append(_finite(optimisation_step(merge, optimizer, lambda: loss_on(batches)).as_floats(),
+                               f"at step {step + 1}"))
+        if not all(bool(torch.isfinite(p).all()) for p in parameters):
+            raise LoraRarError(f"ZipLoRA: the coefficients became NaN or Inf at step {step + 1} (the optimisation "
+                               f"diverged): lower the learning rate ({settings.learning_rate:g}); nothing was applied")
+        progress(step + 1, settings.steps, history[-1])
+        early = float(merge.similarity().detach()) <= settings.stop_similarity * (len(parameters) // 2)
+        if early:
+            break
+    with torch.no_grad():
+        end = loss_on(evaluation).as_floats()
+    return start, history, end, early
+
+
+def _finite(loss: dict[str, float], when: str) -> dict[str, float]:
+    """``loss`` when every term is finite; otherwise the run stops here, before a NaN reaches the coefficients, the
+    patched model or a saved file."""
+    if all(map(math.isfinite, loss.values())):
+        return loss
+    raise LoraRarError(f"ZipLoRA: the loss {when} is not finite (total {loss['total']:g}, subject {loss['subject']:g}, "
+                       f"style {loss['style']:g}): the LoRAs overflow this model's forward (alpha or strength too "
+                       "large for its dtype) or the optimisation diverged (lower the learning rate); nothing was applied")
+
+
+def _report(result: _Result, settings: Settings, reused: bool, applied_text: str) -> str:
+    def terms(loss):
+        return (f"total {loss['total']:.6g} = subject {loss['subject']:.6g} + style {loss['style']:.6g} + "
+                f"{settings.similarity_lambda:g} x sum|cos| {loss['similarity']:.6g}")
+
+    stop = (f"early stop: mean |cos| per layer reached {settings.stop_similarity:g}" if result.early_stop
+            else "no early stop (the similarity term stayed above the threshold)")
+    return "\n".join([
+        f"LoRA.rar ZipLoRA: {result.merged.report.subject} + {result.merged.report.style}",
+        f"{len(result.history)} of {settings.steps} steps in {result.seconds:.1f} s, AdamW lr "
+        f"{settings.learning_rate:g}, lambda {settings.similarity_lambda:g}, seed {settings.seed}; {stop}",
+        f"coefficients: {result.layers} layers both LoRAs patch (each d_in x 2)",
+        f"loss on a fixed evaluation batch at start: {terms(result.start)}",
+        f"loss on a fixed evaluation batch at end:   {terms(result.end)}",
+        *([f"warning: the loss rose from {result.start['total']:.6g} to {result.end['total']:.6g}, so the optimisation "
+           f"diverged: lower the learning rate ({settings.learning_rate:g}) and run again"]
+          if result.end["total"] > result.start["total"] else []),
+        "reused the result of an identical earlier run (same files, images, prompts, settings and model)"
+        if reused else "optimised now",
+        "text encoders: not part of ZipLoRA's optimisation; the CLIP output carries none of the LoRAs' layers",
+        applied_text,
+    ])
+
+
+def optimise_for_model(model, clip, vae, subject_lora: str, style_lora: str, subject_reference: tuple,
+                       style_reference: tuple, settings: Settings, node_id: str | None) -> tuple:
+    """(MODEL, CLIP, merged LoRA as applied, report, loss curve IMAGE); ``*_reference``: (IMAGE, prompt)."""
+    subject_path, style_path = lora_path(subject_lora), lora_path(style_lora)
+    subject_data = _reference(vae, clip, *subject_reference, "subject_images")
+    style_data = _reference(vae, clip, *style_reference, "style_images")
+    key = (file_sha256(subject_path), file_sha256(style_path), settings, _model_fingerprint(model),
+           *(_hash_tensors(latents, *_conditioning_tensors(cond)) for latents, cond in (subject_data, style_data)))
+    result, reused = RESULTS.get_or_make(key, lambda: _optimise(model, subject_path, style_path, subject_data,
+                                                                 style_data, settings, node_id))
+    merged = result.merged.named(subject_lora, style_lora, subject_path, style_path)
+    model_out, clip_out, applied, applied_text = apply_merged(model, clip, merged)
+    curve = to_image(loss_curve(result.history, f"ZipLoRA: {subject_lora} + {style_lora}"))
+    return model_out, clip_out, applied, _report(result, settings, reused, applied_text), curve
