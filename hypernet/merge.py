@@ -293,7 +293,7 @@ def merge_many(
     params: the method's own parameters by name (defaults otherwise); batched: force the compute branch
     (default: :func:`hypernet.pipeline.use_batched`). progress(done, total) counts layers of all inputs.
     family: the model family (ComfyUI's class name, e.g. "Flux"), for methods that serve only some families.
-    roles: canonical layer name -> attention role, read from the loaded model (nodes/attention_roles.py); None
+    roles: canonical layer name -> attention role, read from the loaded model (nodes/adapter/roles.py); None
     without a model, when the UNet layout's names say it.
     """
     rule = _checked_method(method, policy, hypernet, styles)
@@ -314,7 +314,7 @@ def merge_many(
 
 def _no_attention(rule: MergeMethod, ctx: MergeContext) -> str | None:
     """Why a method whose rule is for attention projections cannot run on a model in which none is known (its
-    attention classes are not in the pack's table, nodes/attention_roles.py): it would only apply the layer policy."""
+    attention classes are not in the pack's table, nodes/adapter/roles.py): it would only apply the layer policy."""
     if not rule.needs_roles or ctx.roles is None or any(role not in FUSED_WITH_MLP for role in ctx.roles.values()):
         return None
     return (f"no attention projection is known in this {ctx.family + ' ' if ctx.family else ''}model (the pack reads them from "

@@ -6,9 +6,9 @@ The loop (hypernet/training/trainer.py) is torch only; this module gives it Comf
   once with its VAE and text encoders to encode the dataset (latents and conditionings cached in the run
   folder), then the diffusion model alone for training;
 - the LoRAs read through ComfyUI's key map as the merge and ZipLoRA nodes read them (nodes/ziplora.py ``_read_pair``);
-- the branch injected as nodes/ziplora_patch.py does (object patches of each LoRA layer's forward), routed to the
+- the branch injected as nodes/adapter/branch.py does (object patches of each LoRA layer's forward), routed to the
   pair being trained, so the model is patched once for the whole run;
-- the forward: ``noised_batch`` / ``prediction`` of nodes/ziplora_patch.py (ComfyUI's noise schedule and
+- the forward: ``noised_batch`` / ``prediction`` of nodes/adapter/branch.py (ComfyUI's noise schedule and
   ``apply_model``).
 
 Random crop: images are resized (shorter side to --resolution) and VAE-encoded once; each draw crops a
