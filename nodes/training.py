@@ -29,6 +29,7 @@ from ..hypernet.errors import LoraRarError, unforeseen_as_error
 from ..hypernet.files import atomic_file, refuse_replacing
 from ..hypernet.keys import attention_role
 from ..hypernet.lora_io import LowRankLayer
+from ..hypernet.methods.lorarar import HYPERNET_ROLES
 from ..hypernet.model import LoraRarHypernet
 from ..hypernet.training import distributed
 from ..hypernet.training.dataset import Dataset, load_dataset, read_rgb
@@ -36,7 +37,7 @@ from ..hypernet.model import new_hypernet, save_hypernet
 from ..hypernet.training.output import refuse_existing, run_dir_for, training_metadata
 from ..hypernet.training.recipe import Recipe
 from ..hypernet.training.state import load_checkpoint
-from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
+from ..hypernet.training.trainer import Trainer
 from ..hypernet.ziplora import ZipLoraMerge
 from .common import model_class, model_layout
 from .merge import model_key_map, model_weights, read_for_model

@@ -21,6 +21,7 @@ from pathlib import Path
 from ..errors import LoraRarError
 from ..keys import attention_role
 from ..lora_io import LowRankLayer, read_lora
+from ..methods.lorarar import HYPERNET_ROLES
 
 KINDS = ("subjects", "styles")
 SPLITS = ("train", "validation")
@@ -142,7 +143,7 @@ def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
         problems.append(str(error))
         return set()
     widths = {layer.d_out for name, layer in lora.layers.items()
-              if isinstance(layer, LowRankLayer) and attention_role(name) in ("to_q", "to_out")}
+              if isinstance(layer, LowRankLayer) and attention_role(name) in HYPERNET_ROLES}
     if not widths:
         problems.append(f"{entry.lora}: no attention layer (to_q / to_out.0) of the diffusion model: nothing for the hypernet to merge")
     return widths
