@@ -41,8 +41,8 @@ from ..hypernet.training.trainer import Trainer
 from ..hypernet.ziplora import ZipLoraMerge
 from .common import model_class, model_layout
 from .merge import model_key_map, model_weights, read_for_model
-from .ziplora import TIMESTEPS
-from .ziplora_patch import branch_forward, diffusion_layers, loaded, model_conditioning, module_paths, noised_batch, prediction
+from .ziplora_patch import (branch_forward, diffusion_layers, loaded, model_conditioning, module_paths, noised_batch,
+                            prediction, timestep_count)
 
 CACHE_FORMAT = 1
 
@@ -162,6 +162,7 @@ class ComfyTask:
         self.layout = model_layout(model)
         self.route = _Route()
         self.device = model.load_device
+        self.timesteps = timestep_count(model)
         self._conditions: dict[str, dict] = {}
         self.patched = self._inject()
 
@@ -206,7 +207,7 @@ class ComfyTask:
         left = int(torch.randint(latent.shape[2] - size + 1, (1,), generator=generator))
         crop = latent[None, :, top:top + size, left:left + size]
         noise = torch.randn(crop.shape, generator=generator)
-        timestep = torch.randint(0, TIMESTEPS, (1,), generator=generator)
+        timestep = torch.randint(0, self.timesteps, (1,), generator=generator)
         crop = crop.to(self.device)
         key = f"{kind}/{name}"
         if key not in self._conditions:  # the same latent size every draw: built once per entry

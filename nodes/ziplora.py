@@ -29,14 +29,13 @@ from .common import CATEGORY, MERGED_TYPE, fingerprint, model_layout
 from .evaluate import to_image
 from .merge import LoraRarMerge, model_key_map, model_weights, read_for_model, apply_merged
 from .ziplora_patch import (diffusion_layers, inject, loaded, model_conditioning, module_paths, noised_batch, prediction,
-                            unsupported_layers)
+                            timestep_count, unsupported_layers)
 
 DEFAULT_LEARNING_RATE = 0.01  # LoRA.rar's ZipLoRA baseline (../shared/METHOD.md); the paper gives none
 # Early stop: the published rule is "until the cosine reaches 0", but |cos| of two float32 vectors only reaches
 # exactly 0 by chance, so the default stops once the mean |cos| per layer is below 1e-3 (the columns' weight
 # vectors within 0.06 degrees of orthogonal): further steps can no longer lower lambda * sum|cos| measurably.
 DEFAULT_STOP_SIMILARITY = 1e-3
-TIMESTEPS = 1000  # the DDPM training timesteps of SDXL-family models, drawn uniformly as in LoRA training
 # The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
 # latent pixels; 64 px (8 x 8 latents) is the smallest this pack tests, and smaller references teach nothing anyway.
 MIN_IMAGE_PX = 64
@@ -127,7 +126,7 @@ def _draw(model, latents: torch.Tensor, conditioning: list, generator: torch.Gen
     device = model.load_device
     latent = latents[torch.randint(len(latents), (1,), generator=generator)]
     noise = torch.randn(latent.shape, generator=generator)
-    timestep = torch.randint(0, TIMESTEPS, (1,), generator=generator)
+    timestep = torch.randint(0, timestep_count(model), (1,), generator=generator)
     latent = latent.to(device)
     return noised_batch(model, latent, noise.to(device), timestep.to(device),
                         model_conditioning(model, conditioning, latent))

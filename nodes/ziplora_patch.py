@@ -106,6 +106,13 @@ def model_conditioning(model, conditioning: list, latent: torch.Tensor) -> dict:
     return {name: cond.process_cond(batch_size=latent.shape[0], device=latent.device).cond for name, cond in conds.items()}
 
 
+def timestep_count(model) -> int:
+    """How many discrete timesteps the model's noise schedule has (DDPM eps models: 1000); training draws t uniformly
+    below it, as the LoRAs' own training did. Read from ComfyUI's model_sampling, whose ``sigmas`` hold one entry per
+    timestep, so the number is the model's own and lives nowhere else."""
+    return len(model.get_model_object("model_sampling").sigmas)
+
+
 def noised_batch(model, latent: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> NoisedBatch:
     """latent (B, C, H, W) as the VAE gives it, noised at integer ``timestep`` (B,) the way ComfyUI's own
     model sampling does (DDPM's add_noise for eps models); the same batch then serves a branch and its target."""
