@@ -44,15 +44,15 @@ class BLoraMethod(MergeMethod):
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str:
         content, style_block = split_for(ctx.layout)
         if name.startswith(content):
-            return Claim("kept (subject)", "B-LoRA content block") if subject is not None else \
+            return Claim.keep("subject", "B-LoRA content block") if subject is not None else \
                 "B-LoRA content block, but the subject LoRA has no such layer"
         if name.startswith(style_block):
-            return Claim("kept (style)", "B-LoRA style block") if style is not None else \
+            return Claim.keep("style", "B-LoRA style block") if style is not None else \
                 "B-LoRA style block, but the style LoRA has no such layer"
         return "outside B-LoRA's content and style blocks"
 
     def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:
-        side = (job.subject, job.subject_weight) if job.action == "kept (subject)" else (job.style, job.style_weight)
+        side = (job.subject, job.subject_weight) if job.sides == ("subject",) else (job.style, job.style_weight)
         return MergedLayer(weighted_sum([side], ctx.device, job.dtype))
 
 
