@@ -55,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", choices=[*sorted(LAYOUTS), any_family.ANY], help="the base model the LoRAs are "
                        "for: they are checked against its layout, as the node checks them against its model; any: "
                        "a model of any family (Flux, SD3.5, ...), layers matched by the name written in the files, "
-                       f"for methods {' and '.join(any_family.LAYOUT_FREE_METHODS)} (default: the hypernet's training "
+                       f"for methods {' and '.join(any_family.layout_free_methods())} (default: the hypernet's training "
                        "model; for those methods any when the files hold layers the SDXL parser does not know, else sdxl)")
     merge.add_argument("--subject-strength", type=float, default=1.0)
     merge.add_argument("--style-strength", type=float, default=1.0)
@@ -131,7 +131,7 @@ def _read_inputs(args: argparse.Namespace, rule, info, trained_on):
         return subject, style, None, any_family.check_shared(subject, style)
     # the layout the LoRAs must fit, as the node uses its model's: named, else the hypernet's training model
     layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else trained_on or SDXL)
-    if args.base is None and rule.name in any_family.LAYOUT_FREE_METHODS:
+    if args.base is None and rule.layout_free:
         subject, style = any_family.read_pair(args.subject, args.style, layout)
         if any_family.needs_any(subject, style):
             return subject, style, None, any_family.check_shared(subject, style)

@@ -26,8 +26,8 @@ def split_for(layout: UNetLayout | None, family: str | None = None) -> tuple[str
             if dataclasses.replace(layout, name=known.name) == known:
                 return content, style
     named = layout.name if layout is not None else (f"{family} models" if family else "an unknown base model")
-    raise LoraRarError(f"b-lora: no published content/style block split for {named} (known: "
-                       f"{', '.join(known.name for known, _, _ in SPLITS)}); use another method")
+    raise LoraRarError(f"b-lora: no published content/style block split for {named} (B-LoRA's is published for "
+                       f"{', '.join(known.name.upper() for known, _, _ in SPLITS)} only); use another method")
 
 
 class BLoraMethod(MergeMethod):

@@ -131,6 +131,9 @@ class MergeMethod:
     # the rule takes every layer either LoRA has, alone or paired (direct: the sum), so the layer policy never decides;
     # a layer whose other side is an adapter no rule merges (DoRA, LoHa, ...) then keeps its plain side
     claims_every_layer: bool = False
+    # the rule is per layer and needs neither a hypernet nor the base model's layout: the CLI can merge LoRAs of any
+    # model family with it, pairing layers by the names written in the files (--base any, hypernet/any_family.py)
+    layout_free: bool = False
 
     def unsupported(self, ctx: MergeContext) -> str | None:
         """Why this method cannot merge LoRAs for ``ctx``'s model family (a one-line reason), or None."""

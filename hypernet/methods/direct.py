@@ -11,6 +11,7 @@ class DirectMerge(MergeMethod):
     name = "direct"
     help = "plain strength-weighted sum of both LoRAs (what two stacked LoRA loaders do), for comparison"
     claims_every_layer = True
+    layout_free = True
 
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim:
         present = [side for side, layer in (("subject", subject), ("style", style)) if layer is not None]

@@ -100,11 +100,12 @@ def test_the_cli_refuses_what_the_node_refuses_whatever_the_method(tmp_path):
 
 
 class KeepSubject(MergeMethod):
-    """A toy method saying through an attribute, not its name, that it takes every layer."""
+    """A toy method saying through its attributes, not its name, that it needs no layout and takes every layer."""
 
     name = "toy-keep"
     help = "the subject's layer where it has one, else the style's"
     claims_every_layer = True
+    layout_free = True
 
     def claim(self, name, subject, style, ctx):
         return Claim.keep("subject" if subject is not None else "style", "toy rule")
@@ -119,6 +120,18 @@ def keep_method():
     methods.register(KeepSubject())
     yield methods.get("toy-keep")
     methods.unregister("toy-keep")
+
+
+def test_a_plugged_in_method_says_itself_whether_it_merges_any_family(keep_method):
+    """--base any asks the method (layout_free, its own unsupported()), so adding a method edits no list."""
+    from hypernet import any_family
+
+    assert any_family.layout_free_methods() == ("direct", "np-lora", "toy-keep")
+    any_family.refuse_method(keep_method)  # accepted
+    with pytest.raises(LoraRarError) as refused:
+        any_family.refuse_method(methods.get("b-lora"))
+    assert "no published content/style block split for an unknown base model" in str(refused.value)
+    assert "published for SDXL only" in str(refused.value) and "methods that can: direct, np-lora, toy-keep" in str(refused.value)
 
 
 def test_a_method_that_claims_every_layer_keeps_the_plain_side_beside_an_adapter_it_cannot_merge(keep_method, tmp_path):
