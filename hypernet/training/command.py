@@ -1,16 +1,16 @@
 """``python -m hypernet check-dataset`` and ``python -m hypernet train`` (also under ``torchrun ... -m hypernet train``).
 
 Nothing here imports ComfyUI at module level: check-dataset without --base runs on torch alone; train and
-check-dataset --base put ComfyUI (--comfy DIR or $LORARAR_COMFY) on sys.path and import the pack as a package,
-so its adapter (nodes/training.py) runs with ComfyUI's own loaders.
+check-dataset --base put ComfyUI (--comfy DIR or $LORARAR_COMFY) on sys.path and import the pack's adapter
+(nodes/training.py), which runs with ComfyUI's own loaders. ``python -m hypernet`` runs this module inside the pack
+(hypernet/__main__.py), so the adapter and the command line share one import of every module: an error the adapter
+raises is the LoraRarError the command line prints as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -21,8 +21,6 @@ from .output import refuse_existing
 from .recipe import MIXED_PRECISION, Recipe
 
 COMFY_ENV = "LORARAR_COMFY"
-PACK_MODULE = "comfyui_lorarar"  # the name the pack is imported under outside a ComfyUI server
-REPO = Path(__file__).resolve().parents[2]
 
 
 def add_parsers(commands) -> None:
@@ -107,32 +105,20 @@ def comfy_adapter(comfy: Path | None):
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
     import utils.extra_config  # noqa: F401  (before ComfyUI's nodes.py, as main.py does)
 
-    if PACK_MODULE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_MODULE] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"{PACK_MODULE}.nodes.training")
-
-
-@contextlib.contextmanager
-def pack_errors_as_cli_errors():
-    """The adapter runs the pack imported as ``comfyui_lorarar``, whose LoraRarError is another class than this
-    module's: re-raise it as ours, so the command line prints its one line instead of a traceback."""
-    module = sys.modules.get(f"{PACK_MODULE}.hypernet.errors")
-    theirs = (module.LoraRarError,) if module is not None and module.LoraRarError is not LoraRarError else ()
-    try:
-        yield
-    except theirs as error:
-        raise LoraRarError(str(error)) from error
+    try:  # the pack's nodes/training.py, beside this hypernet/ package: the same import of the pack
+        return importlib.import_module("...nodes.training", __package__)
+    except ImportError as error:
+        if "beyond top-level package" not in str(error):
+            raise
+        raise LoraRarError("the training commands run the pack's ComfyUI adapter: start them with `python -m hypernet` "
+                           "from the pack's folder, not through a top-level import of hypernet") from None
 
 
 def run_check_dataset(args: argparse.Namespace) -> int:
     problems = check_dataset(args.dataset)
     if args.base is not None:
         adapter = comfy_adapter(args.comfy)
-        with pack_errors_as_cli_errors():
-            problems += adapter.check_against_model(args.dataset, args.base)
+        problems += adapter.check_against_model(args.dataset, args.base)
     for line in problems:
         print(line)
     print(f"{args.dataset}: {len(problems)} problem(s)" if problems else f"{args.dataset}: ready for training",
@@ -146,8 +132,7 @@ def run_train(args: argparse.Namespace) -> int:
         refuse_existing(args.out, args.resume, args.overwrite)
     adapter = comfy_adapter(args.comfy)
     try:
-        with pack_errors_as_cli_errors():
-            return _train(adapter, args, recipe)
+        return _train(adapter, args, recipe)
     except KeyboardInterrupt:  # before the loop (loading, encoding): nothing to keep yet
         print("interrupted before training started; nothing was written", file=sys.stderr)
         return 130
