@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import folder_paths
 
 from ..hypernet.base_models import UNetLayout
-from ..hypernet.checkpoints import for_model_class, load_hypernet, load_manifest
+from ..hypernet.checkpoints import ResolvedHypernet, for_model_class, load_manifest, resolve_hypernet
 from ..hypernet.errors import LoraRarError
 from ..hypernet.model import LoraRarHypernet
 from .common import (CATEGORY, FOLDER, HYPERNET_TYPE, download_dir, fingerprint, hypernet_choices, hypernet_dirs,
@@ -18,14 +18,14 @@ register_folder()
 
 # Loaded hypernets by published name, or by (file name, content sha256) for own files: a file retrained under
 # the old name is loaded again. Each is about 2 MB; four covers both published ones and two own files.
-_LOADED: "OrderedDict[object, tuple[LoraRarHypernet, UNetLayout | None]]" = OrderedDict()
+_LOADED: "OrderedDict[object, ResolvedHypernet]" = OrderedDict()
 _LOADED_MAX = 4
 
 
 @dataclass(frozen=True)
 class LoadedHypernets:
     """What the loader resolved: the chosen hypernet, or for 'auto' the published ones (all of them, or the one
-    serving the connected model); the merge node takes the one for its model. name -> (hypernet, trained on)."""
+    serving the connected model); the merge node takes the one for its model. name -> ResolvedHypernet."""
 
     choice: str
     by_name: dict = field(default_factory=dict, compare=False)
@@ -36,9 +36,9 @@ class LoadedHypernets:
         if name not in self.by_name:
             raise LoraRarError(f"the Hypernet Loader resolved {', '.join(self.by_name)} for another model than this "
                                f"{model_class(model)} one; connect this model to the loader or choose a hypernet")
-        hypernet, trained_on = self.by_name[name]
-        hypernet.check_fits(name, model_class(model), attention_widths(model))
-        return hypernet, trained_on, name
+        resolved = self.by_name[name]
+        resolved.net.check_fits(name, model_class(model), attention_widths(model))
+        return resolved.net, resolved.layout, name
 
 
 def attention_widths(model) -> set[int] | None:
@@ -52,12 +52,12 @@ def _license_line() -> str:
     return "; ".join(f"{i.name}: {i.license}, {i.attribution}" for i in infos)
 
 
-def _load(name: str) -> tuple[LoraRarHypernet, UNetLayout | None]:
+def _load(name: str) -> ResolvedHypernet:
     published = name in load_manifest()
     source = name if published else folder_paths.get_full_path_or_raise(FOLDER, name)
     key = name if published else (name, fingerprint(source))
-    if key not in _LOADED:
-        _LOADED[key] = load_hypernet(source, hypernet_dirs(), download_dir())
+    if key not in _LOADED:  # the resolver the command line uses too: one answer to what a hypernet serves
+        _LOADED[key] = resolve_hypernet(source, hypernet_dirs(), download_dir())
         while len(_LOADED) > _LOADED_MAX:
             _LOADED.popitem(last=False)
     _LOADED.move_to_end(key)

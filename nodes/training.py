@@ -25,6 +25,7 @@ import comfy.sd
 import nodes as comfy_nodes  # ComfyUI's own nodes.py (the pack's package is imported relatively)
 import torch
 
+from ..hypernet.checkpoints import ResolvedHypernet
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
 from ..hypernet.files import atomic_file, refuse_replacing
 from ..hypernet.keys import attention_role
@@ -259,21 +260,22 @@ def _load_model(base: Path):
     return model
 
 
-def _initial_hypernet(init: Path | None, widths: list[int], recipe: Recipe) -> LoraRarHypernet:
+def _initial_hypernet(init: ResolvedHypernet | None, widths: list[int], recipe: Recipe) -> LoraRarHypernet:
     if init is None:
         return new_hypernet(widths, hidden=recipe.hidden, seed=recipe.seed)
-    net = LoraRarHypernet.load(init)
+    net = init.net
     missing = sorted(set(widths) - set(net.widths))
     if missing:
-        raise LoraRarError(f"{init}: serves attention widths {sorted(net.widths)}, the base model also has {missing}; "
+        raise LoraRarError(f"{init.name}: serves attention widths {sorted(net.widths)}, the base model also has {missing}; "
                            "fine-tune from a hypernet made for this model family, or train a new one")
     return net
 
 
 def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: bool = False, overwrite: bool = False,
-          init: Path | None = None, cache_dir: Path | None = None, checkpoint_every: int = 50, validate_every: int = 50) -> int:
+          init: ResolvedHypernet | None = None, cache_dir: Path | None = None, checkpoint_every: int = 50, validate_every: int = 50) -> int:
     """``python -m hypernet train``: encode (rank 0, cached), train, write ``out`` (rank 0). Returns the exit code
-    (0 done, 130 stopped by Ctrl-C / SIGTERM with the checkpoint kept)."""
+    (0 done, 130 stopped by Ctrl-C / SIGTERM with the checkpoint kept). init: the --init hypernet, resolved by the
+    command line (hypernet.checkpoints.resolve_hypernet, as the loader node and the merge command resolve theirs)."""
     world = distributed.world_from_env()
     run_dir = run_dir_for(out)
     if world.writer:
@@ -282,13 +284,11 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
     if not base.is_file():
         raise LoraRarError(f"{base}: base checkpoint not found")
     if world.writer:  # --overwrite replaces --out, never one of the run's own inputs
-        inputs = {"base checkpoint": str(base), **({"--init hypernet": str(init)} if init else {})}
+        inputs = {"base checkpoint": str(base), **({"--init hypernet": str(init.net.source)} if init else {})}
         inputs.update({f"{kind[:-1]} LoRA {name}": str(entry.lora) for (kind, name), entry in dataset.entries.items()})
         refuse_replacing(out, inputs)
     if resume:  # a missing or unreadable checkpoint is said before the dataset is encoded
         load_checkpoint(run_dir)
-    if init is not None:  # likewise an unreadable or non-finite --init
-        LoraRarHypernet.load(init)
     device = comfy.model_management.get_torch_device()
     distributed.start(world, device)
     try:
@@ -314,7 +314,7 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
         if world.writer and not result.stopped:
             metadata = training_metadata(model_classes=[model_class(model)], widths=sorted(hypernet.widths),
                                          pairs=dataset.pairs("train"), recipe_json=recipe.to_json(world.size),
-                                         steps=result.steps, base_model=base.name)
+                                         steps=result.steps, base_model=base.name, layout=model_layout(model))
             save_hypernet(result.hypernet, out, metadata, overwrite=overwrite or resume)
             print(f"wrote {out} ({result.steps} steps, {result.seconds_per_step:.3g} s per step)")
         return 130 if result.stopped else 0

@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from ..checkpoints import default_search_dirs, resolve_hypernet
 from ..errors import LoraRarError
 from .dataset import check_dataset
 from .output import refuse_existing
@@ -39,7 +40,8 @@ def add_parsers(commands) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace --out and start over an existing run folder")
     train.add_argument("--cache-dir", type=Path, help="where the encoded dataset (latents, conditionings) is kept "
                        "(default: the run folder); runs on the same base, dataset and resolution share it")
-    train.add_argument("--init", type=Path, help="start from this hypernetwork (a published .pth or a trained file): fine-tuning")
+    train.add_argument("--init", help="start from this hypernetwork: fine-tuning; a published name (sdxl, koala-700m), "
+                       "a published .pth or a trained file (a path, or a name in $LORARAR_WEIGHTS_DIR or weights/)")
     defaults = Recipe()
     train.add_argument("--lr", type=float, default=defaults.learning_rate, help="AdamW learning rate (constant)")
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
@@ -130,15 +132,17 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = recipe_from(args)
     if int(os.environ.get("RANK", "0")) == 0:  # before ComfyUI is even imported
         refuse_existing(args.out, args.resume, args.overwrite)
+    # resolved as the loader node and the merge command resolve theirs, and before ComfyUI is even imported
+    init = resolve_hypernet(args.init, default_search_dirs()) if args.init else None
     adapter = comfy_adapter(args.comfy)
     try:
-        return _train(adapter, args, recipe)
+        return _train(adapter, args, recipe, init)
     except KeyboardInterrupt:  # before the loop (loading, encoding): nothing to keep yet
         print("interrupted before training started; nothing was written", file=sys.stderr)
         return 130
 
 
-def _train(adapter, args: argparse.Namespace, recipe: Recipe) -> int:
+def _train(adapter, args: argparse.Namespace, recipe: Recipe, init) -> int:
     return adapter.train(dataset_dir=args.dataset, base=args.base, out=args.out, recipe=recipe, resume=args.resume,
-                         overwrite=args.overwrite, init=args.init, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
+                         overwrite=args.overwrite, init=init, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
                          validate_every=args.validate_every)
