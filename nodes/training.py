@@ -33,7 +33,7 @@ from ..hypernet.lora_io import LowRankLayer
 from ..hypernet.methods.lorarar import HYPERNET_ROLES
 from ..hypernet.model import LoraRarHypernet
 from ..hypernet.training import distributed
-from ..hypernet.training.dataset import Dataset, load_dataset, read_rgb
+from ..hypernet.training.dataset import Dataset, LoraCheck, check_dataset, load_dataset, read_rgb
 from ..hypernet.model import new_hypernet, save_hypernet
 from ..hypernet.training.output import refuse_existing, run_dir_for, training_metadata
 from ..hypernet.training.recipe import Recipe
@@ -323,26 +323,21 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
 
 
 def check_against_model(dataset_dir: Path, base: Path) -> list[str]:
-    """The problems only the base model shows: LoRA layers its key map does not place or whose shapes differ,
-    LoRAs patching no attention layer of it (one line each, naming the file)."""
-    from ..hypernet.training.dataset import read_dataset
-
-    dataset = read_dataset(dataset_dir, check_files=False)
+    """check-dataset --base: every problem of the dataset (hypernet/training/dataset.py), each LoRA read once, through
+    the base model's key map, and also checked against the model: layers it does not place or whose shapes differ,
+    no to_q / to_out.0 layer of it (one line each, naming the file)."""
     if not base.is_file():
-        return [f"{base}: base checkpoint not found"]
+        return [*check_dataset(dataset_dir), f"{base}: base checkpoint not found"]
     model = _load_model(base)
-    paths, key_map = model_layers(model), model_key_map(model, None)
+    paths, key_map, layout = model_layers(model), model_key_map(model, None), model_layout(model)
     shapes = {key: tuple(weight.shape) for key, weight in model_weights(model, None).items()}
-    problems = []
-    for (kind, name), entry in sorted(dataset.entries.items()):
-        if not entry.lora.is_file():
-            continue
-        try:
-            lora = read_for_model(str(entry.lora), key_map, shapes, model_layout(model), False)
-        except LoraRarError as error:
-            problems.append(str(error))
-            continue
+
+    def read(path: Path):
+        with unforeseen_as_error(str(path)):
+            return read_for_model(str(path), key_map, shapes, layout, False)
+
+    def misfit_here(lora) -> str | None:
         problem = misfit(lora, paths, shapes)
-        if problem:
-            problems.append(f"{problem} (base {base.name}, {model_class(model)})")
-    return problems
+        return f"{problem} (base {base.name}, {model_class(model)})" if problem else None
+
+    return check_dataset(dataset_dir, LoraCheck(read, misfit_here))

@@ -117,10 +117,9 @@ def comfy_adapter(comfy: Path | None):
 
 
 def run_check_dataset(args: argparse.Namespace) -> int:
-    problems = check_dataset(args.dataset)
-    if args.base is not None:
-        adapter = comfy_adapter(args.comfy)
-        problems += adapter.check_against_model(args.dataset, args.base)
+    # with --base, one pass reads each LoRA once, through the model's key map: each problem is listed once
+    problems = (check_dataset(args.dataset) if args.base is None
+                else comfy_adapter(args.comfy).check_against_model(args.dataset, args.base))
     for line in problems:
         print(line)
     print(f"{args.dataset}: {len(problems)} problem(s)" if problems else f"{args.dataset}: ready for training",

@@ -142,3 +142,23 @@ def test_the_training_cli_imports_the_pack_once_so_the_adapters_errors_are_the_c
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "caught by the CLI: True" in proc.stdout and "LoraRarError classes: 1" in proc.stdout, proc.stdout
+
+
+def test_check_dataset_against_the_base_lists_each_problem_of_a_broken_lora_once(base, data):
+    """check-dataset --base reads each LoRA once (through the model's key map): a NaN LoRA and an unreadable one are
+    each one line, not one from the file check and another from the model check."""
+    from safetensors.torch import load_file
+
+    nan = data / "subjects" / "subject_0" / "lora.safetensors"
+    state = load_file(str(nan))
+    first = sorted(state)[0]
+    save_file({**state, first: state[first] * float("nan")}, str(nan))
+    unreadable = data / "styles" / "style_1" / "lora.safetensors"
+    unreadable.write_bytes(b"not a safetensors file")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORARAR_COMFY": str(synthetic_models.comfy_root())}
+    proc = subprocess.run([sys.executable, "-m", "hypernet", "check-dataset", str(data), "--base", str(base)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{nan}: ") and lines[1].startswith(f"{unreadable}: "), lines
+    assert "NaN" in lines[0] and f"{data}: 2 problem(s)" in proc.stderr, proc.stdout + proc.stderr
