@@ -9,6 +9,7 @@ name.
 """
 
 import importlib
+import importlib.machinery
 import importlib.util
 import sys
 from pathlib import Path
@@ -18,14 +19,13 @@ PACK_ROOT = Path(__file__).resolve().parents[1]
 
 
 def import_pack():
-    """The pack (the repository folder) as the package PACK_NAME, imported once per process. Outside ComfyUI its
-    __init__ registers no nodes; nodes/training.py is imported from it once ComfyUI is on sys.path."""
+    """The pack (the repository folder) as the package PACK_NAME, once per process. Its __init__.py (the node
+    registration ComfyUI runs) is not executed: importing ComfyUI's folder_paths before the training command has
+    turned off ComfyUI's own argument parsing would parse this command's arguments. Submodules import as usual."""
     if PACK_NAME not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_NAME, PACK_ROOT / "__init__.py",
-                                                      submodule_search_locations=[str(PACK_ROOT)])
-        pack = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_NAME] = pack
-        spec.loader.exec_module(pack)
+        spec = importlib.machinery.ModuleSpec(PACK_NAME, None, is_package=True)
+        spec.submodule_search_locations = [str(PACK_ROOT)]
+        sys.modules[PACK_NAME] = importlib.util.module_from_spec(spec)
     return sys.modules[PACK_NAME]
 
 
