@@ -7,7 +7,7 @@ A new method is one module here with one :class:`~hypernet.methods.base.MergeMet
 from __future__ import annotations
 
 from ..errors import LoraRarError
-from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
+from .base import SIDES, Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param, kept
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -61,5 +61,5 @@ def resolve_params(method: MergeMethod, given: dict[str, float] | None) -> dict[
 # parameters go last (after np_lora_mu, which 0.2.0 workflows already hold)
 from . import lorarar, direct, np_lora, b_lora, k_lora  # noqa: E402,F401
 
-__all__ = ["Claim", "LayerJob", "MergeContext", "MergedLayer", "MergeMethod", "Param", "all_methods", "get",
-           "names", "param_key", "register", "resolve_params", "unregister"]
+__all__ = ["Claim", "LayerJob", "MergeContext", "MergedLayer", "MergeMethod", "Param", "SIDES", "all_methods", "get",
+           "kept", "names", "param_key", "register", "resolve_params", "unregister"]
