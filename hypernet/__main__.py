@@ -1,7 +1,7 @@
 """``python -m hypernet`` (also ``torchrun ... -m hypernet``): the command line of hypernet/cli.py, run inside the
 pack, imported once under PACK_NAME.
 
-``train`` and ``check-dataset --base`` run the pack's ComfyUI adapter (nodes/training.py), which reaches hypernet/
+``train`` and ``check-dataset --base`` run the pack's ComfyUI adapter (nodes/adapter/training.py), which reaches hypernet/
 through the pack (``from ..hypernet ...``). Were the command line the top-level ``hypernet`` package, every module
 the adapter uses would be imported twice, under two names, with two LoraRarError classes. So the whole command runs
 as the pack's own ``hypernet`` package; only this file and hypernet/__init__.py (the version) run under the top-level

@@ -17,7 +17,7 @@ import torch
 from .keys import is_text_encoder
 from .lora_io import LowRankLayer, OtherLayer
 from .lowrank import weighted_sum
-from .methods import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, kept
+from .methods.base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, kept
 
 LAYER_POLICIES = ("sum", "subject", "style", "skip")
 

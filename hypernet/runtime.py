@@ -20,7 +20,10 @@ from typing import Iterable
 
 import torch
 
-from .lora_io import LowRankLayer
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .lora_io import LowRankLayer
 
 
 class RuntimeBranch:
@@ -75,6 +78,24 @@ class RuntimePart:
     def summary_line(self) -> str:
         """The report's line about it."""
         return ""
+
+
+def schedule_progress(sigma: float, sigmas: list[float]) -> float:
+    """The progress p in [0, 1] of noise level ``sigma`` in a decreasing schedule of len(sigmas) - 1 steps.
+
+    p = index / steps with the index of sigma in the schedule, interpolated linearly between two schedule
+    points (second-order samplers evaluate there: heun at the next point, dpm_2 between); 0 at or above the
+    first sigma, 1 below the last.
+    """
+    steps = len(sigmas) - 1
+    if steps < 1 or sigma >= sigmas[0]:
+        return 0.0
+    for index in range(steps):
+        high, low = sigmas[index], sigmas[index + 1]
+        if high >= sigma >= low:
+            fraction = (high - sigma) / (high - low) if high > low else 0.0
+            return min(1.0, (index + fraction) / steps)
+    return 1.0
 
 
 class FactorCache:

@@ -345,7 +345,7 @@ def worker_train(args) -> dict:
     from hypernet.base_models import UNetLayout
 
     root = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__.rsplit(".nodes.merge", 1)[0]
-    adapter = importlib.import_module(f"{root}.nodes.training")
+    adapter = importlib.import_module(f"{root}.nodes.adapter.training")
     training = {name: importlib.import_module(f"{root}.hypernet.training.{name}") for name in ("dataset", "recipe", "trainer")}
     device = comfy.model_management.get_torch_device()
     gpu = device.type == "cuda"

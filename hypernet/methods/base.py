@@ -13,8 +13,11 @@ from dataclasses import dataclass, field
 import torch
 
 from ..keys import attention_role
-from ..lora_io import LowRankLayer
-from ..runtime import RuntimePart
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..lora_io import LowRankLayer
+    from ..runtime import RuntimePart
 
 
 @dataclass(frozen=True)

@@ -30,7 +30,7 @@ from ..keys import FUSED_WITH_MLP
 from ..lora_io import LowRankLayer
 from ..lowrank import weighted_sum
 from . import register
-from ..runtime import FactorCache, RuntimeBranch, RuntimePart, low_rank_apply
+from ..runtime import FactorCache, RuntimeBranch, RuntimePart, low_rank_apply, schedule_progress  # noqa: F401 (public here too)
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
 
 PATTERNS = ("s*", "linear")
@@ -71,24 +71,6 @@ def time_scale(p: float, pattern: str, alpha: float, beta: float) -> float:
     """S(p): "linear" alpha * p + beta, or "s*" (alpha * p + beta) mod alpha."""
     value = alpha * p + beta
     return value % alpha if pattern == "s*" else value
-
-
-def schedule_progress(sigma: float, sigmas: list[float]) -> float:
-    """The progress p in [0, 1] of noise level ``sigma`` in a decreasing schedule of len(sigmas) - 1 steps.
-
-    p = index / steps with the index of sigma in the schedule, interpolated linearly between two schedule
-    points (second-order samplers evaluate there: heun at the next point, dpm_2 between); 0 at or above the
-    first sigma, 1 below the last.
-    """
-    steps = len(sigmas) - 1
-    if steps < 1 or sigma >= sigmas[0]:
-        return 0.0
-    for index in range(steps):
-        high, low = sigmas[index], sigmas[index + 1]
-        if high >= sigma >= low:
-            fraction = (high - sigma) / (high - low) if high > low else 0.0
-            return min(1.0, (index + fraction) / steps)
-    return 1.0
 
 
 @dataclass(frozen=True)

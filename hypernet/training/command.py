@@ -2,7 +2,7 @@
 
 Nothing here imports ComfyUI at module level: check-dataset without --base runs on torch alone; train and
 check-dataset --base put ComfyUI (--comfy DIR or $LORARAR_COMFY) on sys.path and import the pack's adapter
-(nodes/training.py), which runs with ComfyUI's own loaders. ``python -m hypernet`` runs this module inside the pack
+(nodes/adapter/training.py), which runs with ComfyUI's own loaders. ``python -m hypernet`` runs this module inside the pack
 (hypernet/__main__.py), so the adapter and the command line share one import of every module: an error the adapter
 raises is the LoraRarError the command line prints as one line.
 """
@@ -87,7 +87,7 @@ def _cuda_available() -> bool:
 
 
 def comfy_adapter(comfy: Path | None):
-    """The pack's nodes/training.py imported inside ComfyUI at ``comfy`` (or $LORARAR_COMFY), forced onto the CPU
+    """The pack's nodes/adapter/training.py imported inside ComfyUI at ``comfy`` (or $LORARAR_COMFY), forced onto the CPU
     when no CUDA device is present. Under torchrun each rank sees only its LOCAL_RANK GPU."""
     root = Path(comfy or os.environ.get(COMFY_ENV, ""))
     if not str(root) or not (root / "comfy" / "sd.py").is_file():
@@ -107,8 +107,8 @@ def comfy_adapter(comfy: Path | None):
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
     import utils.extra_config  # noqa: F401  (before ComfyUI's nodes.py, as main.py does)
 
-    try:  # the pack's nodes/training.py, beside this hypernet/ package: the same import of the pack
-        return importlib.import_module("...nodes.training", __package__)
+    try:  # the pack's nodes/adapter/training.py, beside this hypernet/ package: the same import of the pack
+        return importlib.import_module("...nodes.adapter.training", __package__)
     except ImportError as error:
         if "beyond top-level package" not in str(error):
             raise

@@ -49,7 +49,7 @@ class LoraCheck:
     """How each dataset LoRA is read and checked, once per run, so each of its problems is listed once.
 
     read: the LoRA's layers (raises LoraRarError naming the file): torch alone by default, through a base model's key
-    map for check-dataset --base (nodes/training.py). misfit: why a LoRA that reads still cannot train on that model
+    map for check-dataset --base (nodes/adapter/training.py). misfit: why a LoRA that reads still cannot train on that model
     (one line naming the file), or None; no model, no such check.
     """
 

@@ -9,7 +9,7 @@ Per step and per pair (subject LoRA, style LoRA) in the rank's batch:
    branch and its single-LoRA target), with lambda x SUM |cos| as published.
 3. backward (DDP all-reduces), grad-norm clip, AdamW step.
 
-The model forward, the draws and the injection come from a :class:`Task` (nodes/training.py: ComfyUI's model).
+The model forward, the draws and the injection come from a :class:`Task` (nodes/adapter/training.py: ComfyUI's model).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ VALIDATION_SEED_STEP = 2**31 - 1  # the "step" of the fixed validation draws: ne
 
 
 class Task(Protocol):
-    """What the loop needs from the model side (nodes/training.py implements it on a ComfyUI MODEL)."""
+    """What the loop needs from the model side (nodes/adapter/training.py implements it on a ComfyUI MODEL)."""
 
     device: torch.device
 

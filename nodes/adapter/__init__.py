@@ -18,11 +18,11 @@ from .comparing import Sampling, compare
 from .fit import apply_merged, layer_misfit
 from .hypernets import (LoadedHypernets, hypernet_changed, hypernet_choices, license_line, load_hypernets,
                         register_folder)
-from .inputs import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, lora_names, lora_path, loras_changed, method_param_inputs,
+from .inputs import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, lora_names, loras_changed, method_param_inputs,
                      params_for, sampler_input, scheduler_input, strength_input)
 from .judging import JudgeSettings, evaluate_images
 from .merging import MergeRequest, merge_for_model
-from .model import ModelView, diffusion_layers, model_class, model_layout, refuse_unsupported
+from .model import ModelView, diffusion_layers, lora_path, model_class, model_layout, refuse_unsupported
 from .outputs import IF_EXISTS, SAVE_DTYPES, coefficient_outputs, save_merged, target_path
 from .roles import attention_classes, attention_roles, unknown_attention_classes
 from .sampling import (NoisedBatch, encode_images, encode_text, loaded, model_conditioning, noised_batch, prediction,

@@ -8,6 +8,8 @@ names for one weight, and no Inf/NaN once added in the model's own dtype (each r
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import comfy.model_management
 import comfy.sd
 import torch
@@ -17,10 +19,12 @@ from ...hypernet.errors import LoraRarError
 from ...hypernet.keys import is_text_encoder
 from ...hypernet.lora_io import LowRankLayer, to_kohya_state_dict
 from ...hypernet.lowrank import patched_overflow
-from ...hypernet.merge import MergedLora
 from ...hypernet.model_keys import target_key
 from .branch import inject
 from .model import ModelView, model_class
+
+if TYPE_CHECKING:
+    from ...hypernet.merge import MergedLora
 
 
 def target_weight(target, weights: dict):

@@ -31,11 +31,6 @@ def lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
 
-def lora_path(name: str) -> str:
-    """The full path of a LoRA the node names; ComfyUI's own one-line error when it is not in models/loras."""
-    return folder_paths.get_full_path_or_raise("loras", name)
-
-
 def method_param_inputs() -> dict:
     """Every registered method's own parameters as optional inputs, e.g. ``np_lora_mu``, in the registry's
     widget order (hypernet.methods.widget_order): saved workflows hold widget values by position."""

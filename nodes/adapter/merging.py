@@ -15,7 +15,7 @@ from ...hypernet.errors import unforeseen_as_error
 from ...hypernet.files import file_sha256
 from ...hypernet.merge import MergedLora, Strengths, merge_loras
 from .fit import apply_merged
-from .inputs import lora_path
+from .model import lora_path
 from .model import ModelView, model_class, model_signature
 from .roles import attention_roles, unknown_attention_classes
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import comfy.lora
 import comfy.lora_convert
+import folder_paths
 
 from ...hypernet.base_models import UNetLayout
 from ...hypernet.errors import LoraRarError, unforeseen_as_error
@@ -15,6 +16,11 @@ from ...hypernet.lora_io import LoraFile, LowRankLayer
 from ...hypernet.model_keys import canonical_names, lora_for_model
 
 _UNET = "diffusion_model."
+
+
+def lora_path(name: str) -> str:
+    """The full path of a LoRA the node names; ComfyUI's own one-line error when it is not in models/loras."""
+    return folder_paths.get_full_path_or_raise("loras", name)
 
 
 def model_class(model) -> str:

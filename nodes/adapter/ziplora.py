@@ -25,8 +25,7 @@ from ...hypernet.merge import MergedLora
 from ...hypernet.ziplora import DEFAULT_LAMBDA, ZipLoraMerge, optimisation_step, to_merged_lora, ziplora_loss
 from .branch import inject
 from .fit import apply_merged
-from .inputs import lora_path
-from .model import ModelView, diffusion_layers, refuse_unsupported
+from .model import ModelView, diffusion_layers, lora_path, refuse_unsupported
 from .sampling import (check_images, encode_images, encode_text, loaded, model_conditioning, noised_batch, prediction,
                        throw_if_cancelled, timestep_count, to_image, trainable)
 

@@ -1,4 +1,4 @@
-"""Training a LoRA.rar hypernetwork through ComfyUI's own model (hypernet/training + nodes/training.py), on the
+"""Training a LoRA.rar hypernetwork through ComfyUI's own model (hypernet/training + nodes/adapter/training.py), on the
 synthetic SDXL-family checkpoint with a tiny synthetic dataset at 128 px (the smallest latent the UNet takes):
 a few steps lower the loss on a fixed batch, a resumed run repeats an uninterrupted one step for step, torchrun
 with 2 gloo ranks trains what one process with the same effective batch trains, and Ctrl-C keeps a usable
@@ -30,7 +30,7 @@ class Pack:
     """The pack's training modules as the server loaded them."""
 
     def __init__(self, root: str):
-        for name in ("nodes.training", "hypernet.training.trainer", "hypernet.training.recipe",
+        for name in ("nodes.adapter.training", "hypernet.training.trainer", "hypernet.training.recipe",
                      "hypernet.training.output", "hypernet.training.dataset", "hypernet.training.state", "hypernet.model"):
             setattr(self, name.rsplit(".", 1)[1], importlib.import_module(f"{root}.{name}"))
 

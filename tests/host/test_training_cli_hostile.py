@@ -89,7 +89,7 @@ def training(comfy_host):
 
     nodes, _, _ = comfy_host
     root = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"].__module__.rsplit(".nodes.merge", 1)[0]
-    return importlib.import_module(f"{root}.nodes.training")
+    return importlib.import_module(f"{root}.nodes.adapter.training")
 
 
 def test_a_truncated_or_code_running_encodings_cache_is_one_line(training, tmp_path):
@@ -135,7 +135,7 @@ print("LoraRarError classes:", sorted({id(getattr(m, "LoraRarError")) for name, 
 
 
 def test_the_training_cli_imports_the_pack_once_so_the_adapters_errors_are_the_clis(tmp_path):
-    """python -m hypernet runs inside the pack imported once: nodes/training.py raises the very LoraRarError class the
+    """python -m hypernet runs inside the pack imported once: nodes/adapter/training.py raises the very LoraRarError class the
     command line catches, and no second copy of hypernet/ (with a second error class) exists in the process."""
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORARAR_COMFY": str(synthetic_models.comfy_root())}
     proc = subprocess.run([sys.executable, "-c", ONE_PACK, str(tmp_path / "encodings.pt")], env=env, cwd=REPO,

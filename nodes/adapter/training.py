@@ -5,11 +5,10 @@ The loop (hypernet/training/trainer.py) is torch only; this module gives it Comf
 - the base checkpoint loaded by ``comfy.sd.load_checkpoint_guess_config`` (so any UNet ComfyUI detects works),
   once with its VAE and text encoders to encode the dataset (latents and conditionings cached in the run
   folder), then the diffusion model alone for training;
-- the LoRAs read through ComfyUI's key map as the merge and ZipLoRA nodes read them (nodes/ziplora.py ``_read_pair``);
-- the branch injected as nodes/adapter/branch.py does (object patches of each LoRA layer's forward), routed to the
-  pair being trained, so the model is patched once for the whole run;
-- the forward: ``noised_batch`` / ``prediction`` of nodes/adapter/branch.py (ComfyUI's noise schedule and
-  ``apply_model``).
+- the LoRAs read through ComfyUI's key map as the merge and ZipLoRA read them (``ModelView.read``);
+- the branch injected by the one injector (branch.py), routed to the pair being trained (``RoutedMerge``), so the
+  model is patched once for the whole run;
+- the forward: ``noised_batch`` / ``prediction`` of sampling.py (ComfyUI's noise schedule and ``apply_model``).
 
 Random crop: images are resized (shorter side to --resolution) and VAE-encoded once; each draw crops a
 resolution/8 square from the latent (a crop on the 8-pixel grid of the image), so no VAE runs while training.
@@ -22,26 +21,26 @@ from pathlib import Path
 
 import comfy.model_management
 import comfy.sd
-import nodes as comfy_nodes  # ComfyUI's own nodes.py (the pack's package is imported relatively)
 import torch
 
-from ..hypernet.checkpoints import ResolvedHypernet
-from ..hypernet.errors import LoraRarError, unforeseen_as_error
-from ..hypernet.files import atomic_file, refuse_replacing
-from ..hypernet.keys import attention_role
-from ..hypernet.lora_io import LowRankLayer
-from ..hypernet.methods.lorarar import HYPERNET_ROLES
-from ..hypernet.model import LoraRarHypernet
-from ..hypernet.training import distributed
-from ..hypernet.training.dataset import Dataset, LoraCheck, check_dataset, load_dataset, read_rgb
-from ..hypernet.model import new_hypernet, save_hypernet
-from ..hypernet.training.output import refuse_existing, run_dir_for, training_metadata
-from ..hypernet.training.recipe import Recipe
-from ..hypernet.training.state import load_checkpoint
-from ..hypernet.training.trainer import Trainer
-from ..hypernet.ziplora import RoutedMerge, ZipLoraMerge
-from .adapter import (ModelView, diffusion_layers, inject, loaded, model_class, model_conditioning, noised_batch,
-                      model_layout, prediction, refuse_unsupported, timestep_count)
+from ...hypernet.checkpoints import ResolvedHypernet
+from ...hypernet.errors import LoraRarError, unforeseen_as_error
+from ...hypernet.files import atomic_file, refuse_replacing
+from ...hypernet.keys import attention_role
+from ...hypernet.lora_io import LowRankLayer
+from ...hypernet.methods.lorarar import HYPERNET_ROLES
+from ...hypernet.model import LoraRarHypernet
+from ...hypernet.training import distributed
+from ...hypernet.training.dataset import Dataset, LoraCheck, check_dataset, load_dataset, read_rgb
+from ...hypernet.model import new_hypernet, save_hypernet
+from ...hypernet.training.output import refuse_existing, run_dir_for, training_metadata
+from ...hypernet.training.recipe import Recipe
+from ...hypernet.training.state import load_checkpoint
+from ...hypernet.training.trainer import Trainer
+from ...hypernet.ziplora import RoutedMerge, ZipLoraMerge
+from .branch import inject
+from .model import ModelView, diffusion_layers, model_class, model_layout, refuse_unsupported
+from .sampling import encode_images, encode_text, loaded, model_conditioning, noised_batch, prediction, timestep_count
 
 CACHE_FORMAT = 1
 
@@ -82,13 +81,11 @@ def cache_key(base: Path, dataset: Dataset, recipe: Recipe) -> str:
 def encode_entries(clip, vae, dataset: Dataset, recipe: Recipe) -> dict:
     """"<kind>/<name>" -> {"latents": [(C, h, w) per image], "conditioning": [cross_attn, extras], "caption": str}:
     every training image VAE-encoded (VAEEncode) and every caption CLIP-encoded (CLIPTextEncode)."""
-    encode = comfy_nodes.CLIPTextEncode().encode
     entries = {}
     for (kind, name), entry in sorted(dataset.entries.items()):
         caption = recipe.fixed_style_prompt if kind == "styles" and recipe.fixed_style_prompt else entry.caption
-        latents = [comfy_nodes.VAEEncode().encode(vae, _image_tensor(image, recipe.resolution))[0]["samples"][0].float().cpu()
-                   for image in entry.images]
-        entries[f"{kind}/{name}"] = {"latents": latents, "conditioning": _plain_conditioning(encode(clip, caption)[0]),
+        latents = [encode_images(vae, _image_tensor(image, recipe.resolution))[0].cpu() for image in entry.images]
+        entries[f"{kind}/{name}"] = {"latents": latents, "conditioning": _plain_conditioning(encode_text(clip, caption)),
                                      "caption": caption}
     return entries
 
