@@ -87,11 +87,16 @@ class MergeContext:
 
 
 class MergeMethod:
-    """Base class: subclasses set ``name``/``help`` (and ``params``, ``needs_hypernet``) and implement
-    :meth:`claim` and :meth:`merge`."""
+    """Base class: subclasses set ``name``/``help``, ``since``/``position`` (and ``params``, ``needs_hypernet``) and
+    implement :meth:`claim` and :meth:`merge`."""
 
     name: str = ""
     help: str = ""
+    # Where it is listed (node, CLI, compare columns) and where its parameter widgets go: after every method of an
+    # earlier pack version, then by position. Saved workflows hold widget values by position, so a new method
+    # declares the version that adds it and the next free position there: its widgets come after every existing one.
+    since: str = ""  # the pack version that added the method, e.g. "0.2.0"
+    position: int = 0  # its place among the methods that version added: 1, 2, ...
     params: tuple[Param, ...] = ()
     needs_hypernet: bool = False
     sampling_time: bool = False  # the result is chosen per sampling step (K-LoRA): no single LoRA file holds it

@@ -28,8 +28,9 @@ def lora_path(name: str) -> str:
 
 
 def method_param_inputs() -> dict:
-    """Every registered method's own parameters as optional inputs, e.g. ``np_lora_mu``, in the registry's
-    widget order (hypernet.methods.widget_order): saved workflows hold widget values by position."""
+    """Every registered method's own parameters as optional inputs, e.g. ``np_lora_mu``, in the order the methods
+    declare (hypernet.methods.all_methods: by ``since``, then ``position``): saved workflows hold widget values by
+    position, so a new method's widgets come after every existing one."""
     return {methods.param_key(method, param): ("FLOAT", {
         "default": param.default, "min": param.minimum, "max": param.maximum, "step": param.step,
         "tooltip": f"{method.name} only: {param.help}"}) for method in methods.all_methods() for param in method.params}

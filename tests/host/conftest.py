@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from devkit import synthetic_models
+from devkit.comfy_server import PACK_LINK
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -30,6 +31,12 @@ def comfy_host(shared_weights, tmp_path_factory):
 
     loras = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+    if (root / "custom_nodes" / PACK_LINK).resolve() != REPO.resolve():
+        # the host's link names the checkout that installed it: load this one instead (a git worktree), as
+        # devkit/comfy_server.py does for servers, so the tests exercise the code they sit beside
+        custom_nodes = tmp_path_factory.mktemp("custom_nodes")
+        (custom_nodes / PACK_LINK).symlink_to(REPO, target_is_directory=True)
+        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
     folder_paths.add_model_folder_path("lorarar", str(shared_weights))
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     missing = [n for n in ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora") if n not in nodes.NODE_CLASS_MAPPINGS]
