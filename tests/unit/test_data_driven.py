@@ -1,6 +1,6 @@
 """Data-driven merge methods (``needs_model``): the merge hands them the host's model (hypernet/calibration.py) and
 they run it before merging. Without ComfyUI: a toy two-layer model and a toy calibration stand in for the host's
-(the host tests run ComfyUI's)."""
+(the host tests run ComfyUI's, through the ZipLoRA node)."""
 
 import contextlib
 
@@ -14,7 +14,9 @@ from hypernet.lora_io import LoraFile, LowRankLayer
 from hypernet.lowrank import weighted_sum
 from hypernet.merge import merge_loras
 from hypernet.methods import Claim, MergedLayer, MergeMethod
+from hypernet.methods.zip_lora import LEARNING_RATE, SIMILARITY_LAMBDA, STEPS, STOP_SIMILARITY
 from hypernet.runtime import RuntimeBranch
+from hypernet.ziplora import DEFAULT_LAMBDA, ZipLoraMerge, optimise
 
 WIDTHS = {"lora_unet_a": (6, 5), "lora_unet_b": (4, 6)}  # layer -> (d_out, d_in): x (5) -> a -> relu -> b (4)
 
@@ -151,3 +153,41 @@ def test_a_data_driven_method_without_a_model_is_refused_in_one_line(pair, input
         merge_loras(*pair, None, method="toy-input-scale")
     assert str(error.value).startswith("toy-input-scale: it runs the model before it merges")
     assert "\n" not in str(error.value)
+
+
+def test_zip_lora_is_registered_with_the_parameters_the_ziplora_node_shows():
+    method = methods.get("zip-lora")
+    assert method.needs_model and method.needs_references
+    assert method.params == (STEPS, LEARNING_RATE, SIMILARITY_LAMBDA, STOP_SIMILARITY)
+    assert methods.resolve_params(method, {}) == {"steps": 100.0, "learning_rate": 0.01, "similarity_lambda": 0.01,
+                                                  "stop_similarity": 0.001}
+    assert DEFAULT_LAMBDA == SIMILARITY_LAMBDA.default  # the core's default is the method's
+
+
+@pytest.mark.parametrize("calibration", [None, ToyCalibration(references=False)])
+def test_zip_lora_without_reference_images_is_refused_naming_what_is_missing(pair, calibration):
+    with pytest.raises(LoraRarError) as error:
+        merge_loras(*pair, None, method="zip-lora", calibration=calibration)
+    message = str(error.value)
+    assert message.startswith("zip-lora: needs reference images and prompts of the subject and the style")
+    assert "LoRA.rar ZipLoRA node" in message and "\n" not in message
+
+
+def test_zip_lora_through_the_merge_is_the_ziplora_optimisation(pair):
+    """The registered method with a calibration holding references: the same coefficients and merged layers as the
+    optimisation run directly (hypernet.ziplora.optimise, what the ZipLoRA node runs) with the same seed."""
+    subject, style = pair
+    params = {"steps": 4, "learning_rate": 0.05, "similarity_lambda": 0.01, "stop_similarity": 0.0}
+    merged = merge_loras(subject, style, None, method="zip-lora", calibration=ToyCalibration(references=True),
+                         params=params)
+    assert merged.report.as_dict()["layers"] == {"ziplora": 2, "kept (subject)": 1}  # text encoder: layer policy
+
+    direct = ZipLoraMerge({n: subject.layers[n] for n in WIDTHS}, {n: style.layers[n] for n in WIDTHS})
+    toy = ToyCalibration(references=True)
+    with torch.enable_grad(), toy.running(direct) as run:
+        done = optimise(direct, run, 4, 0.05, 0.01, 0.0, toy.seed)
+    assert len(done.history) == 4 and done.end["total"] < done.start["total"]
+    for name, layer in direct.layers.items():
+        torch.testing.assert_close(merged.coefficients[name], torch.stack([m.detach() for m in layer.coefficients()], 1))
+        torch.testing.assert_close(_dense(merged.layers[name]), _dense(layer.merged_layer()))
+    assert all(not torch.equal(c, torch.ones_like(c)) for c in merged.coefficients.values())  # it did optimise

@@ -57,7 +57,7 @@ def pair(tmp_path):
 
 
 def test_the_published_methods_are_registered_in_order():
-    assert methods.names() == ("lorarar", "direct", "np-lora", "b-lora", "k-lora", "k-lora-linear")
+    assert methods.names() == ("lorarar", "direct", "np-lora", "b-lora", "k-lora", "k-lora-linear", "zip-lora")
     assert all(method.help for method in methods.all_methods())
 
 
