@@ -12,31 +12,37 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import torch
+
+from . import methods
 from .base_models import SDXL, UNetLayout
 from .checkpoints import load_manifest
 from .errors import LoraRarError
 from .keys import canonical_name
 from .lora_io import LoraFile, read_lora
-from .methods import MergeMethod
+from .methods import MergeContext, MergeMethod
 
 ANY = "any"
-# per-layer formulas that need no hypernet and no base-model layout (one source for the CLI's --base any)
-LAYOUT_FREE_METHODS = ("direct", "np-lora")
-_WHY_NOT = {"b-lora": "its content/style block split is published for SDXL only"}
+
+
+def layout_free_methods() -> tuple[str, ...]:
+    """The methods the CLI can run on LoRAs of any family (``MergeMethod.layout_free``), in the registry's order."""
+    return tuple(method.name for method in methods.all_methods() if method.layout_free)
 
 
 def refuse_method(rule: MergeMethod) -> None:
-    """Raise unless ``rule`` can merge LoRAs of any family, saying why and what to use instead."""
-    if rule.name in LAYOUT_FREE_METHODS:
+    """Raise unless ``rule`` can merge LoRAs of any family, saying why (the method's own reason for a model it
+    does not know) and what to use instead."""
+    if rule.layout_free:
         return
     if rule.needs_hypernet:
         published = ", ".join(f"{name} ({info.base_model})" for name, info in load_manifest().items())
         why = (f"it needs a hypernet trained for the LoRAs' model family; the published ones are {published}: "
                f"give --base for those, or train one for this family")
-    else:
-        why = _WHY_NOT.get(rule.name, "it needs the base model's layout")
+    else:  # a model of no known layout and no named family: what --base any is
+        why = rule.unsupported(MergeContext(None, torch.device("cpu"))) or "it needs the base model's layout"
     raise LoraRarError(f"--base {ANY}: method {rule.name} cannot merge LoRAs of any model family ({why}); "
-                       f"methods that can: {', '.join(LAYOUT_FREE_METHODS)}")
+                       f"methods that can: {', '.join(layout_free_methods())}")
 
 
 def read_for_layout(path: Path, layout: UNetLayout, rule: MergeMethod) -> LoraFile:
@@ -53,7 +59,7 @@ def read_for_layout(path: Path, layout: UNetLayout, rule: MergeMethod) -> LoraFi
             raise
     raise LoraRarError(f"{path}: none of its layers is a {layout.name} layer (e.g. {_shown(unknown)}): a LoRA for "
                        f"another model family? {rule.name} needs the base model's layout; use --method "
-                       f"{' or '.join(LAYOUT_FREE_METHODS)} with --base {ANY}") from None
+                       f"{' or '.join(layout_free_methods())} with --base {ANY}") from None
 
 
 def unknown_layers(lora: LoraFile) -> list[str]:

@@ -8,7 +8,7 @@ block names map to the SGM names that kohya files and ComfyUI use.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,37 @@ class UNetLayout:
             transformer_depth_middle=max(config.get("transformer_depth_middle") or 0, 0),
             context_dim=config.get("context_dim") or 0,
         )
+
+    def as_dict(self) -> dict:
+        """The layout as plain JSON values (what a trained hypernet's metadata records)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "UNetLayout":
+        """A layout from :meth:`as_dict`'s values, checked (they come from a file): ValueError when they do not
+        describe a UNet (wrong types, counts that do not add up, more blocks than any real UNet)."""
+        fields = ("name", "channels", "num_res_blocks", "transformer_depth", "transformer_depth_output",
+                  "transformer_depth_middle", "context_dim")
+        if not isinstance(data, dict) or set(data) != set(fields) or not isinstance(data["name"], str):
+            raise ValueError(f"expected the keys {', '.join(fields)}")
+
+        def counts(key: str, limit: int) -> tuple[int, ...]:
+            value = data[key]
+            if not isinstance(value, list) or len(value) > 64 or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= limit for n in value):
+                raise ValueError(f"{key}: expected a short list of whole numbers from 0 to {limit}")
+            return tuple(value)
+
+        channels, resnets = counts("channels", 1 << 16), counts("num_res_blocks", 16)
+        depth, depth_output = counts("transformer_depth", 64), counts("transformer_depth_output", 64)
+        middle, context = data["transformer_depth_middle"], data["context_dim"]
+        if not all(isinstance(n, int) and not isinstance(n, bool) and 0 <= n <= (1 << 16) for n in (middle, context)):
+            raise ValueError("transformer_depth_middle and context_dim: expected whole numbers")
+        if not channels or len(resnets) != len(channels) or len(depth) != sum(resnets) \
+                or len(depth_output) != sum(n + 1 for n in resnets) or not 0 < len(data["name"]) <= 100 \
+                or not data["name"].isprintable():
+            raise ValueError("the block counts do not add up to a UNet")
+        return cls(data["name"], channels, resnets, depth, depth_output, middle, context)
 
     def attention_blocks(self) -> list[tuple[str, int, int]]:
         """(SGM prefix of each transformer block, width, context width) in model order."""

@@ -20,8 +20,6 @@ import torch
 
 from .runtime import RuntimeBranch
 
-SIDES = ("subject", "style")
-
 
 class CalibrationRun(Protocol):
     """The model, loaded with a branch injected, for the time of one ``Calibration.running`` block."""

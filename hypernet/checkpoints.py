@@ -1,30 +1,37 @@
-"""Finding, downloading and verifying the published hypernet checkpoints (weights/manifest.json).
+"""Finding, downloading and verifying hypernet checkpoints, and what each serves: ``resolve_hypernet``, the one
+resolver the Hypernet Loader node, ``python -m hypernet merge`` and ``train --init`` all use.
 
-Resolution order for a named checkpoint: each search folder in turn (ComfyUI's ``lorarar`` model
-folders first, then the pack's ``weights/``), then a download from the manifest's pinned URL into the
-download folder (huggingface_hub for ``hf://<repo>/<file>`` URLs, plain HTTPS otherwise). Every file
-found or fetched must match the manifest's sha256.
+Resolution order for a published name (weights/manifest.json): each search folder in turn (ComfyUI's ``lorarar``
+model folders first, then the pack's ``weights/``), then a download from the manifest's pinned URL into the
+download folder (huggingface_hub for ``hf://<repo>/<file>`` URLs, plain HTTPS otherwise). Every file found or
+fetched must match the manifest's sha256. Any other choice is a file: a path, or a name in the search folders.
+
+What a hypernet serves comes from the manifest for a published checkpoint (recognised by its sha256, whatever the
+file is called) and from the file's own metadata for a trained one (hypernet/model.py: ``lorarar_model_classes``,
+``lorarar_unet_layout``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
+from .base_models import LAYOUTS, UNetLayout
 from .errors import LoraRarError
 from .files import atomic_file, file_sha256
+from .model import LAYOUT_KEY, LoraRarHypernet, shown_model_classes
 
 PACK_ROOT = Path(__file__).resolve().parents[1]
 WEIGHTS_DIR = PACK_ROOT / "weights"
 MANIFEST_PATH = WEIGHTS_DIR / "manifest.json"
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class CheckpointInfo:
     name: str
     file: str
@@ -40,6 +47,12 @@ class CheckpointInfo:
 def env_weight_dirs() -> list[Path]:
     """Folders named in $LORARAR_WEIGHTS_DIR (separated by os.pathsep) that hold hypernet files."""
     return [Path(p) for p in os.environ.get("LORARAR_WEIGHTS_DIR", "").split(os.pathsep) if p]
+
+
+def default_search_dirs() -> list[Path]:
+    """Where the command line looks for hypernet files: $LORARAR_WEIGHTS_DIR, then the pack's weights/ (the node
+    looks in ComfyUI's lorarar folders instead, then weights/)."""
+    return [*env_weight_dirs(), WEIGHTS_DIR]
 
 
 def load_manifest(path: str | Path = MANIFEST_PATH) -> dict[str, CheckpointInfo]:
@@ -130,14 +143,67 @@ def resolve_checkpoint(
     return target
 
 
-def load_hypernet(choice: str, search_dirs: list[Path], download_dir: Path = WEIGHTS_DIR,
-                  manifest: dict[str, CheckpointInfo] | None = None):
-    """Resolve and load a hypernet; returns (LoraRarHypernet, base-model layout or None for unknown files)."""
-    from .base_models import LAYOUTS
-    from .model import LoraRarHypernet
+@dataclasses.dataclass(frozen=True, eq=False)
+class ResolvedHypernet:
+    """A hypernet as chosen (published name or file), loaded, with what it serves.
 
+    model_classes: the ComfyUI model classes it is for: the manifest's for a published checkpoint, the file's
+    metadata for a trained one; () when neither says. layout: the UNet layout of the LoRAs it merges: the published
+    base model's, or the one a trained file records (else the published base model of its class); None when unknown.
+    """
+
+    name: str
+    net: LoraRarHypernet
+    model_classes: tuple[str, ...]
+    layout: UNetLayout | None
+    published: CheckpointInfo | None = None
+
+    @property
+    def trained(self) -> bool:
+        """A file that says what it was trained for (its metadata names model classes)."""
+        return self.published is None and bool(self.model_classes)
+
+    def lora_layout(self, named: UNetLayout | None = None) -> UNetLayout | None:
+        """The layout the command line reads the LoRAs with: ``named`` (--base), checked against what a trained file
+        says it serves, as the node checks its model (LoraRarHypernet.check_fits); else the hypernet's own. None for a
+        file that says nothing (a hand-made checkpoint): the caller's default."""
+        classes = shown_model_classes(self.model_classes)
+        if named is None:
+            if self.trained and self.layout is None:
+                raise LoraRarError(f"{self.name}: this hypernet was trained for {classes} models but its file records no "
+                                   "readable UNet layout (lorarar_unet_layout, written since 0.2.0 by python -m hypernet "
+                                   "train): train it again, or merge in ComfyUI, whose merge node reads the model")
+            return self.layout
+        if self.trained and self.layout is not None and _structure(named) != _structure(self.layout):
+            raise LoraRarError(f"{self.name}: this hypernet was trained for {classes} models; --base {named.name} is "
+                               f"another model: leave --base out (the file says its layout) or choose a hypernet "
+                               f"trained for {named.name}")
+        widths = {width for _, width, _ in named.attention_blocks()}
+        self.net.check_fits(self.name, self.model_classes[0] if self.trained else named.name, widths)
+        return named
+
+
+def _structure(layout: UNetLayout) -> UNetLayout:
+    """A layout without its name: two names of one UNet (the model class, a manifest name) compare equal."""
+    return dataclasses.replace(layout, name="")
+
+
+def published_layout(info: CheckpointInfo) -> UNetLayout:
+    """The UNet layout of the LoRAs a published checkpoint merges: its base model's."""
+    return LAYOUTS[info.base_model]
+
+
+def resolve_hypernet(choice: str, search_dirs: list[Path], download_dir: Path = WEIGHTS_DIR,
+                     manifest: dict[str, CheckpointInfo] | None = None) -> ResolvedHypernet:
+    """Find (download, verify) and load the hypernet ``choice`` names, and say what it serves (the class docstring)."""
     manifest = manifest if manifest is not None else load_manifest()
     path = resolve_checkpoint(choice, search_dirs, download_dir, manifest)
-    hypernet = LoraRarHypernet.load(path)
-    info = next((i for i in manifest.values() if i.sha256 == hypernet.sha256), None)
-    return hypernet, (LAYOUTS[info.base_model] if info else None)
+    net = LoraRarHypernet.load(path)
+    info = next((i for i in manifest.values() if i.sha256 == net.sha256), None)
+    if info is not None:
+        return ResolvedHypernet(choice, net, info.comfy_model_classes, published_layout(info), info)
+    layout = net.training_metadata.get(LAYOUT_KEY)
+    if layout is None:  # a file that names its classes only: the layout of the published base model of one of them
+        layout = next((published_layout(i) for i in manifest.values()
+                       if set(net.model_classes) & set(i.comfy_model_classes)), None)
+    return ResolvedHypernet(choice, net, net.model_classes, layout)

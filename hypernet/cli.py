@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import __version__, any_family, evaluation
 from .base_models import LAYOUTS, SDXL
-from .checkpoints import WEIGHTS_DIR, env_weight_dirs, load_hypernet, load_manifest
+from .checkpoints import default_search_dirs, load_manifest, published_layout, resolve_hypernet
 from .errors import LoraRarError, unforeseen_as_error
 from .evaluation import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
 from .files import check_target, refuse_replacing
@@ -20,11 +20,6 @@ from . import methods
 from .merge import LAYER_POLICIES, LAYER_POLICY_HELP, Strengths, merge_loras
 from .training import command as training
 
-
-
-def _search_dirs() -> list[Path]:
-    """Folders searched for hypernet files: $LORARAR_WEIGHTS_DIR (os.pathsep-separated), then the pack's weights/."""
-    return [*env_weight_dirs(), WEIGHTS_DIR]
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -55,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--base", choices=[*sorted(LAYOUTS), any_family.ANY], help="the base model the LoRAs are "
                        "for: they are checked against its layout, as the node checks them against its model; any: "
                        "a model of any family (Flux, SD3.5, ...), layers matched by the name written in the files, "
-                       f"for methods {' and '.join(any_family.LAYOUT_FREE_METHODS)} (default: the hypernet's training "
+                       f"for methods {' and '.join(any_family.layout_free_methods())} (default: the hypernet's training "
                        "model; for those methods any when the files hold layers the SDXL parser does not know, else sdxl)")
     merge.add_argument("--subject-strength", type=float, default=1.0)
     merge.add_argument("--style-strength", type=float, default=1.0)
@@ -106,16 +101,17 @@ def run_merge(args: argparse.Namespace) -> int:
     params = _method_params(args)
     manifest = load_manifest()
     info = manifest.get(args.hypernet)
-    hypernet, trained_on = (None, None)
-    if rule.needs_hypernet and info is None:  # a file: local, so load it first and learn its training model
-        hypernet, trained_on = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
+    hypernet = None
+    if info is None and (rule.needs_hypernet or args.base is None):  # a file, local: loaded first, for the layout it
+        # serves (the LoRAs are read as that model names them), also as the default of a method that does not use it
+        hypernet = resolve_hypernet(args.hypernet, default_search_dirs(), manifest=manifest)
     with unforeseen_as_error(f"{args.subject} + {args.style}"):
         # the LoRAs before a published hypernet: a bad input file is named before any download is tried
-        subject, style, layout, note = _read_inputs(args, rule, info, trained_on)
+        subject, style, layout, note = _read_inputs(args, rule, info, hypernet)
         if rule.needs_hypernet and hypernet is None:
-            hypernet, trained_on = load_hypernet(args.hypernet, _search_dirs(), manifest=manifest)
-        merged = merge_loras(subject, style, hypernet, args.method, args.layer_policy, strengths, layout=layout,
-                             params=params)
+            hypernet = resolve_hypernet(args.hypernet, default_search_dirs(), manifest=manifest)
+        merged = merge_loras(subject, style, hypernet.net if rule.needs_hypernet else None, args.method,
+                             args.layer_policy, strengths, layout=layout, params=params)
     merged.report.notes.extend([note] if note else [])
     save_lora(args.out, merged.kohya_state_dict(DTYPES[args.dtype]), merged.metadata(__version__), overwrite=args.overwrite,
               protect={**inputs, **merged.source_paths})
@@ -124,14 +120,23 @@ def run_merge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _read_inputs(args: argparse.Namespace, rule, info, trained_on):
-    """(subject, style, layout the LoRAs must fit or None for any family, note for the report or None)."""
+def _read_inputs(args: argparse.Namespace, rule, info, hypernet):
+    """(subject, style, layout the LoRAs must fit or None for any family, note for the report or None).
+    info: the published checkpoint --hypernet names (None for a file); hypernet: the resolved file (None for a name)."""
     if args.base == any_family.ANY:
         subject, style = any_family.read_pair(args.subject, args.style, SDXL)
         return subject, style, None, any_family.check_shared(subject, style)
-    # the layout the LoRAs must fit, as the node uses its model's: named, else the hypernet's training model
-    layout = LAYOUTS[args.base] if args.base else (LAYOUTS[info.base_model] if info else trained_on or SDXL)
-    if args.base is None and rule.name in any_family.LAYOUT_FREE_METHODS:
+    # the layout the LoRAs must fit, as the node uses its model's: named (and checked against what a trained file
+    # serves), else the one the hypernet serves: the manifest's for a published name, the file's own for a file
+    named = LAYOUTS[args.base] if args.base else None
+    if hypernet is None:  # a published name: its base model's layout
+        layout = named or published_layout(info)
+    elif rule.needs_hypernet:  # a file that merges: --base is checked against what it serves, as the node checks its model
+        layout = hypernet.lora_layout(named)
+    else:  # a file the method does not use: its layout is only the default
+        layout = named or hypernet.layout
+    layout = layout or SDXL  # a file that says nothing (a hand-made checkpoint): the published family's layout
+    if args.base is None and rule.layout_free:
         subject, style = any_family.read_pair(args.subject, args.style, layout)
         if any_family.needs_any(subject, style):
             return subject, style, None, any_family.check_shared(subject, style)

@@ -159,7 +159,7 @@ def is_text_encoder(name: str) -> bool:
 
 
 _ATTENTION = re.compile(r"^lora_unet_.*_(attn[12]?)_(to_q|to_k|to_v|to_out_0)$")
-# The roles a linear of an attention block can have (nodes/attention_roles.py reads them from the model):
+# The roles a linear of an attention block can have (nodes/adapter/roles.py reads them from the model):
 # separate projections, q/k/v fused in one linear, or attention fused with the MLP (Flux-style single blocks)
 ATTENTION_ROLES = ("to_q", "to_k", "to_v", "to_out", "qkv", "qkv+mlp", "out+mlp")
 FUSED_WITH_MLP = ("qkv+mlp", "out+mlp")
@@ -170,7 +170,7 @@ def attention_role(name: str) -> str | None:
     the UNet layout's own names (``..._attn1_to_q``); None for other layers.
 
     For the pack's SDXL-family names without a loaded model (the CLI). With a model, the roles come from the
-    model's own modules for every family (nodes/attention_roles.py; MergeContext.role), never from names.
+    model's own modules for every family (nodes/adapter/roles.py; MergeContext.role), never from names.
     """
     match = _ATTENTION.match(name)
     if match:

@@ -25,7 +25,7 @@ from .errors import LoraRarError
 from .keys import FUSED_WITH_MLP, is_text_encoder
 from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
 from .lowrank import update_bound
-from .methods import MergeContext, MergedLayer, MergeMethod, resolve_params
+from .methods import SIDES, MergeContext, MergedLayer, MergeMethod, resolve_params
 from .methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched  # noqa: F401  (public API)
 from .model import LoraRarHypernet
 from .pipeline import LAYER_POLICIES, LayerPlan, compute, plan_layer, use_batched
@@ -87,6 +87,8 @@ class MergeReport:
     own_rule_layers: int = 0
     # their names: a layer the node later leaves out (MergedLora.without) no longer counts as merged by the rule
     own_rule_names: frozenset = frozenset()
+    # layer -> the LoRAs ("subject", "style") it came from; not shown (``actions`` says it in words)
+    sides: dict[str, tuple[str, ...]] = field(default_factory=dict)
 
     def count(self, action: str) -> int:
         return sum(1 for a in self.actions.values() if a == action)
@@ -175,10 +177,7 @@ class MergedLora:
 
     def files_of(self, name: str) -> list[str]:
         """The input LoRAs (report names) that layer ``name`` came from."""
-        action = self.report.actions.get(name, "")
-        if action.startswith("kept ("):
-            return [self.report.subject if "subject" in action else self.report.style]
-        return [self.report.subject, self.report.style]
+        return [getattr(self.report, side) for side in self.report.sides.get(name, SIDES)]
 
     def named(self, subject: str, style: str, subject_path: str, style_path: str) -> "MergedLora":
         """This merge naming these files (same content, maybe renamed): itself when it already does, else a copy
@@ -296,7 +295,7 @@ def merge_many(
     params: the method's own parameters by name (defaults otherwise); batched: force the compute branch
     (default: :func:`hypernet.pipeline.use_batched`). progress(done, total) counts layers of all inputs.
     family: the model family (ComfyUI's class name, e.g. "Flux"), for methods that serve only some families.
-    roles: canonical layer name -> attention role, read from the loaded model (nodes/attention_roles.py); None
+    roles: canonical layer name -> attention role, read from the loaded model (nodes/adapter/roles.py); None
     without a model, when the UNet layout's names say it. calibration: the model and data a data-driven method
     (``needs_model``) runs through before it merges (hypernet/calibration.py); such a method is refused without it.
     """
@@ -321,7 +320,7 @@ def merge_many(
 
 def _no_attention(rule: MergeMethod, ctx: MergeContext) -> str | None:
     """Why a method whose rule is for attention projections cannot run on a model in which none is known (its
-    attention classes are not in the pack's table, nodes/attention_roles.py): it would only apply the layer policy."""
+    attention classes are not in the pack's table, nodes/adapter/roles.py): it would only apply the layer policy."""
     if not rule.needs_roles or ctx.roles is None or any(role not in FUSED_WITH_MLP for role in ctx.roles.values()):
         return None
     return (f"no attention projection is known in this {ctx.family + ' ' if ctx.family else ''}model (the pack reads them from "
@@ -370,6 +369,7 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
     report = new_report(rule.name, policy, subject, style, described)
     report.params = dict(params)
     report.actions = {name: layer.action for name, layer in plan.items()}
+    report.sides = {name: layer.sides for name, layer in plan.items()}
     report.own_rule_names = frozenset(name for name, layer in plan.items() if layer.job is not None)
     report.own_rule_layers = len(report.own_rule_names)
     report.reasons = {name: layer.reason for name, layer in plan.items() if layer.reason}

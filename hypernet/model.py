@@ -7,7 +7,8 @@ Linear(hidden -> 2). No output activation: coefficients are unbounded.
 
 A trained network is written as .safetensors by ``save_hypernet`` with metadata saying what it was trained for
 (``lorarar_model_classes``, ``lorarar_widths``, ``lorarar_pairs``, ``lorarar_recipe``, ``lorarar_steps``,
-``lorarar_pack_version``, ``lorarar_base_model``; all strings); ``hypernet_metadata`` reads them back parsed.
+``lorarar_pack_version``, ``lorarar_base_model``, ``lorarar_unet_layout``; all strings); ``hypernet_metadata`` reads
+them back parsed.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .base_models import UNetLayout
 from .errors import LoraRarError
 from .files import SAFETENSORS_SUFFIXES, atomic_file, check_name_characters, file_sha256, read_state_dict
 
@@ -157,7 +159,11 @@ RECIPE_KEY = "lorarar_recipe"  # JSON object of the training settings
 STEPS_KEY = "lorarar_steps"  # optimiser steps run, a decimal integer
 PACK_VERSION_KEY = "lorarar_pack_version"
 BASE_MODEL_KEY = "lorarar_base_model"  # the base checkpoint's file name
-TRAINING_KEYS = (MODEL_CLASSES_KEY, WIDTHS_KEY, PAIRS_KEY, RECIPE_KEY, STEPS_KEY, PACK_VERSION_KEY, BASE_MODEL_KEY)
+# JSON of the base model's UNet layout (UNetLayout.as_dict): how the LoRAs it merges name their layers, for the CLI,
+# which has no model to read it from
+LAYOUT_KEY = "lorarar_unet_layout"
+TRAINING_KEYS = (MODEL_CLASSES_KEY, WIDTHS_KEY, PAIRS_KEY, RECIPE_KEY, STEPS_KEY, PACK_VERSION_KEY, BASE_MODEL_KEY,
+                 LAYOUT_KEY)
 UNREADABLE = "unreadable"  # hypernet_metadata: the training keys present whose value did not parse
 # A pair list or recipe longer than this is not parsed (a file's header may be up to 100 MB of metadata)
 _MAX_JSON_CHARS = 1 << 20
@@ -242,16 +248,19 @@ def _encoded(path: Path, key: str, value) -> str:
             raise LoraRarError(f"{path}: metadata {key} is not JSON-serialisable ({exc})") from None
     if key == STEPS_KEY and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
+    if key == LAYOUT_KEY and isinstance(value, (UNetLayout, dict)):
+        return json.dumps(value.as_dict() if isinstance(value, UNetLayout) else value, sort_keys=True)
     raise LoraRarError(f"{path}: metadata {key} is a {type(value).__name__}; expected a string"
                        + {STEPS_KEY: " or an int", PAIRS_KEY: " or a list of names", RECIPE_KEY: " or a dict",
-                          MODEL_CLASSES_KEY: " or a list of names"}.get(key, ""))
+                          MODEL_CLASSES_KEY: " or a list of names", LAYOUT_KEY: " or a UNetLayout (or its as_dict())"}.get(key, ""))
 
 
 def hypernet_metadata(path: str | Path) -> dict:
     """What a .safetensors hypernet's metadata says about its training, parsed.
 
     Returns every key of TRAINING_KEYS: model classes (tuple of str, () when not said), widths (tuple of int),
-    pairs (list of str), recipe (dict), steps (int), pack version and base model (str); None when absent or
+    pairs (list of str), recipe (dict), steps (int), pack version and base model (str), UNet layout (UNetLayout);
+    None when absent or
     when the value does not parse, such keys listed under ``"unreadable"``. Values are the file's, unbounded:
     show them through ``describe_training``. A file without metadata gives all None.
     """
@@ -272,7 +281,7 @@ def _parsed(text: dict[str, str]) -> dict:
     out[MODEL_CLASSES_KEY] = tuple(name.strip() for name in text.get(MODEL_CLASSES_KEY, "").split(",") if name.strip())
     unreadable = []
     for key, parse in ((WIDTHS_KEY, _widths), (PAIRS_KEY, _pairs), (RECIPE_KEY, _recipe), (STEPS_KEY, _steps),
-                       (PACK_VERSION_KEY, _line), (BASE_MODEL_KEY, _line)):
+                       (PACK_VERSION_KEY, _line), (BASE_MODEL_KEY, _line), (LAYOUT_KEY, _layout)):
         if key not in text:
             continue
         try:
@@ -308,6 +317,10 @@ def _pairs(value: str) -> list[str]:
 
 def _recipe(value: str) -> dict:
     return _json(value, dict)
+
+
+def _layout(value: str) -> UNetLayout:
+    return UNetLayout.from_dict(_json(value, dict))
 
 
 def _steps(value: str) -> int:

@@ -17,8 +17,7 @@ import torch
 from .keys import is_text_encoder
 from .lora_io import LowRankLayer, OtherLayer
 from .lowrank import weighted_sum
-from .methods import LayerJob, MergeContext, MergedLayer, MergeMethod
-from .methods.base import Claim
+from .methods import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, kept
 
 LAYER_POLICIES = ("sum", "subject", "style", "skip")
 
@@ -33,7 +32,8 @@ def use_batched(device: torch.device, forced: bool | None = None) -> bool:
 @dataclass
 class LayerPlan:
     """What happens to one layer: ``action`` (hypernet, summed, kept (subject), kept (style), skipped),
-    ``reason`` (one line, empty when the method's own rule needs none), and the inputs to combine."""
+    ``reason`` (one line, empty when the method's own rule needs none), the LoRAs the merged layer comes from
+    (``sides``: both, one, or none for a skipped layer), and the inputs to combine."""
 
     name: str
     action: str
@@ -41,6 +41,7 @@ class LayerPlan:
     dtype: torch.dtype = torch.float32  # of the merged factors
     job: LayerJob | None = None  # set when the merge method computes the layer
     parts: list[tuple[LowRankLayer, float]] = field(default_factory=list)  # set when the policy sums/keeps
+    sides: tuple[str, ...] = ()
 
 
 def _sides(subject_layer, style_layer) -> list[tuple[str, object]]:
@@ -58,20 +59,21 @@ def _plan_other(name, present, method: MergeMethod, policy: str, weights: dict[s
     reason = "; ".join(f"{layer.kind} adapter in the {side} LoRA cannot be merged"
                        for side, layer in present if isinstance(layer, OtherLayer))
     plain = [(side, layer) for side, layer in present if not isinstance(layer, OtherLayer)]
-    if plain and (method.name == "direct" or policy in ("sum", plain[0][0])):
+    if plain and (method.claims_every_layer or policy in ("sum", plain[0][0])):
         side, layer = plain[0]
-        return LayerPlan(name, f"kept ({side})", reason, dtype, parts=[(layer, weights[side])])
+        return LayerPlan(name, kept(side), reason, dtype, parts=[(layer, weights[side])], sides=(side,))
     return LayerPlan(name, "skipped", reason)
 
 
 def _plan_policy(name, present, policy: str, reason: str, weights: dict[str, float], dtype) -> LayerPlan:
     """A layer the method declined: the layer policy decides."""
     if policy == "sum":
-        action = "summed" if len(present) == 2 else f"kept ({present[0][0]})"
-        return LayerPlan(name, action, reason, dtype, parts=[(layer, weights[side]) for side, layer in present])
-    kept = dict(present).get(policy)
-    if kept is not None:
-        return LayerPlan(name, f"kept ({policy})", reason, dtype, parts=[(kept, weights[policy])])
+        action = "summed" if len(present) == 2 else kept(present[0][0])
+        return LayerPlan(name, action, reason, dtype, parts=[(layer, weights[side]) for side, layer in present],
+                         sides=tuple(side for side, _ in present))
+    layer = dict(present).get(policy)
+    if layer is not None:
+        return LayerPlan(name, kept(policy), reason, dtype, parts=[(layer, weights[policy])], sides=(policy,))
     return LayerPlan(name, "skipped", f"{reason}; layer policy {policy}")
 
 
@@ -83,8 +85,9 @@ def plan_layer(name: str, subject_layer, style_layer, method: MergeMethod, polic
         return _plan_other(name, present, method, policy, weights, dtype)
     claim = method.claim(name, subject_layer, style_layer, ctx)
     if isinstance(claim, Claim):
-        job = LayerJob(name, subject_layer, style_layer, weights["subject"], weights["style"], dtype, claim.action)
-        return LayerPlan(name, claim.action, claim.reason, dtype, job=job)
+        job = LayerJob(name, subject_layer, style_layer, weights["subject"], weights["style"], dtype, claim.action,
+                       claim.sides)
+        return LayerPlan(name, claim.action, claim.reason, dtype, job=job, sides=claim.sides)
     return _plan_policy(name, present, policy, claim or _generic_reason(name, subject_layer, style_layer), weights, dtype)
 
 

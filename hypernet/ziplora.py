@@ -36,6 +36,7 @@ from .errors import LoraRarError
 from .lora_io import LoraFile, LowRankLayer
 from .lowrank import weighted_sum
 from .merge import MergedLora, Strengths, new_report, source_paths  # the report and paths every merge writes
+from .methods import SIDES, kept
 from .methods.zip_lora import SIMILARITY_LAMBDA
 from .runtime import RuntimeBranch
 
@@ -342,11 +343,12 @@ def to_merged_lora(merge: ZipLoraMerge, subject: LoraFile, style: LoraFile, stre
     report = new_report("ziplora", "sum", subject, style, None)
     report.params = dict(params or {})
     for name, layer in merge.layers.items():
+        report.sides[name] = tuple(side for side in SIDES if side in layer.sides)
         if layer.trainable:
             report.actions[name] = "ziplora"
         else:
             side = next(iter(layer.sides))
-            report.actions[name], report.reasons[name] = f"kept ({side})", f"only the {side} LoRA has this layer"
+            report.actions[name], report.reasons[name] = kept(side), f"only the {side} LoRA has this layer"
     coefficients = merge.coefficients()
     report.coefficient_means = [tuple(c.mean(0).tolist()) for c in coefficients.values()]
     report.coefficient_blocks = summarize(coefficients)

@@ -3,11 +3,10 @@ grid (nodes/adapter/comparing.py runs it)."""
 
 from __future__ import annotations
 
-import comfy.samplers
-
 from ..hypernet import comparison
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP
-from .adapter import CATEGORY, HYPERNET_TYPE, Sampling, compare, lora_names, loras_changed, method_param_inputs
+from .adapter import (CATEGORY, HYPERNET_TYPE, Sampling, compare, lora_names, loras_changed, method_param_inputs,
+                      sampler_input, scheduler_input)
 
 
 class LoraRarCompare:
@@ -51,8 +50,8 @@ class LoraRarCompare:
                 "steps": ("INT", {"default": 30, "min": 1, "max": 10000, "tooltip": "Sampling steps per column."}),
                 "cfg": ("FLOAT", {"default": 7.0, "min": 0.0, "max": 100.0, "step": 0.1, "round": 0.01,
                                   "tooltip": "Classifier-free guidance scale."}),
-                "sampler_name": (comfy.samplers.KSampler.SAMPLERS, {"default": "dpmpp_2m", "tooltip": "ComfyUI's sampler."}),
-                "scheduler": (comfy.samplers.KSampler.SCHEDULERS, {"default": "karras", "tooltip": "ComfyUI's scheduler."}),
+                "sampler_name": sampler_input("ComfyUI's sampler."),
+                "scheduler": scheduler_input("ComfyUI's scheduler."),
                 "denoise": ("FLOAT", {"default": 1.0, "min": 0.0, "max": 1.0, "step": 0.01, "tooltip": "Denoising strength."}),
                 "methods": ("STRING", {"default": comparison.ALL, "tooltip": f"'all', or a comma-separated list of: {columns}."}),
                 "layer_policy": (list(LAYER_POLICIES), {"default": "sum", "tooltip": LAYER_POLICY_HELP}),

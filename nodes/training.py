@@ -6,9 +6,9 @@ The loop (hypernet/training/trainer.py) is torch only; this module gives it Comf
   once with its VAE and text encoders to encode the dataset (latents and conditionings cached in the run
   folder), then the diffusion model alone for training;
 - the LoRAs read through ComfyUI's key map as the merge and ZipLoRA nodes read them (nodes/ziplora.py ``_read_pair``);
-- the branch injected as nodes/ziplora_patch.py does (object patches of each LoRA layer's forward), routed to the
+- the branch injected as nodes/adapter/branch.py does (object patches of each LoRA layer's forward), routed to the
   pair being trained, so the model is patched once for the whole run;
-- the forward: ``noised_batch`` / ``prediction`` of nodes/ziplora_patch.py (ComfyUI's noise schedule and
+- the forward: ``noised_batch`` / ``prediction`` of nodes/adapter/branch.py (ComfyUI's noise schedule and
   ``apply_model``).
 
 Random crop: images are resized (shorter side to --resolution) and VAE-encoded once; each draw crops a
@@ -25,21 +25,23 @@ import comfy.sd
 import nodes as comfy_nodes  # ComfyUI's own nodes.py (the pack's package is imported relatively)
 import torch
 
+from ..hypernet.checkpoints import ResolvedHypernet
 from ..hypernet.errors import LoraRarError, unforeseen_as_error
 from ..hypernet.files import atomic_file, refuse_replacing
 from ..hypernet.keys import attention_role
 from ..hypernet.lora_io import LowRankLayer
+from ..hypernet.methods.lorarar import HYPERNET_ROLES
 from ..hypernet.model import LoraRarHypernet
 from ..hypernet.training import distributed
-from ..hypernet.training.dataset import Dataset, load_dataset, read_rgb
+from ..hypernet.training.dataset import Dataset, LoraCheck, check_dataset, load_dataset, read_rgb
 from ..hypernet.model import new_hypernet, save_hypernet
 from ..hypernet.training.output import refuse_existing, run_dir_for, training_metadata
 from ..hypernet.training.recipe import Recipe
 from ..hypernet.training.state import load_checkpoint
-from ..hypernet.training.trainer import HYPERNET_ROLES, Trainer
+from ..hypernet.training.trainer import Trainer
 from ..hypernet.ziplora import RoutedMerge, ZipLoraMerge
 from .adapter import (ModelView, diffusion_layers, inject, loaded, model_class, model_conditioning, noised_batch,
-                      prediction, refuse_unsupported, timestep_count)
+                      model_layout, prediction, refuse_unsupported, timestep_count)
 
 CACHE_FORMAT = 1
 
@@ -226,21 +228,22 @@ def _load_model(base: Path):
     return model
 
 
-def _initial_hypernet(init: Path | None, widths: list[int], recipe: Recipe) -> LoraRarHypernet:
+def _initial_hypernet(init: ResolvedHypernet | None, widths: list[int], recipe: Recipe) -> LoraRarHypernet:
     if init is None:
         return new_hypernet(widths, hidden=recipe.hidden, seed=recipe.seed)
-    net = LoraRarHypernet.load(init)
+    net = init.net
     missing = sorted(set(widths) - set(net.widths))
     if missing:
-        raise LoraRarError(f"{init}: serves attention widths {sorted(net.widths)}, the base model also has {missing}; "
+        raise LoraRarError(f"{init.name}: serves attention widths {sorted(net.widths)}, the base model also has {missing}; "
                            "fine-tune from a hypernet made for this model family, or train a new one")
     return net
 
 
 def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: bool = False, overwrite: bool = False,
-          init: Path | None = None, cache_dir: Path | None = None, checkpoint_every: int = 50, validate_every: int = 50) -> int:
+          init: ResolvedHypernet | None = None, cache_dir: Path | None = None, checkpoint_every: int = 50, validate_every: int = 50) -> int:
     """``python -m hypernet train``: encode (rank 0, cached), train, write ``out`` (rank 0). Returns the exit code
-    (0 done, 130 stopped by Ctrl-C / SIGTERM with the checkpoint kept)."""
+    (0 done, 130 stopped by Ctrl-C / SIGTERM with the checkpoint kept). init: the --init hypernet, resolved by the
+    command line (hypernet.checkpoints.resolve_hypernet, as the loader node and the merge command resolve theirs)."""
     world = distributed.world_from_env()
     run_dir = run_dir_for(out)
     if world.writer:
@@ -249,13 +252,11 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
     if not base.is_file():
         raise LoraRarError(f"{base}: base checkpoint not found")
     if world.writer:  # --overwrite replaces --out, never one of the run's own inputs
-        inputs = {"base checkpoint": str(base), **({"--init hypernet": str(init)} if init else {})}
+        inputs = {"base checkpoint": str(base), **({"--init hypernet": str(init.net.source)} if init else {})}
         inputs.update({f"{kind[:-1]} LoRA {name}": str(entry.lora) for (kind, name), entry in dataset.entries.items()})
         refuse_replacing(out, inputs)
     if resume:  # a missing or unreadable checkpoint is said before the dataset is encoded
         load_checkpoint(run_dir)
-    if init is not None:  # likewise an unreadable or non-finite --init
-        LoraRarHypernet.load(init)
     device = comfy.model_management.get_torch_device()
     distributed.start(world, device)
     try:
@@ -281,7 +282,7 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
         if world.writer and not result.stopped:
             metadata = training_metadata(model_classes=[model_class(model)], widths=sorted(hypernet.widths),
                                          pairs=dataset.pairs("train"), recipe_json=recipe.to_json(world.size),
-                                         steps=result.steps, base_model=base.name)
+                                         steps=result.steps, base_model=base.name, layout=model_layout(model))
             save_hypernet(result.hypernet, out, metadata, overwrite=overwrite or resume)
             print(f"wrote {out} ({result.steps} steps, {result.seconds_per_step:.3g} s per step)")
         return 130 if result.stopped else 0
@@ -290,26 +291,21 @@ def train(*, dataset_dir: Path, base: Path, out: Path, recipe: Recipe, resume: b
 
 
 def check_against_model(dataset_dir: Path, base: Path) -> list[str]:
-    """The problems only the base model shows: LoRA layers its key map does not place or whose shapes differ,
-    LoRAs patching no attention layer of it (one line each, naming the file)."""
-    from ..hypernet.training.dataset import read_dataset
-
-    dataset = read_dataset(dataset_dir, check_files=False)
+    """check-dataset --base: every problem of the dataset (hypernet/training/dataset.py), each LoRA read once, through
+    the base model's key map, and also checked against the model: layers it does not place or whose shapes differ,
+    no to_q / to_out.0 layer of it (one line each, naming the file)."""
     if not base.is_file():
-        return [f"{base}: base checkpoint not found"]
+        return [*check_dataset(dataset_dir), f"{base}: base checkpoint not found"]
     model = _load_model(base)
     view = ModelView(model)
     paths, shapes = view.module_paths(), view.shapes
-    problems = []
-    for (kind, name), entry in sorted(dataset.entries.items()):
-        if not entry.lora.is_file():
-            continue
-        try:
-            lora = view.read(str(entry.lora))
-        except LoraRarError as error:
-            problems.append(str(error))
-            continue
+
+    def read(path: Path):
+        with unforeseen_as_error(str(path)):
+            return view.read(str(path))
+
+    def misfit_here(lora) -> str | None:
         problem = misfit(lora, paths, shapes)
-        if problem:
-            problems.append(f"{problem} (base {base.name}, {model_class(model)})")
-    return problems
+        return f"{problem} (base {base.name}, {model_class(model)})" if problem else None
+
+    return check_dataset(dataset_dir, LoraCheck(read, misfit_here))

@@ -12,7 +12,7 @@ import importlib
 import pkgutil
 
 from ..errors import LoraRarError
-from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
+from .base import SIDES, Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param, kept
 
 _REGISTRY: dict[str, MergeMethod] = {}
 
@@ -84,5 +84,5 @@ for _module in pkgutil.iter_modules(__path__):
     if _module.name != "base" and not _module.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_module.name}")
 
-__all__ = ["Claim", "LayerJob", "MergeContext", "MergedLayer", "MergeMethod", "Param", "all_methods", "get",
-           "names", "param_key", "register", "resolve_params", "unregister"]
+__all__ = ["Claim", "LayerJob", "MergeContext", "MergedLayer", "MergeMethod", "Param", "SIDES", "all_methods", "get",
+           "kept", "names", "param_key", "register", "resolve_params", "unregister"]

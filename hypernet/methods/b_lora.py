@@ -26,8 +26,8 @@ def split_for(layout: UNetLayout | None, family: str | None = None) -> tuple[str
             if dataclasses.replace(layout, name=known.name) == known:
                 return content, style
     named = layout.name if layout is not None else (f"{family} models" if family else "an unknown base model")
-    raise LoraRarError(f"b-lora: no published content/style block split for {named} (known: "
-                       f"{', '.join(known.name for known, _, _ in SPLITS)}); use another method")
+    raise LoraRarError(f"b-lora: no published content/style block split for {named} (B-LoRA's is published for "
+                       f"{', '.join(known.name.upper() for known, _, _ in SPLITS)} only); use another method")
 
 
 class BLoraMethod(MergeMethod):
@@ -45,15 +45,15 @@ class BLoraMethod(MergeMethod):
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str:
         content, style_block = split_for(ctx.layout)
         if name.startswith(content):
-            return Claim("kept (subject)", "B-LoRA content block") if subject is not None else \
+            return Claim.keep("subject", "B-LoRA content block") if subject is not None else \
                 "B-LoRA content block, but the subject LoRA has no such layer"
         if name.startswith(style_block):
-            return Claim("kept (style)", "B-LoRA style block") if style is not None else \
+            return Claim.keep("style", "B-LoRA style block") if style is not None else \
                 "B-LoRA style block, but the style LoRA has no such layer"
         return "outside B-LoRA's content and style blocks"
 
     def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:
-        side = (job.subject, job.subject_weight) if job.action == "kept (subject)" else (job.style, job.style_weight)
+        side = (job.subject, job.subject_weight) if job.sides == ("subject",) else (job.style, job.style_weight)
         return MergedLayer(weighted_sum([side], ctx.device, job.dtype))
 
 

@@ -31,13 +31,29 @@ class Param:
     step: float = 0.01
 
 
+SIDES = ("subject", "style")  # the two LoRAs of a merge, in the order every report names them
+
+
+def kept(side: str) -> str:
+    """The report's action for a layer taken from one LoRA alone (``kept (subject)``), as reports and saved
+    metadata spell it; what the layer came from is the plan's ``sides``, never this text."""
+    return f"kept ({side})"
+
+
 @dataclass(frozen=True)
 class Claim:
     """The method merges this layer: ``action`` is what the report counts ("hypernet", "summed", ...),
-    ``reason`` the one line it gives (empty: the method's own rule needs none)."""
+    ``reason`` the one line it gives (empty: the method's own rule needs none), ``sides`` the LoRAs the merged
+    layer comes from (both, or the one side of a layer kept as it is: :meth:`keep`)."""
 
     action: str
     reason: str = ""
+    sides: tuple[str, ...] = SIDES
+
+    @classmethod
+    def keep(cls, side: str, reason: str = "") -> "Claim":
+        """The layer of LoRA ``side`` ("subject" or "style") alone, its strength applied."""
+        return cls(kept(side), reason, (side,))
 
 
 @dataclass
@@ -52,6 +68,7 @@ class LayerJob:
     style_weight: float
     dtype: torch.dtype
     action: str = ""
+    sides: tuple[str, ...] = SIDES  # the LoRAs the merged layer comes from (the claim's)
     calibrated: object | None = None  # what a data-driven method's calibrate() learned for this layer
 
 
@@ -111,6 +128,12 @@ class MergeMethod:
     # only a node taking them can give; without: on the model and prompts alone (a calibration pass, SSR-Merge)
     needs_model: bool = False
     needs_references: bool = False
+    # the rule takes every layer either LoRA has, alone or paired (direct: the sum), so the layer policy never decides;
+    # a layer whose other side is an adapter no rule merges (DoRA, LoHa, ...) then keeps its plain side
+    claims_every_layer: bool = False
+    # the rule is per layer and needs neither a hypernet nor the base model's layout: the CLI can merge LoRAs of any
+    # model family with it, pairing layers by the names written in the files (--base any, hypernet/any_family.py)
+    layout_free: bool = False
 
     def unsupported(self, ctx: MergeContext) -> str | None:
         """Why this method cannot merge LoRAs for ``ctx``'s model family (a one-line reason), or None."""

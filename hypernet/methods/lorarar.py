@@ -22,6 +22,17 @@ from ..model import LoraRarHypernet, shown_model_classes
 from . import register
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod
 
+# The layers H serves: the attention projections whose input columns it scales. The merge's claim, training's choice
+# of the layers H gets coefficients for, and the dataset checks all read this one rule.
+HYPERNET_ROLES = ("to_q", "to_out")
+# The attention projections summed instead (coefficients fixed at 1), with the reason the report gives.
+SUMMED_ROLES = {
+    "to_k": "to_k/to_v (the published rule sums them)",
+    "to_v": "to_k/to_v (the published rule sums them)",
+    # one column coefficient would scale the k and v rows too, which the rule sums
+    "qkv": "fused q/k/v of a DiT block (summed like to_k/to_v; see docs/METHODS.md)",
+}
+
 
 class FactoredHypernet:
     """H's layers in float32 on the merge device, the input layer split into subject and style halves.
@@ -136,10 +147,10 @@ class LoraRarMethod(MergeMethod):
             return None
         if role in FUSED_WITH_MLP:
             return "attention fused with the MLP in one linear (single block): the published rule has no such layer"
-        if role in ("to_k", "to_v"):
-            return Claim("summed", "to_k/to_v (the published rule sums them)")
-        if role == "qkv":  # one column coefficient would scale the k and v rows too, which the rule sums
-            return Claim("summed", "fused q/k/v of a DiT block (summed like to_k/to_v; see docs/METHODS.md)")
+        if role in SUMMED_ROLES:
+            return Claim("summed", SUMMED_ROLES[role])
+        if role not in HYPERNET_ROLES:
+            return None
         if ctx.hypernet.input_layer(subject.d_out) is None:
             return f"width {subject.d_out}: the hypernet has no input layer for it"
         return Claim("hypernet")

@@ -48,6 +48,7 @@ class NpLoraMethod(MergeMethod):
             "then added to the style (training-free, closed form)")
     params = (Param("mu", 0.5, 0.0, 100.0, "projection strength: c = mu / (1 + mu) of the subject's overlap with "
                     "the style's input directions is removed (0: plain sum; the paper's default 0.5)"),)
+    layout_free = True
 
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | None:
         if subject is None or style is None:

@@ -55,7 +55,7 @@ class ZipLoraMethod(MergeMethod):
             return None
         if subject is None or style is None:  # in the model during the optimisation, as the files give it
             side = "subject" if style is None else "style"
-            return Claim(f"kept ({side})", f"only the {side} LoRA has this layer")
+            return Claim.keep(side, f"only the {side} LoRA has this layer")
         return Claim("ziplora")
 
     def calibrate(self, jobs: list[LayerJob], ctx: MergeContext) -> None:

@@ -1,28 +1,27 @@
 """``python -m hypernet check-dataset`` and ``python -m hypernet train`` (also under ``torchrun ... -m hypernet train``).
 
 Nothing here imports ComfyUI at module level: check-dataset without --base runs on torch alone; train and
-check-dataset --base put ComfyUI (--comfy DIR or $LORARAR_COMFY) on sys.path and import the pack as a package,
-so its adapter (nodes/training.py) runs with ComfyUI's own loaders.
+check-dataset --base put ComfyUI (--comfy DIR or $LORARAR_COMFY) on sys.path and import the pack's adapter
+(nodes/training.py), which runs with ComfyUI's own loaders. ``python -m hypernet`` runs this module inside the pack
+(hypernet/__main__.py), so the adapter and the command line share one import of every module: an error the adapter
+raises is the LoraRarError the command line prints as one line.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
-import importlib.util
 import os
 import sys
 from pathlib import Path
 
+from ..checkpoints import default_search_dirs, resolve_hypernet
 from ..errors import LoraRarError
 from .dataset import check_dataset
 from .output import refuse_existing
 from .recipe import MIXED_PRECISION, Recipe
 
 COMFY_ENV = "LORARAR_COMFY"
-PACK_MODULE = "comfyui_lorarar"  # the name the pack is imported under outside a ComfyUI server
-REPO = Path(__file__).resolve().parents[2]
 
 
 def add_parsers(commands) -> None:
@@ -41,7 +40,8 @@ def add_parsers(commands) -> None:
     train.add_argument("--overwrite", action="store_true", help="replace --out and start over an existing run folder")
     train.add_argument("--cache-dir", type=Path, help="where the encoded dataset (latents, conditionings) is kept "
                        "(default: the run folder); runs on the same base, dataset and resolution share it")
-    train.add_argument("--init", type=Path, help="start from this hypernetwork (a published .pth or a trained file): fine-tuning")
+    train.add_argument("--init", help="start from this hypernetwork: fine-tuning; a published name (sdxl, koala-700m), "
+                       "a published .pth or a trained file (a path, or a name in $LORARAR_WEIGHTS_DIR or weights/)")
     defaults = Recipe()
     train.add_argument("--lr", type=float, default=defaults.learning_rate, help="AdamW learning rate (constant)")
     train.add_argument("--weight-decay", type=float, default=defaults.weight_decay)
@@ -107,32 +107,19 @@ def comfy_adapter(comfy: Path | None):
     comfy.cli_args.args.cpu = not torch.cuda.is_available()
     import utils.extra_config  # noqa: F401  (before ComfyUI's nodes.py, as main.py does)
 
-    if PACK_MODULE not in sys.modules:
-        spec = importlib.util.spec_from_file_location(PACK_MODULE, REPO / "__init__.py", submodule_search_locations=[str(REPO)])
-        package = importlib.util.module_from_spec(spec)
-        sys.modules[PACK_MODULE] = package
-        spec.loader.exec_module(package)
-    return importlib.import_module(f"{PACK_MODULE}.nodes.training")
-
-
-@contextlib.contextmanager
-def pack_errors_as_cli_errors():
-    """The adapter runs the pack imported as ``comfyui_lorarar``, whose LoraRarError is another class than this
-    module's: re-raise it as ours, so the command line prints its one line instead of a traceback."""
-    module = sys.modules.get(f"{PACK_MODULE}.hypernet.errors")
-    theirs = (module.LoraRarError,) if module is not None and module.LoraRarError is not LoraRarError else ()
-    try:
-        yield
-    except theirs as error:
-        raise LoraRarError(str(error)) from error
+    try:  # the pack's nodes/training.py, beside this hypernet/ package: the same import of the pack
+        return importlib.import_module("...nodes.training", __package__)
+    except ImportError as error:
+        if "beyond top-level package" not in str(error):
+            raise
+        raise LoraRarError("the training commands run the pack's ComfyUI adapter: start them with `python -m hypernet` "
+                           "from the pack's folder, not through a top-level import of hypernet") from None
 
 
 def run_check_dataset(args: argparse.Namespace) -> int:
-    problems = check_dataset(args.dataset)
-    if args.base is not None:
-        adapter = comfy_adapter(args.comfy)
-        with pack_errors_as_cli_errors():
-            problems += adapter.check_against_model(args.dataset, args.base)
+    # with --base, one pass reads each LoRA once, through the model's key map: each problem is listed once
+    problems = (check_dataset(args.dataset) if args.base is None
+                else comfy_adapter(args.comfy).check_against_model(args.dataset, args.base))
     for line in problems:
         print(line)
     print(f"{args.dataset}: {len(problems)} problem(s)" if problems else f"{args.dataset}: ready for training",
@@ -144,16 +131,17 @@ def run_train(args: argparse.Namespace) -> int:
     recipe = recipe_from(args)
     if int(os.environ.get("RANK", "0")) == 0:  # before ComfyUI is even imported
         refuse_existing(args.out, args.resume, args.overwrite)
+    # resolved as the loader node and the merge command resolve theirs, and before ComfyUI is even imported
+    init = resolve_hypernet(args.init, default_search_dirs()) if args.init else None
     adapter = comfy_adapter(args.comfy)
     try:
-        with pack_errors_as_cli_errors():
-            return _train(adapter, args, recipe)
+        return _train(adapter, args, recipe, init)
     except KeyboardInterrupt:  # before the loop (loading, encoding): nothing to keep yet
         print("interrupted before training started; nothing was written", file=sys.stderr)
         return 130
 
 
-def _train(adapter, args: argparse.Namespace, recipe: Recipe) -> int:
+def _train(adapter, args: argparse.Namespace, recipe: Recipe, init) -> int:
     return adapter.train(dataset_dir=args.dataset, base=args.base, out=args.out, recipe=recipe, resume=args.resume,
-                         overwrite=args.overwrite, init=args.init, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
+                         overwrite=args.overwrite, init=init, cache_dir=args.cache_dir, checkpoint_every=args.checkpoint_every,
                          validate_every=args.validate_every)

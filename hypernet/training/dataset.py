@@ -17,10 +17,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 from ..errors import LoraRarError
 from ..keys import attention_role
-from ..lora_io import LowRankLayer, read_lora
+from ..lora_io import LoraFile, LowRankLayer, read_lora
+from ..methods.lorarar import HYPERNET_ROLES
 
 KINDS = ("subjects", "styles")
 SPLITS = ("train", "validation")
@@ -40,6 +42,22 @@ class Entry:
     lora: Path
     caption: str
     images: tuple[Path, ...]
+
+
+@dataclass(frozen=True)
+class LoraCheck:
+    """How each dataset LoRA is read and checked, once per run, so each of its problems is listed once.
+
+    read: the LoRA's layers (raises LoraRarError naming the file): torch alone by default, through a base model's key
+    map for check-dataset --base (nodes/training.py). misfit: why a LoRA that reads still cannot train on that model
+    (one line naming the file), or None; no model, no such check.
+    """
+
+    read: Callable[[Path], LoraFile] = read_lora
+    misfit: Callable[[LoraFile], str | None] | None = None
+
+
+FILES_ONLY = LoraCheck()
 
 
 @dataclass
@@ -116,8 +134,9 @@ def read_rgb(path: Path):
         return image
 
 
-def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
-    """Checks one entry's caption, images and LoRA; returns the attention widths its LoRA patches."""
+def _check_entry(entry: Entry, problems: list[str], loras: LoraCheck) -> set[int]:
+    """Checks one entry's caption, images and LoRA (read once, by ``loras``); returns the attention widths its LoRA
+    patches (none for a LoRA already reported)."""
     from PIL import Image, UnidentifiedImageError
 
     folder = entry.lora.parent
@@ -137,12 +156,16 @@ def _check_entry(entry: Entry, problems: list[str]) -> set[int]:
         problems.append(f"{entry.lora}: LoRA file missing")
         return set()
     try:
-        lora = read_lora(entry.lora)
+        lora = loras.read(entry.lora)
     except LoraRarError as error:
         problems.append(str(error))
         return set()
+    misfit = loras.misfit(lora) if loras.misfit is not None else None
+    if misfit:
+        problems.append(misfit)
+        return set()
     widths = {layer.d_out for name, layer in lora.layers.items()
-              if isinstance(layer, LowRankLayer) and attention_role(name) in ("to_q", "to_out")}
+              if isinstance(layer, LowRankLayer) and attention_role(name) in HYPERNET_ROLES}
     if not widths:
         problems.append(f"{entry.lora}: no attention layer (to_q / to_out.0) of the diffusion model: nothing for the hypernet to merge")
     return widths
@@ -157,10 +180,11 @@ def _entry(root: Path, kind: str, name: str) -> Entry:
     return Entry(kind, name, folder / LORA_FILE, caption[0].strip() if caption else "", tuple(_image_files(folder / IMAGES_DIR)))
 
 
-def read_dataset(path: str | Path, *, check_files: bool = True) -> Dataset:
+def read_dataset(path: str | Path, *, check_files: bool = True, loras: LoraCheck = FILES_ONLY) -> Dataset:
     """The dataset at ``path`` with every problem found (``Dataset.problems``, one line each naming the file).
 
     check_files: also open every LoRA and image (what check-dataset does); False checks the layout only.
+    loras: how each LoRA is read and checked (default: the file alone; check-dataset --base: against the model).
     """
     root = Path(path)
     problems: list[str] = []
@@ -180,7 +204,7 @@ def read_dataset(path: str | Path, *, check_files: bool = True) -> Dataset:
                 continue
             entries[(kind, name)] = entry = _entry(root, kind, name)
             if check_files:
-                widths[kind][name] = _check_entry(entry, problems)
+                widths[kind][name] = _check_entry(entry, problems, loras)
             for extra in sorted(p for p in (root / kind / name).glob("*.safetensors") if p.name != LORA_FILE):
                 problems.append(f"{extra}: extra LoRA file (each folder holds one LoRA, named {LORA_FILE})")
     subject_widths = set().union(*widths["subjects"].values()) if widths["subjects"] else set()
@@ -193,9 +217,9 @@ def read_dataset(path: str | Path, *, check_files: bool = True) -> Dataset:
     return Dataset(root, entries, split, problems)
 
 
-def check_dataset(path: str | Path) -> list[str]:
+def check_dataset(path: str | Path, loras: LoraCheck = FILES_ONLY) -> list[str]:
     """Every problem of the dataset at ``path``, one line each naming the file; [] when it is usable."""
-    return read_dataset(path).problems
+    return read_dataset(path, loras=loras).problems
 
 
 def load_dataset(path: str | Path) -> Dataset:

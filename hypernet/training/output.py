@@ -2,7 +2,7 @@
 
 Tensors as the published ones (``input_<k>.weight/bias``, one per attention width, k = 1 for the smallest;
 ``output.1.weight/bias``), float32, and string metadata: lorarar_model_classes, lorarar_widths, lorarar_pairs,
-lorarar_recipe, lorarar_steps, lorarar_pack_version, lorarar_base_model.
+lorarar_recipe, lorarar_steps, lorarar_pack_version, lorarar_base_model, lorarar_unet_layout.
 
 The network is made and written by hypernet/model.py (``new_hypernet``, ``save_hypernet``); this module holds what
 training adds: the metadata it records, the run folder and the refusal to replace files.
@@ -16,15 +16,18 @@ from pathlib import Path
 from .. import __version__
 from ..errors import LoraRarError
 from ..files import check_target
-from ..model import MODEL_CLASSES_KEY
+from ..base_models import UNetLayout
+from ..model import LAYOUT_KEY, MODEL_CLASSES_KEY
 from .state import STATE_FILE
 
 LOG_FILE = "log.jsonl"  # the run folder's JSONL log (trainer.py writes it)
 
 
 def training_metadata(*, model_classes: list[str], widths: list[int], pairs: list[tuple[str, str]], recipe_json: str,
-                      steps: int, base_model: str) -> dict[str, str]:
-    return {
+                      steps: int, base_model: str, layout: UNetLayout | None = None) -> dict[str, str]:
+    """layout: the base model's UNet layout (None for a model that is no UNet): recorded so the command line, which
+    has no model, reads the LoRAs this hypernet merges as that model names their layers."""
+    metadata = {
         MODEL_CLASSES_KEY: ",".join(model_classes),
         "lorarar_widths": ",".join(str(w) for w in sorted(widths)),
         "lorarar_pairs": json.dumps([f"{subject}+{style}" for subject, style in pairs]),
@@ -33,6 +36,9 @@ def training_metadata(*, model_classes: list[str], widths: list[int], pairs: lis
         "lorarar_pack_version": __version__,
         "lorarar_base_model": base_model,
     }
+    if layout is not None:
+        metadata[LAYOUT_KEY] = json.dumps(layout.as_dict(), sort_keys=True)
+    return metadata
 
 
 def run_dir_for(out: Path) -> Path:

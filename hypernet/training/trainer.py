@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from ..errors import LoraRarError
 from ..keys import attention_role
 from ..lora_io import LowRankLayer
-from ..methods.lorarar import FactoredHypernet
+from ..methods.lorarar import HYPERNET_ROLES, FactoredHypernet
 from ..model import LoraRarHypernet
 from ..ziplora import ZipLoraMerge, ziplora_loss
 from . import distributed
@@ -40,7 +40,6 @@ from .output import LOG_FILE
 from .recipe import Recipe, resume_mismatch
 from .state import Checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
 
-HYPERNET_ROLES = ("to_q", "to_out")  # the layers H serves (column scaling); to_k / to_v are summed
 VALIDATION_SEED_STEP = 2**31 - 1  # the "step" of the fixed validation draws: never a training step
 
 

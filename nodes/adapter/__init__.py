@@ -20,7 +20,7 @@ from .fit import apply_merged, layer_misfit
 from .hypernets import (LoadedHypernets, hypernet_changed, hypernet_choices, license_line, load_hypernets,
                         register_folder)
 from .inputs import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, lora_names, lora_path, loras_changed, method_param_inputs,
-                     param_input, params_for, strength_input)
+                     param_input, params_for, sampler_input, scheduler_input, strength_input)
 from .judging import JudgeSettings, evaluate_images
 from .merging import MergeRequest, merge_for_model
 from .model import ModelView, diffusion_layers, model_class, model_layout, refuse_unsupported
@@ -47,7 +47,8 @@ __all__ = [
     "diffusion_layers", "encode_images", "forget_results", "encode_text", "evaluate_images", "hypernet_changed", "hypernet_choices",
     "inject", "layer_misfit", "license_line", "load_hypernets", "loaded", "lora_names", "lora_path", "loras_changed",
     "merge_for_model", "method_param_inputs", "model_class", "model_conditioning", "model_layout", "noised_batch",
-    "optimise_for_model", "param_input", "params_for", "prediction", "refuse_unsupported", "register_folder", "sampling_progress",
-    "save_merged", "strength_input", "target", "target_path", "timestep_count", "trainable",
+    "optimise_for_model", "param_input", "params_for", "prediction", "refuse_unsupported", "register_folder",
+    "sampling_progress", "sampler_input", "save_merged", "scheduler_input", "strength_input", "target", "target_path",
+    "timestep_count", "trainable",
     "unknown_attention_classes",
 ]

@@ -12,8 +12,8 @@ from typing import Iterator
 
 import torch
 
-from ...hypernet.calibration import SIDES
 from ...hypernet.errors import LoraRarError
+from ...hypernet.methods import SIDES
 from ...hypernet.runtime import RuntimeBranch
 from .branch import inject
 from .sampling import loaded, model_conditioning, noised_batch, prediction, timestep_count

@@ -11,7 +11,7 @@ import folder_paths
 
 from ...hypernet.base_models import UNetLayout
 from ...hypernet.cache import BoundedCache
-from ...hypernet.checkpoints import WEIGHTS_DIR, for_model_class, load_hypernet, load_manifest
+from ...hypernet.checkpoints import WEIGHTS_DIR, ResolvedHypernet, for_model_class, load_manifest, resolve_hypernet
 from ...hypernet.errors import LoraRarError
 from ...hypernet.files import file_sha256
 from ...hypernet.model import LoraRarHypernet
@@ -53,7 +53,7 @@ _LOADED: BoundedCache = BoundedCache(4, "published name, or own file's name and 
 @dataclass(frozen=True)
 class LoadedHypernets:
     """What the loader resolved: the chosen hypernet, or for 'auto' the published ones (all of them, or the one
-    serving the connected model); the merge takes the one for its model. name -> (hypernet, trained on)."""
+    serving the connected model); the merge takes the one for its model. name -> ResolvedHypernet."""
 
     choice: str
     by_name: dict = field(default_factory=dict, compare=False)
@@ -64,9 +64,9 @@ class LoadedHypernets:
         if name not in self.by_name:
             raise LoraRarError(f"the Hypernet Loader resolved {', '.join(self.by_name)} for another model than this "
                                f"{model_class(model)} one; connect this model to the loader or choose a hypernet")
-        hypernet, trained_on = self.by_name[name]
-        hypernet.check_fits(name, model_class(model), attention_widths(model))
-        return hypernet, trained_on, name
+        resolved = self.by_name[name]
+        resolved.net.check_fits(name, model_class(model), attention_widths(model))
+        return resolved.net, resolved.layout, name
 
 
 def attention_widths(model) -> set[int] | None:
@@ -79,12 +79,13 @@ def license_line() -> str:
     return "; ".join(f"{i.name}: {i.license}, {i.attribution}" for i in load_manifest().values())
 
 
-def _load(name: str) -> tuple[LoraRarHypernet, UNetLayout | None]:
+def _load(name: str) -> ResolvedHypernet:
     published = name in load_manifest()
     source = name if published else folder_paths.get_full_path_or_raise(FOLDER, name)
     key = name if published else (name, file_sha256(source))
-    hypernet, _ = _LOADED.get_or_make(key, lambda: load_hypernet(source, hypernet_dirs(), download_dir()))
-    return hypernet
+    # the resolver the command line uses too: one answer to what a hypernet serves
+    resolved, _ = _LOADED.get_or_make(key, lambda: resolve_hypernet(source, hypernet_dirs(), download_dir()))
+    return resolved
 
 
 def load_hypernets(choice: str, model=None) -> LoadedHypernets:

@@ -3,6 +3,7 @@ methods' own parameters) and how a node's method parameters are read back."""
 
 from __future__ import annotations
 
+import comfy.samplers
 import folder_paths
 
 from ...hypernet import methods
@@ -16,6 +17,14 @@ MERGED_TYPE = "LORARAR_MERGED_LORA"
 
 def strength_input(tooltip: str) -> tuple:
     return ("FLOAT", {"default": 1.0, "min": -STRENGTH_LIMIT, "max": STRENGTH_LIMIT, "step": 0.01, "tooltip": tooltip})
+
+
+def sampler_input(tooltip: str) -> tuple:
+    return (comfy.samplers.KSampler.SAMPLERS, {"default": "dpmpp_2m", "tooltip": tooltip})
+
+
+def scheduler_input(tooltip: str) -> tuple:
+    return (comfy.samplers.KSampler.SCHEDULERS, {"default": "karras", "tooltip": tooltip})
 
 
 def lora_names() -> list[str]:

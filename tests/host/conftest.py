@@ -7,7 +7,6 @@ from pathlib import Path
 import pytest
 
 from devkit import synthetic_models
-from devkit.comfy_server import PACK_LINK
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -29,14 +28,14 @@ def comfy_host(shared_weights, tmp_path_factory):
     import folder_paths
     import nodes
 
+    if (root / "custom_nodes" / "ComfyUI-LoRA.rar").resolve() != REPO.resolve():
+        # the host links the checkout that installed it; from another one (a git worktree) load this checkout's pack,
+        # as devkit/comfy_server.py does for the server, or these tests would exercise the other checkout's nodes
+        packs = tmp_path_factory.mktemp("custom_nodes")
+        (packs / "lorarar_pack_under_test").symlink_to(REPO)
+        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(packs)], set())
     loras = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
-    if (root / "custom_nodes" / PACK_LINK).resolve() != REPO.resolve():
-        # the host's link names the checkout that installed it: load this one instead (a git worktree), as
-        # devkit/comfy_server.py does for servers, so the tests exercise the code they sit beside
-        custom_nodes = tmp_path_factory.mktemp("custom_nodes")
-        (custom_nodes / PACK_LINK).symlink_to(REPO, target_is_directory=True)
-        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(custom_nodes)], set())
     folder_paths.add_model_folder_path("lorarar", str(shared_weights))
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     missing = [n for n in ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora") if n not in nodes.NODE_CLASS_MAPPINGS]

@@ -1,4 +1,4 @@
-"""Hostile models against the attention roles (nodes/attention_roles.py): what a custom node pack can do to the
+"""Hostile models against the attention roles (nodes/adapter/roles.py): what a custom node pack can do to the
 modules the roles are read from must never let K-LoRA / lorarar do, or report, something else than the model in
 hand gets."""
 

@@ -3,6 +3,8 @@
 import sys
 
 import pytest
+
+from devkit.loaded_pack import pack_module
 import torch
 
 from devkit.loras import random_lora, write_lora
@@ -10,9 +12,10 @@ from devkit.loras import random_lora, write_lora
 pytestmark = pytest.mark.host
 
 
-def _compare_module(comfy_host):
+def _comparing(comfy_host):
+    """nodes/adapter/comparing.py as ComfyUI loaded the pack."""
     nodes, _, _ = comfy_host
-    return sys.modules[nodes.NODE_CLASS_MAPPINGS["LoraRarCompare"].__module__]
+    return pack_module(nodes, "nodes.adapter.comparing")
 
 
 def test_when_no_column_can_run_the_node_fails_naming_each_reason(comfy_host, synthetic_model, layout):
@@ -33,16 +36,17 @@ def test_when_no_column_can_run_the_node_fails_naming_each_reason(comfy_host, sy
 
 def test_a_clip_with_text_encoder_patches_is_encoded_again_and_one_without_reuses(comfy_host, synthetic_model):
     _, clip = synthetic_model
-    encodings = _compare_module(comfy_host)._Encodings()
+    comparing = _comparing(comfy_host)
+    comparing.ENCODINGS.clear()
     prompt = "a photo of sks dog"  # as positive and negative prompt: encoded once (each encoding costs seconds)
-    base = encodings.encode(clip, prompt, prompt)
-    assert encodings.encode(clip.clone(), prompt, prompt, connected=clip) is base
+    base = comparing.encode_prompts(clip, prompt, prompt)
+    assert comparing.encode_prompts(clip.clone(), prompt, prompt, connected=clip) is base
 
     patched = clip.clone()
     key = next(k for k in clip.cond_stage_model.state_dict() if k.endswith("self_attn.q_proj.weight"))
     weight = clip.cond_stage_model.state_dict()[key]
     assert patched.add_patches({key: ("diff", (torch.full_like(weight, 0.05),))}) == [key]
-    own = encodings.encode(patched, prompt, prompt, connected=clip)
+    own = comparing.encode_prompts(patched, prompt, prompt, connected=clip)
     assert own is not base
     assert not torch.equal(own[0][0][0], base[0][0][0])  # the text-encoder patch changed the conditioning
-    assert encodings.encode(clip, prompt, prompt) is base  # the unpatched CLIP's entry is still there
+    assert comparing.encode_prompts(clip, prompt, prompt) is base  # the unpatched CLIP's entry is still there

@@ -112,3 +112,53 @@ def test_a_truncated_or_code_running_encodings_cache_is_one_line(training, tmp_p
         assert "delete it to encode again" in str(raised.value) and "\n" not in str(raised.value)
         assert "weights_only` set to `False`" not in str(raised.value)
     assert not marker.exists()
+
+
+# What ``python -m hypernet`` does (hypernet/__main__.py), stopped before main() to look at the error classes.
+ONE_PACK = """
+import importlib, sys
+from pathlib import Path
+from hypernet.__main__ import import_pack
+
+root = import_pack().__name__
+cli = importlib.import_module(root + ".hypernet.cli")
+adapter = importlib.import_module(root + ".hypernet.training.command").comfy_adapter(None)
+bad = Path(sys.argv[1])
+bad.write_bytes(b"not a torch file")
+try:
+    adapter.read_encodings(bad)
+except Exception as error:
+    print("caught by the CLI:", isinstance(error, cli.LoraRarError))
+print("LoraRarError classes:", sorted({id(getattr(m, "LoraRarError")) for name, m in list(sys.modules.items())
+                                      if name.endswith("hypernet.errors")}).__len__())
+"""
+
+
+def test_the_training_cli_imports_the_pack_once_so_the_adapters_errors_are_the_clis(tmp_path):
+    """python -m hypernet runs inside the pack imported once: nodes/training.py raises the very LoraRarError class the
+    command line catches, and no second copy of hypernet/ (with a second error class) exists in the process."""
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORARAR_COMFY": str(synthetic_models.comfy_root())}
+    proc = subprocess.run([sys.executable, "-c", ONE_PACK, str(tmp_path / "encodings.pt")], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "caught by the CLI: True" in proc.stdout and "LoraRarError classes: 1" in proc.stdout, proc.stdout
+
+
+def test_check_dataset_against_the_base_lists_each_problem_of_a_broken_lora_once(base, data):
+    """check-dataset --base reads each LoRA once (through the model's key map): a NaN LoRA and an unreadable one are
+    each one line, not one from the file check and another from the model check."""
+    from safetensors.torch import load_file
+
+    nan = data / "subjects" / "subject_0" / "lora.safetensors"
+    state = load_file(str(nan))
+    first = sorted(state)[0]
+    save_file({**state, first: state[first] * float("nan")}, str(nan))
+    unreadable = data / "styles" / "style_1" / "lora.safetensors"
+    unreadable.write_bytes(b"not a safetensors file")
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "LORARAR_COMFY": str(synthetic_models.comfy_root())}
+    proc = subprocess.run([sys.executable, "-m", "hypernet", "check-dataset", str(data), "--base", str(base)], env=env,
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    lines = proc.stdout.splitlines()
+    assert len(lines) == 2 and lines[0].startswith(f"{nan}: ") and lines[1].startswith(f"{unreadable}: "), lines
+    assert "NaN" in lines[0] and f"{data}: 2 problem(s)" in proc.stderr, proc.stdout + proc.stderr

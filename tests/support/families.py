@@ -1,5 +1,5 @@
 """What each model family's attention linears are, written by hand from the architectures (not from the pack's
-table in nodes/attention_roles.py, which the tests check against this): family -> [(native module regex, role)].
+table in nodes/adapter/roles.py, which the tests check against this): family -> [(native module regex, role)].
 
 A native module is the model's own path without ``.weight`` (``double_blocks.0.img_attn.qkv``); role None on a
 UNet means "the projection's own letter" (``attn1.to_k`` -> ``to_k``).

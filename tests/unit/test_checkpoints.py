@@ -153,3 +153,40 @@ def test_auto_picks_the_published_hypernet_by_comfyui_model_class():
     assert for_model_class("KOALA_700M").name == "koala-700m"
     with pytest.raises(LoraRarError, match="no published LoRA.rar hypernet for Flux models"):
         for_model_class("Flux")
+
+
+def test_one_resolver_says_what_a_published_or_a_trained_hypernet_serves(shared_weights, tmp_path):
+    """resolve_hypernet (the loader node, the merge command and train --init): the manifest for a published checkpoint,
+    recognised by its sha256 under any file name; the file's metadata for a trained one."""
+    import shutil
+
+    from devkit.loras import SD15
+    from hypernet.base_models import KOALA_700M, SDXL
+    from hypernet.checkpoints import resolve_hypernet
+    from hypernet.model import new_hypernet, save_hypernet
+
+    published = resolve_hypernet("sdxl", [shared_weights], tmp_path)
+    assert published.layout == SDXL and "SDXL" in published.model_classes and not published.trained
+    renamed = shutil.copyfile(shared_weights / KOALA_FILE, tmp_path / "mine.pth")
+    koala = resolve_hypernet(str(renamed), [])
+    assert koala.layout == KOALA_700M and koala.published.name == "koala-700m"
+    assert koala.lora_layout(SDXL) == SDXL  # a published one serves every model of its widths, as the node allows
+
+    trained = save_hypernet(new_hypernet([320, 640, 1280], hidden=8), tmp_path / "sd15.safetensors",
+                            {"lorarar_model_classes": ["SD15"], "lorarar_unet_layout": SD15})
+    sd15 = resolve_hypernet("sd15.safetensors", [tmp_path])  # a name in a search folder
+    assert sd15.trained and sd15.model_classes == ("SD15",) and sd15.layout == SD15 and sd15.lora_layout() == SD15
+    with pytest.raises(LoraRarError, match=r"^sd15\.safetensors: this hypernet was trained for SD15 models; --base sdxl "
+                                           r"is another model"):
+        sd15.lora_layout(SDXL)
+    same = dataclasses.replace(SD15, name="sd15 by another name")  # a layout is compared by structure, not name
+    assert resolve_hypernet(str(trained), []).lora_layout(same) is same
+
+    sdxl_class = save_hypernet(new_hypernet([640, 1280], hidden=8), tmp_path / "pony.safetensors",
+                               {"lorarar_model_classes": ["SDXL"]})  # no layout recorded: its class's published one
+    assert resolve_hypernet(str(sdxl_class), []).lora_layout() == SDXL
+    older = save_hypernet(new_hypernet([320, 640, 1280], hidden=8), tmp_path / "old.safetensors",
+                          {"lorarar_model_classes": ["SD15"]})
+    with pytest.raises(LoraRarError, match=r"old\.safetensors: this hypernet was trained for SD15 models but its file "
+                                           r"records no readable UNet layout"):
+        resolve_hypernet(str(older), []).lora_layout()

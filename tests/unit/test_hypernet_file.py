@@ -15,12 +15,15 @@ from hypernet import __version__
 from hypernet.errors import LoraRarError, LoraRarFileExists
 from hypernet.model import (PUBLISHED_HIDDEN, LoraRarHypernet, describe_training, hypernet_metadata, new_hypernet,
                             save_hypernet)
+from devkit.loras import SD15
 from devkit.weights import shared_hypernet
+from hypernet.base_models import UNetLayout
 
 SD15_WIDTHS = (320, 640, 1280)
 TRAINED = {"lorarar_model_classes": ["SD15"], "lorarar_pairs": ["dog+watercolour", "cat+oil"],
            "lorarar_recipe": {"lr": 0.01, "weight_decay": 1e-4, "lambda": 0.01, "clip": 1.0},
-           "lorarar_steps": 12, "lorarar_base_model": "v1-5-pruned-emaonly.safetensors"}
+           "lorarar_steps": 12, "lorarar_base_model": "v1-5-pruned-emaonly.safetensors",
+           "lorarar_unet_layout": SD15.as_dict()}
 
 
 def _bare_file(path, metadata, widths=(640,)):
@@ -65,7 +68,8 @@ def test_save_then_load_round_trips_tensors_and_metadata(tmp_path):
     assert meta == {"lorarar_model_classes": ("SD15",), "lorarar_widths": SD15_WIDTHS,
                     "lorarar_pairs": TRAINED["lorarar_pairs"], "lorarar_recipe": TRAINED["lorarar_recipe"],
                     "lorarar_steps": 12, "lorarar_pack_version": __version__,
-                    "lorarar_base_model": "v1-5-pruned-emaonly.safetensors", "unreadable": ()}
+                    "lorarar_base_model": "v1-5-pruned-emaonly.safetensors", "lorarar_unet_layout": SD15,
+                    "unreadable": ()}
     assert loaded.model_classes == ("SD15",) and loaded.training_metadata == meta
     line = loaded.describe("sd15.safetensors")
     for text in ("SD15", "320, 640, 1280", "2 pairs", "12 steps", f"LoRA.rar {__version__}", "v1-5-pruned-emaonly"):
@@ -118,6 +122,10 @@ def test_non_finite_tensors_are_refused_and_nothing_is_written(tmp_path, value):
     ({"steps": 3}, "metadata key 'steps' is not a lorarar_\\* key"),
     ({"lorarar_model_classes": ["SD15", "SDXL,SD3"]}, "'SDXL,SD3' is not a ComfyUI model class name"),
     ({"lorarar_model_classes": []}, "is not a ComfyUI model class name"),
+    ({"lorarar_unet_layout": {**SD15.as_dict(), "num_res_blocks": [10**9] * 4}}, "lorarar_unet_layout would not read back"),
+    ({"lorarar_unet_layout": {**SD15.as_dict(), "transformer_depth": [1]}}, "lorarar_unet_layout would not read back"),
+    ({"lorarar_unet_layout": {**SD15.as_dict(), "name": "a\nb"}}, "lorarar_unet_layout would not read back"),
+    ({"lorarar_unet_layout": [1, 2]}, "lorarar_unet_layout is a list; expected a string or a UNetLayout"),
 ])
 def test_metadata_that_would_not_read_back_is_refused(tmp_path, metadata, match):
     with pytest.raises(LoraRarError, match=match):

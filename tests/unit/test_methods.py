@@ -161,3 +161,74 @@ def test_the_cli_refuses_what_the_node_refuses_whatever_the_method(tmp_path):
     assert result.returncode == 2 and not (tmp_path / "m.safetensors").exists()
     assert "sd15_a.safetensors: cross-attention reads a 768-wide text context" in result.stderr
     assert "another base model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+class KeepSubject(MergeMethod):
+    """A toy method saying through its attributes, not its name, that it needs no layout and takes every layer."""
+
+    name = "toy-keep"
+    help = "the subject's layer where it has one, else the style's"
+    since, position = __version__, next_position()
+    claims_every_layer = True
+    layout_free = True
+
+    def claim(self, name, subject, style, ctx):
+        return Claim.keep("subject" if subject is not None else "style", "toy rule")
+
+    def merge(self, job, ctx):
+        side = (job.subject, job.subject_weight) if job.sides == ("subject",) else (job.style, job.style_weight)
+        return MergedLayer(weighted_sum([side], ctx.device, job.dtype))
+
+
+@pytest.fixture
+def keep_method():
+    methods.register(KeepSubject())
+    yield methods.get("toy-keep")
+    methods.unregister("toy-keep")
+
+
+def test_a_plugged_in_method_says_itself_whether_it_merges_any_family(keep_method):
+    """--base any asks the method (layout_free, its own unsupported()), so adding a method edits no list."""
+    from hypernet import any_family
+
+    assert any_family.layout_free_methods() == ("direct", "np-lora", "toy-keep")
+    any_family.refuse_method(keep_method)  # accepted
+    with pytest.raises(LoraRarError) as refused:
+        any_family.refuse_method(methods.get("b-lora"))
+    assert "no published content/style block split for an unknown base model" in str(refused.value)
+    assert "published for SDXL only" in str(refused.value) and "methods that can: direct, np-lora, toy-keep" in str(refused.value)
+
+
+def test_a_method_that_claims_every_layer_keeps_the_plain_side_beside_an_adapter_it_cannot_merge(keep_method, tmp_path):
+    """pipeline asks MergeMethod.claims_every_layer (direct, the toy), not the method's name."""
+    from hypernet.methods import MergeContext
+    from hypernet.pipeline import plan_layer
+
+    stem = "lora_unet_input_blocks_4_1_proj_in"
+    plain = {f"{stem}.lora_up.weight": torch.ones(640, 2), f"{stem}.lora_down.weight": torch.ones(2, 640)}
+    loha = {f"{stem}.hada_w1_a": torch.ones(640, 2), f"{stem}.hada_w1_b": torch.ones(2, 640)}
+    subject = read_lora(write_lora(tmp_path / "plain.safetensors", plain)).layers[stem]
+    style = read_lora(write_lora(tmp_path / "loha.safetensors", loha)).layers[stem]
+    ctx = MergeContext(None, torch.device("cpu"))
+    for method, action in (("toy-keep", "kept (subject)"), ("direct", "kept (subject)"), ("np-lora", "skipped")):
+        plan = plan_layer(stem, subject, style, methods.get(method), "skip", {"subject": 1.0, "style": 1.0},
+                          torch.float32, ctx)
+        assert (plan.action, plan.sides) == (action, ("subject",) if action != "skipped" else ()), method
+
+
+def test_a_layer_kept_from_one_lora_names_that_file_alone(tmp_path):
+    """MergedLora.files_of reads the plan's sides, not the report's words."""
+    from hypernet.base_models import SDXL
+
+    modules = ["output_blocks.0.1.transformer_blocks.0.attn1.to_q", "output_blocks.1.1.transformer_blocks.0.attn1.to_q",
+               "input_blocks.4.1.transformer_blocks.0.attn1.to_q"]
+    subject = read_lora(write_lora(tmp_path / "dog.safetensors", random_lora(rank=2, seed=1, modules=modules)))
+    style = read_lora(write_lora(tmp_path / "ink.safetensors", random_lora(rank=2, seed=2, modules=modules)))
+    merged = merge_loras(subject, style, None, method="b-lora", layout=SDXL)
+    content, style_block, other = ("lora_unet_" + module.replace(".", "_") for module in modules)
+    assert merged.report.actions[content] == "kept (subject)" and merged.files_of(content) == ["dog.safetensors"]
+    assert merged.report.actions[style_block] == "kept (style)" and merged.files_of(style_block) == ["ink.safetensors"]
+    assert merged.report.actions[other] == "summed" and merged.files_of(other) == ["dog.safetensors", "ink.safetensors"]
+    toy = read_lora(write_lora(tmp_path / "toy.safetensors", random_lora(rank=2, seed=3, modules=modules[:1])))
+    direct = merge_loras(toy, style, None, method="direct", layout=SDXL)
+    assert direct.files_of(style_block) == ["ink.safetensors"] and direct.files_of(content) == ["toy.safetensors", "ink.safetensors"]

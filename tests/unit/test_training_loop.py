@@ -113,3 +113,27 @@ def test_the_cli_defaults_follow_the_device_mixed_precision_and_checkpointing_on
         assert (recipe.mixed_precision, recipe.gradient_checkpointing) == expected
     recipe = command.recipe_from(parser.parse_args(base + ["--mixed-precision", "bf16", "--no-gradient-checkpointing"]))
     assert (recipe.mixed_precision, recipe.gradient_checkpointing) == ("bf16", False)
+
+
+def test_training_gives_h_exactly_the_layers_the_merge_gives_h(tmp_path):
+    """One rule for the layers H serves (hypernet/methods/lorarar.py HYPERNET_ROLES): the layers training computes
+    coefficients for are the layers the lorarar merge reports as merged by the hypernet."""
+    from devkit.loras import SD15, random_lora, write_lora
+    from hypernet.lora_io import read_lora
+    from hypernet.merge import merge_loras
+    from hypernet.training.trainer import pair_merge
+
+    subject = read_lora(write_lora(tmp_path / "s.safetensors", random_lora(SD15, rank=2, seed=1)), SD15)
+    style = read_lora(write_lora(tmp_path / "t.safetensors", random_lora(SD15, rank=2, seed=2)), SD15)
+    net = new_hypernet([320, 640, 1280], hidden=8)
+
+    class Task:
+        device = torch.device("cpu")
+
+        def layers(self, kind, name):
+            return (subject if kind == "subjects" else style).layers
+
+    trained = pair_merge(Task(), net, "s", "t").hypernet_layers
+    merged = merge_loras(subject, style, net, layout=SD15)
+    assert trained and sorted(trained) == sorted(n for n, a in merged.report.actions.items() if a == "hypernet")
+    assert len(trained) == len(subject.layers) // 2  # to_q and to_out.0 of every attention; to_k / to_v summed
