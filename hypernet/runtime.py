@@ -25,7 +25,8 @@ from .lora_io import LowRankLayer
 
 class RuntimeBranch:
     """h(x) per layer for one patched model. Subclasses implement :meth:`extra`; a router that follows the
-    sampler (``follows_sampling``) gets the progress p in [0, 1] of every model call in :meth:`at_progress`."""
+    sampler (``follows_sampling``) gets the progress p in [0, 1] of every model call in :meth:`at_progress`
+    (:func:`schedule_progress`: the call's place in the sampler's schedule)."""
 
     follows_sampling: bool = False
 
@@ -75,6 +76,24 @@ class RuntimePart:
     def summary_line(self) -> str:
         """The report's line about it."""
         return ""
+
+
+def schedule_progress(sigma: float, sigmas: list[float]) -> float:
+    """The progress p in [0, 1] of noise level ``sigma`` in a decreasing schedule of len(sigmas) - 1 steps.
+
+    p = index / steps with the index of sigma in the schedule, interpolated linearly between two schedule
+    points (second-order samplers evaluate there: heun at the next point, dpm_2 between); 0 at or above the
+    first sigma, 1 below the last.
+    """
+    steps = len(sigmas) - 1
+    if steps < 1 or sigma >= sigmas[0]:
+        return 0.0
+    for index in range(steps):
+        high, low = sigmas[index], sigmas[index + 1]
+        if high >= sigma >= low:
+            fraction = (high - sigma) / (high - low) if high > low else 0.0
+            return min(1.0, (index + fraction) / steps)
+    return 1.0
 
 
 class FactorCache:

@@ -73,24 +73,6 @@ def time_scale(p: float, pattern: str, alpha: float, beta: float) -> float:
     return value % alpha if pattern == "s*" else value
 
 
-def schedule_progress(sigma: float, sigmas: list[float]) -> float:
-    """The progress p in [0, 1] of noise level ``sigma`` in a decreasing schedule of len(sigmas) - 1 steps.
-
-    p = index / steps with the index of sigma in the schedule, interpolated linearly between two schedule
-    points (second-order samplers evaluate there: heun at the next point, dpm_2 between); 0 at or above the
-    first sigma, 1 below the last.
-    """
-    steps = len(sigmas) - 1
-    if steps < 1 or sigma >= sigmas[0]:
-        return 0.0
-    for index in range(steps):
-        high, low = sigmas[index], sigmas[index + 1]
-        if high >= sigma >= low:
-            fraction = (high - sigma) / (high - low) if high > low else 0.0
-            return min(1.0, (index + fraction) / steps)
-    return 1.0
-
-
 @dataclass(frozen=True)
 class SwitchedLayer:
     """A layer merged at sampling time: each step applies the subject's OR the style's update, never a sum.

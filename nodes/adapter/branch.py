@@ -24,8 +24,7 @@ from __future__ import annotations
 import comfy.patcher_extension
 import torch
 
-from ...hypernet.methods.k_lora import schedule_progress
-from ...hypernet.runtime import RuntimeBranch
+from ...hypernet.runtime import RuntimeBranch, schedule_progress
 
 WRAPPER_KEY = "lorarar_runtime_branch"
 

@@ -15,7 +15,8 @@ from hypernet.base_models import SDXL
 from hypernet.errors import LoraRarError
 from hypernet.lora_io import LowRankLayer, lora_from_tensors
 from hypernet.merge import Strengths, merge_loras
-from hypernet.methods.k_lora import gamma_of, schedule_progress, top_k_and_l1
+from hypernet.methods.k_lora import gamma_of, top_k_and_l1
+from hypernet.runtime import schedule_progress
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = [m for m, _, _ in SDXL.attention_linears()
