@@ -196,6 +196,9 @@ def row_methods(spec: dict) -> dict:
     style = lora_from_tensors(style_sd, "style.safetensors", layout=layout)
     result = {"layers": len(subject.layers), "methods": {}}
     for method in methods.all_methods():
+        if method.needs_model:  # data-driven (zip-lora): no merge from the files alone; the ziplora row times it
+            continue
+
         def merge(method=method):
             return merge_loras(subject, style, hypernet if method.needs_hypernet else None, method.name, layout=layout)
         try:

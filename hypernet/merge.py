@@ -19,6 +19,7 @@ import torch
 
 from . import methods
 from .base_models import UNetLayout
+from .calibration import Calibration
 from .coefficients import CoefficientGroup, summarize, summary_lines
 from .errors import LoraRarError
 from .keys import FUSED_WITH_MLP, is_text_encoder
@@ -252,15 +253,16 @@ def merge_loras(
     batched: bool | None = None,
     family: str | None = None,
     roles: dict[str, str] | None = None,
+    calibration: Calibration | None = None,
 ) -> MergedLora:
     """Merge two LoRAs layer by layer; the result's layers are low-rank (rank r_subject + r_style at most).
 
     device: where the method's math runs (the model's device); dtype: of the merged factors (default: the
     inputs' common type, float32 when they differ); progress(done, total) is called per layer; params and
-    batched, family, roles: see :func:`merge_many`.
+    batched, family, roles, calibration: see :func:`merge_many`.
     """
     return merge_many(subject, [style], hypernet, method, policy, strengths, layout, device, dtype, progress,
-                      params, batched, family, roles)[0]
+                      params, batched, family, roles, calibration)[0]
 
 
 def _merged_dtype(subject: LoraFile, style: LoraFile) -> torch.dtype:
@@ -284,6 +286,7 @@ def merge_many(
     batched: bool | None = None,
     family: str | None = None,
     roles: dict[str, str] | None = None,
+    calibration: Calibration | None = None,
 ) -> list[MergedLora]:
     """One subject merged with each of several styles: ``merge_loras(subject, style)`` for every style.
 
@@ -293,19 +296,23 @@ def merge_many(
     (default: :func:`hypernet.pipeline.use_batched`). progress(done, total) counts layers of all inputs.
     family: the model family (ComfyUI's class name, e.g. "Flux"), for methods that serve only some families.
     roles: canonical layer name -> attention role, read from the loaded model (nodes/adapter/roles.py); None
-    without a model, when the UNet layout's names say it.
+    without a model, when the UNet layout's names say it. calibration: the model and data a data-driven method
+    (``needs_model``) runs through before it merges (hypernet/calibration.py); such a method is refused without it.
     """
     rule = _checked_method(method, policy, hypernet, styles)
     for style in styles:
         check_compatible(subject, style, layout)
     device = torch.device(device) if device is not None else torch.device("cpu")
     ctx = MergeContext(hypernet, device, layout, resolve_params(rule, params), use_batched(device, batched),
-                       family=family, roles=roles)
-    why = rule.unsupported(ctx) or _no_attention(rule, ctx)
+                       family=family, roles=roles, calibration=calibration)
+    why = rule.unsupported(ctx) or _no_attention(rule, ctx) or _no_model(rule, ctx)
     if why:
         raise LoraRarError(f"{rule.name}: {why}")
     plans = [_plan(subject, style, rule, policy, strengths, dtype or _merged_dtype(subject, style), ctx)
              for style in styles]
+    if rule.needs_model:  # data-driven: the model runs once per pair before anything is merged
+        for plan in plans:
+            rule.calibrate([layer.job for layer in plan.values() if layer.job is not None], ctx)
     computed = compute(plans, rule, ctx, progress)
     return [_result(subject, style, hypernet, rule, policy, strengths, ctx.params, plan, layers)
             for style, plan, layers in zip(styles, plans, computed)]
@@ -319,6 +326,14 @@ def _no_attention(rule: MergeMethod, ctx: MergeContext) -> str | None:
     return (f"no attention projection is known in this {ctx.family + ' ' if ctx.family else ''}model (the pack reads them from "
             f"ComfyUI's attention classes, and none of this model's is known): {rule.name} would only sum the LoRAs; "
             "use direct or np-lora")
+
+
+def _no_model(rule: MergeMethod, ctx: MergeContext) -> str | None:
+    """Why a data-driven method cannot run: it merges from what the model does, and no model was given."""
+    if not rule.needs_model or ctx.calibration is not None:
+        return None
+    return ("it runs the model before it merges, and only the LoRA files were given (no model to run); merge in "
+            "ComfyUI, or choose a method that merges from the files alone")
 
 
 def _checked_method(method: str, policy: str, hypernet, styles) -> MergeMethod:

@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
 class RuntimeBranch:
     """h(x) per layer for one patched model. Subclasses implement :meth:`extra`; a router that follows the
-    sampler (``follows_sampling``) gets the progress p in [0, 1] of every model call in :meth:`at_progress`."""
+    sampler (``follows_sampling``) gets the progress p in [0, 1] of every model call in :meth:`at_progress`
+    (:func:`schedule_progress`: the call's place in the sampler's schedule)."""
 
     follows_sampling: bool = False
 

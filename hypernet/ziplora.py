@@ -14,28 +14,34 @@ The objective (ZipLoRA, also LoRA.rar's training objective, ../shared/METHOD.md 
 
 with the same noised latents and timestep for the merged branch and its target, targets under no_grad.
 This module is torch only: the model forward is a callable given by the caller (nodes/adapter/
-supplies ComfyUI's), the branch each call runs is chosen with :meth:`ZipLoraMerge.branch`.
+supplies ComfyUI's), the branch each call runs is chosen with :meth:`ZipLoraMerge.branch`; :func:`optimise` runs the
+whole optimisation through a host's :class:`~hypernet.calibration.CalibrationRun` (the ZipLoRA node's, and the
+registered method ``zip-lora``'s, hypernet/methods/zip_lora.py).
 A hypernetwork (issue 14) can produce the coefficients instead: :meth:`ZipLoraLayer.use_coefficients`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
 
+from .calibration import CalibrationRun
 from .coefficients import summarize
+from .errors import LoraRarError
 from .lora_io import LoraFile, LowRankLayer
 from .lowrank import weighted_sum
 from .merge import MergedLora, Strengths, new_report, source_paths  # the report and paths every merge writes
 from .methods import SIDES, kept
+from .methods.zip_lora import SIMILARITY_LAMBDA
 from .runtime import RuntimeBranch
 
 BRANCHES = ("merged", "subject", "style", "off")  # what the injected layers add to the base output
-DEFAULT_LAMBDA = 0.01  # ZipLoRA's and LoRA.rar's weight of the summed |cos| term
+DEFAULT_LAMBDA = SIMILARITY_LAMBDA.default  # one source: the registered method's parameter (hypernet/methods/zip_lora.py)
 
 
 class _BranchSwitch:
@@ -260,6 +266,71 @@ def optimisation_step(merge: ZipLoraMerge, optimizer: torch.optim.Optimizer, los
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return loss
+
+
+@dataclass
+class Optimisation:
+    """What :func:`optimise` did: the loss terms on one fixed evaluation batch at start and end, each step's, and
+    whether the similarity term stopped it early."""
+
+    start: dict[str, float]
+    history: list[dict[str, float]]
+    end: dict[str, float]
+    early_stop: bool
+
+
+def optimise(merge: ZipLoraMerge, run: CalibrationRun, steps: int, learning_rate: float, similarity_lambda: float,
+             stop_similarity: float, seed: int, before_step: Callable[[], None] | None = None,
+             after_step: Callable[[int, int, dict[str, float]], None] | None = None) -> Optimisation:
+    """The ZipLoRA optimisation of ``merge``'s coefficients through the model ``run`` holds (its branch injected):
+    AdamW on the coefficients only, one subject and one style draw per step, every draw from ``seed``; the start and
+    end losses on one evaluation batch drawn first, so the two compare. Stops early once the mean |cos| per layer is at
+    or below ``stop_similarity``; a non-finite loss or coefficient stops it with a one-line LoraRarError.
+
+    before_step() runs before each step (a host's Cancel), after_step(step, steps, loss) after it (its progress).
+    """
+    parameters = merge.coefficient_parameters()
+    # decoupled weight decay off: it would pull the coefficients toward 0, away from the init 1 both targets favour
+    optimizer = torch.optim.AdamW(parameters, lr=learning_rate, weight_decay=0.0)
+    generator = torch.Generator().manual_seed(seed)
+
+    def draw():
+        return run.draw("subject", generator), run.draw("style", generator)
+
+    def loss_on(batches):
+        return ziplora_loss(merge, run.predict, *batches, lam=similarity_lambda)
+
+    evaluation = draw()
+    with torch.no_grad():
+        start = _finite(loss_on(evaluation).as_floats(), "at start, before any step,")
+    history, early = [], False
+    for step in range(steps):
+        if before_step is not None:
+            before_step()
+        batches = draw()
+        history.append(_finite(optimisation_step(merge, optimizer, lambda: loss_on(batches)).as_floats(),
+                               f"at step {step + 1}"))
+        if not all(bool(torch.isfinite(p).all()) for p in parameters):
+            raise LoraRarError(f"ZipLoRA: the coefficients became NaN or Inf at step {step + 1} (the optimisation "
+                               f"diverged): lower the learning rate ({learning_rate:g}); nothing was applied")
+        if after_step is not None:
+            after_step(step + 1, steps, history[-1])
+        early = float(merge.similarity().detach()) <= stop_similarity * (len(parameters) // 2)
+        if early:
+            break
+    with torch.no_grad():
+        end = loss_on(evaluation).as_floats()
+    return Optimisation(start, history, end, early)
+
+
+def _finite(loss: dict[str, float], when: str) -> dict[str, float]:
+    """``loss`` when every term is finite; otherwise the run stops here, before a NaN reaches the coefficients, the
+    patched model or a saved file."""
+    if all(map(math.isfinite, loss.values())):
+        return loss
+    raise LoraRarError(f"ZipLoRA: the loss {when} is not finite (total {loss['total']:g}, subject {loss['subject']:g}, "
+                       f"style {loss['style']:g}): the LoRAs overflow this model's forward (alpha or strength too "
+                       "large for its dtype) or the optimisation diverged (lower the learning rate); nothing was applied")
 
 
 def to_merged_lora(merge: ZipLoraMerge, subject: LoraFile, style: LoraFile, strengths: Strengths | None = None,

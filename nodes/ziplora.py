@@ -3,9 +3,8 @@
 
 from __future__ import annotations
 
-from ..hypernet.ziplora import DEFAULT_LAMBDA
-from .adapter import (CATEGORY, DEFAULT_LEARNING_RATE, DEFAULT_STOP_SIMILARITY, MERGED_TYPE, Settings, lora_names,
-                      loras_changed, optimise_for_model)
+from ..hypernet.methods.zip_lora import LEARNING_RATE, SIMILARITY_LAMBDA, STEPS, STOP_SIMILARITY
+from .adapter import CATEGORY, MERGED_TYPE, Settings, lora_names, loras_changed, optimise_for_model, param_input
 
 
 class LoraRarZipLora:
@@ -44,19 +43,14 @@ class LoraRarZipLora:
                 "style_images": ("IMAGE", {"tooltip": "The style image(s); one is drawn per step."}),
                 "style_prompt": ("STRING", {"multiline": True, "default": "A painting in watercolor painting style",
                                             "tooltip": "The style LoRA's prompt for its images."}),
-                "steps": ("INT", {"default": 100, "min": 1, "max": 10000,
-                                  "tooltip": "Optimisation steps (ZipLoRA: at most 100)."}),
-                "learning_rate": ("FLOAT", {"default": DEFAULT_LEARNING_RATE, "min": 1e-6, "max": 1.0, "step": 0.0001,
-                                            "round": False, "tooltip": "AdamW's learning rate on the coefficients. "
-                                            "0.01 as LoRA.rar's ZipLoRA baseline (the paper gives none; the "
-                                            "diffusers script's 1e-4 barely moves coefficients that start at 1 in 100 steps)."}),
-                "similarity_lambda": ("FLOAT", {"default": DEFAULT_LAMBDA, "min": 0.0, "max": 100.0, "step": 0.001,
-                                                "round": False, "tooltip": "lambda: weight of sum |cos(m_subject, m_style)| over the layers (ZipLoRA: 0.01)."}),
+                # defaults, ranges and tooltips: the registered method zip-lora's parameters (one source)
+                "steps": ("INT", {"default": int(STEPS.default), "min": int(STEPS.minimum), "max": int(STEPS.maximum),
+                                  "tooltip": STEPS.help}),
+                "learning_rate": param_input(LEARNING_RATE, round=False),
+                "similarity_lambda": param_input(SIMILARITY_LAMBDA, round=False),
                 "seed": ("INT", {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF, "control_after_generate": True,
                                  "tooltip": "Seeds the images, noise and timesteps drawn per step (the same for the merged branch and its targets)."}),
-                "stop_similarity": ("FLOAT", {"default": DEFAULT_STOP_SIMILARITY, "min": 0.0, "max": 1.0, "step": 0.0001,
-                                              "round": False, "tooltip": "Early stop once the mean |cos| per layer is at or below this "
-                                              "(ZipLoRA stops when the cosine reaches 0; float cosines hit exactly 0 only by chance). 0: run every step."}),
+                "stop_similarity": param_input(STOP_SIMILARITY, round=False),
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }

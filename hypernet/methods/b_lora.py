@@ -32,6 +32,7 @@ def split_for(layout: UNetLayout | None, family: str | None = None) -> tuple[str
 
 class BLoraMethod(MergeMethod):
     name = "b-lora"
+    since, position = "0.2.0", 2
     help = "B-LoRA block split: the subject's content block and the style's style block (SDXL); the rest by layer policy"
 
     def unsupported(self, ctx: MergeContext) -> str | None:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..calibration import Calibration
 from ..keys import attention_role
 from typing import TYPE_CHECKING
 
@@ -71,6 +72,7 @@ class LayerJob:
     dtype: torch.dtype
     action: str = ""
     sides: tuple[str, ...] = SIDES  # the LoRAs the merged layer comes from (the claim's)
+    calibrated: object | None = None  # what a data-driven method's calibrate() learned for this layer
 
 
 @dataclass
@@ -100,6 +102,9 @@ class MergeContext:
     # canonical layer name -> attention role (hypernet.keys.ATTENTION_ROLES), read from the loaded model's own
     # modules; None when no model is at hand (the CLI): then the UNet layout's names say it (keys.attention_role)
     roles: dict[str, str] | None = None
+    # the model and data a data-driven method runs through (hypernet.calibration.Calibration), from the host; None:
+    # only the LoRA files are at hand (the CLI, the merge node today)
+    calibration: Calibration | None = None
 
     def role(self, name: str) -> str | None:
         """The attention role of a layer: 'to_q', 'to_k', 'to_v', 'to_out', 'qkv', 'qkv+mlp', 'out+mlp' or None."""
@@ -107,15 +112,25 @@ class MergeContext:
 
 
 class MergeMethod:
-    """Base class: subclasses set ``name``/``help`` (and ``params``, ``needs_hypernet``) and implement
-    :meth:`claim` and :meth:`merge`."""
+    """Base class: subclasses set ``name``/``help``, ``since``/``position`` (and ``params``, ``needs_hypernet``) and
+    implement :meth:`claim` and :meth:`merge`."""
 
     name: str = ""
     help: str = ""
+    # Where it is listed (node, CLI, compare columns) and where its parameter widgets go: after every method of an
+    # earlier pack version, then by position. Saved workflows hold widget values by position, so a new method
+    # declares the version that adds it and the next free position there: its widgets come after every existing one.
+    since: str = ""  # the pack version that added the method, e.g. "0.2.0"
+    position: int = 0  # its place among the methods that version added: 1, 2, ...
     params: tuple[Param, ...] = ()
     needs_hypernet: bool = False
     sampling_time: bool = False  # the result is chosen per sampling step (K-LoRA): no single LoRA file holds it
     needs_roles: bool = False  # the rule is for attention projections: a merge where it covers no layer is refused
+    # data-driven: the method runs the model before it merges (:meth:`calibrate`, through ``ctx.calibration``); a merge
+    # without a calibration is refused. needs_references: on each side's reference images and prompts (ZipLoRA), which
+    # only a node taking them can give; without: on the model and prompts alone (a calibration pass, SSR-Merge)
+    needs_model: bool = False
+    needs_references: bool = False
     # the rule takes every layer either LoRA has, alone or paired (direct: the sum), so the layer policy never decides;
     # a layer whose other side is an adapter no rule merges (DoRA, LoHa, ...) then keeps its plain side
     claims_every_layer: bool = False
@@ -132,6 +147,11 @@ class MergeMethod:
         """Claim the layer, or decline: a string says why (the report shows it), None leaves the pipeline's
         generic reason (only in one LoRA, text encoder, not an attention projection)."""
         raise NotImplementedError
+
+    def calibrate(self, jobs: list[LayerJob], ctx: MergeContext) -> None:
+        """A data-driven method's run through the model (``ctx.calibration``), once per (subject, style) pair after
+        planning and before any :meth:`merge`: ``jobs`` are the pair's claimed layers, and what the run learns for
+        each goes into its ``job.calibrated`` for :meth:`merge`. Called only when ``needs_model``."""
 
     def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:
         raise NotImplementedError

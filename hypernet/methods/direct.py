@@ -9,6 +9,7 @@ from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod
 
 class DirectMerge(MergeMethod):
     name = "direct"
+    since, position = "0.1.0", 2
     help = "plain strength-weighted sum of both LoRAs (what two stacked LoRA loaders do), for comparison"
     claims_every_layer = True
     layout_free = True

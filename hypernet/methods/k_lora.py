@@ -170,6 +170,7 @@ class KLoraBranch(RuntimeBranch):
 
 class KLoraMethod(MergeMethod):
     name = "k-lora"
+    since, position = "0.2.0", 3
     pattern = "s*"
     help = ("K-LoRA: per attention layer and sampling step, the subject's or the style's update (top-K rule, "
             "current s* time scaling); sampling-time only, cannot be saved as one file")
@@ -208,6 +209,7 @@ class KLoraMethod(MergeMethod):
 
 class KLoraLinearMethod(KLoraMethod):
     name = "k-lora-linear"
+    position = 4
     pattern = "linear"
     help = ("K-LoRA with the paper's first, linear time scaling S(p) = alpha * p + beta; sampling-time only, "
             "cannot be saved as one file")

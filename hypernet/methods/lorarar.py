@@ -125,6 +125,7 @@ def lorarar_coefficients_batched(hypernet: LoraRarHypernet, pairs: list[tuple[Lo
 
 class LoraRarMethod(MergeMethod):
     name = "lorarar"
+    since, position = "0.1.0", 1
     help = "the hypernetwork merge: per-column subject and style coefficients for to_q/to_out.0, to_k/to_v summed"
     needs_hypernet = True
     needs_roles = True

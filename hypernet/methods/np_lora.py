@@ -43,6 +43,7 @@ def project_away(subject: LowRankLayer, style: LowRankLayer, strength: float) ->
 
 class NpLoraMethod(MergeMethod):
     name = "np-lora"
+    since, position = "0.2.0", 1
     help = ("NP-LoRA: the subject's update projected away from the style's principal input directions, "
             "then added to the style (training-free, closed form)")
     params = (Param("mu", 0.5, 0.0, 100.0, "projection strength: c = mu / (1 + mu) of the subject's overlap with "

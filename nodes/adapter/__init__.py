@@ -10,6 +10,7 @@ door; node classes (nodes/*.py) and the training command use nothing else of Com
   type, loading and unloading only the model in use, the stock nodes' encode / sample / decode;
 - hypernets.py: hypernet files in ComfyUI's folders, loaded once, the one for a model;
 - inputs.py: the category, custom types and inputs several nodes declare;
+- calibration.py: the model a data-driven method runs through while merging (hypernet/calibration.py's host side);
 - merging.py, comparing.py, ziplora.py, judging.py, outputs.py: what each node runs, one function each.
 """
 
@@ -19,7 +20,7 @@ from .fit import apply_merged, layer_misfit
 from .hypernets import (LoadedHypernets, hypernet_changed, hypernet_choices, license_line, load_hypernets,
                         register_folder)
 from .inputs import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, lora_names, loras_changed, method_param_inputs,
-                     params_for, sampler_input, scheduler_input, strength_input)
+                     param_input, params_for, sampler_input, scheduler_input, strength_input)
 from .judging import JudgeSettings, evaluate_images
 from .merging import MergeRequest, merge_for_model
 from .model import ModelView, diffusion_layers, lora_path, model_class, model_layout, refuse_unsupported
@@ -27,7 +28,7 @@ from .outputs import IF_EXISTS, SAVE_DTYPES, coefficient_outputs, save_merged, t
 from .roles import attention_classes, attention_roles, unknown_attention_classes
 from .sampling import (NoisedBatch, encode_images, encode_text, loaded, model_conditioning, noised_batch, prediction,
                        target, timestep_count, trainable)
-from .ziplora import DEFAULT_LEARNING_RATE, DEFAULT_STOP_SIMILARITY, Settings, optimise_for_model
+from .ziplora import Settings, optimise_for_model
 
 
 def forget_results() -> None:
@@ -40,13 +41,14 @@ def forget_results() -> None:
     forget_hashes()
 
 __all__ = [
-    "CATEGORY", "DEFAULT_LEARNING_RATE", "DEFAULT_STOP_SIMILARITY", "HYPERNET_TYPE", "IF_EXISTS", "JudgeSettings",
+    "CATEGORY", "HYPERNET_TYPE", "IF_EXISTS", "JudgeSettings",
     "LoadedHypernets", "MERGED_TYPE", "MergeRequest", "ModelView", "NoisedBatch", "SAVE_DTYPES", "Sampling",
     "Settings", "apply_merged", "attention_classes", "attention_roles", "coefficient_outputs", "compare",
     "diffusion_layers", "encode_images", "forget_results", "encode_text", "evaluate_images", "hypernet_changed", "hypernet_choices",
     "inject", "layer_misfit", "license_line", "load_hypernets", "loaded", "lora_names", "lora_path", "loras_changed",
     "merge_for_model", "method_param_inputs", "model_class", "model_conditioning", "model_layout", "noised_batch",
-    "optimise_for_model", "params_for", "prediction", "refuse_unsupported", "register_folder", "sampling_progress",
-    "sampler_input", "save_merged", "scheduler_input", "strength_input", "target", "target_path", "timestep_count", "trainable",
+    "optimise_for_model", "param_input", "params_for", "prediction", "refuse_unsupported", "register_folder",
+    "sampling_progress", "sampler_input", "save_merged", "scheduler_input", "strength_input", "target", "target_path",
+    "timestep_count", "trainable",
     "unknown_attention_classes",
 ]

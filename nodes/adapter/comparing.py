@@ -20,7 +20,7 @@ from ...hypernet.cache import BoundedCache
 from ...hypernet.comparison import Column
 from ...hypernet.errors import LoraRarError
 from ...hypernet.merge import Strengths
-from .inputs import params_for
+from .inputs import merge_nodes_run, params_for
 from .merging import MergeRequest, merge_for_model
 from .model import model_class, model_layout
 from .sampling import encode_text, sample_and_decode, throw_if_cancelled, to_image, to_pil
@@ -103,8 +103,9 @@ def conditioning_source(clip, positive_conditioning, negative_conditioning) -> s
 
 
 def _params_of(column: str, given: dict) -> dict[str, float]:
-    """The parameters a method column runs with (its defaults unless set on the node); none for a baseline."""
-    if column in comparison.BASELINES:
+    """The parameters a method column runs with (its defaults unless set on the node); none for a baseline, or for
+    a method this node cannot run (its column says why)."""
+    if column in comparison.BASELINES or not merge_nodes_run(methods.get(column)):
         return {}
     return methods.resolve_params(methods.get(column), params_for(column, given))
 

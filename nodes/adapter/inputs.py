@@ -31,12 +31,24 @@ def lora_names() -> list[str]:
     return folder_paths.get_filename_list("loras")
 
 
+def param_input(param: methods.Param, tooltip: str | None = None, **options) -> tuple:
+    """A method parameter as a FLOAT input: its default, range and step, its help as tooltip (or ``tooltip``)."""
+    return ("FLOAT", {"default": param.default, "min": param.minimum, "max": param.maximum, "step": param.step,
+                      "tooltip": tooltip or param.help, **options})
+
+
+def merge_nodes_run(method: methods.MergeMethod) -> bool:
+    """Whether the merge and compare nodes can run ``method``: every method but those needing each side's reference
+    images and prompts (ZipLoRA), which only a node taking them runs; the merge refuses them in one line elsewhere."""
+    return not method.needs_references
+
+
 def method_param_inputs() -> dict:
-    """Every registered method's own parameters as optional inputs, e.g. ``np_lora_mu``, in the registry's
-    widget order (hypernet.methods.widget_order): saved workflows hold widget values by position."""
-    return {methods.param_key(method, param): ("FLOAT", {
-        "default": param.default, "min": param.minimum, "max": param.maximum, "step": param.step,
-        "tooltip": f"{method.name} only: {param.help}"}) for method in methods.all_methods() for param in method.params}
+    """The parameters of every method the merge and compare nodes run, as optional inputs, e.g. ``np_lora_mu``, in
+    the order the methods declare (hypernet.methods.all_methods: by ``since``, then ``position``): saved workflows
+    hold widget values by position, so a new method's widgets come after every existing one."""
+    return {methods.param_key(method, param): param_input(param, f"{method.name} only: {param.help}")
+            for method in methods.all_methods() if merge_nodes_run(method) for param in method.params}
 
 
 def params_for(method: str, given: dict) -> dict[str, float]:

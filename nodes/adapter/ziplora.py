@@ -3,14 +3,15 @@ optimised on reference images, for pairs the published hypernetwork does not ser
 
 The objective, the factored branch and the conversion to a merged LoRA are hypernet/ziplora.py; the branch rides
 on the model through the one injector (branch.py). This module prepares the data (images VAE-encoded, prompts
-CLIP-encoded), runs the optimisation loop with ComfyUI's progress bar and Cancel, caches the result by its inputs,
-and applies it through the merge's own patching (fit.py), so its outputs are those of every other merge.
+CLIP-encoded), runs the optimisation (hypernet.ziplora.optimise) through ComfyUI's model (calibration.py) with
+ComfyUI's progress bar and Cancel, caches the result by its inputs, and applies it through the merge's own patching
+(fit.py), so its outputs are those of every other merge. Its settings' defaults are the registered method's
+parameters (hypernet/methods/zip_lora.py).
 """
 
 from __future__ import annotations
 
 import hashlib
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -22,18 +23,11 @@ from ...hypernet.errors import LoraRarError
 from ...hypernet.files import file_sha256
 from ...hypernet.loss_curve import loss_curve
 from ...hypernet.merge import MergedLora
-from ...hypernet.ziplora import DEFAULT_LAMBDA, ZipLoraMerge, optimisation_step, to_merged_lora, ziplora_loss
-from .branch import inject
+from ...hypernet.ziplora import ZipLoraMerge, optimise, to_merged_lora
+from .calibration import ReferenceCalibration
 from .fit import apply_merged
 from .model import ModelView, diffusion_layers, lora_path, refuse_unsupported
-from .sampling import (check_images, encode_images, encode_text, loaded, model_conditioning, noised_batch, prediction,
-                       throw_if_cancelled, timestep_count, to_image, trainable)
-
-DEFAULT_LEARNING_RATE = 0.01  # LoRA.rar's ZipLoRA baseline (../shared/METHOD.md); the paper gives none
-# Early stop: the published rule is "until the cosine reaches 0", but |cos| of two float32 vectors only reaches
-# exactly 0 by chance, so the default stops once the mean |cos| per layer is below 1e-3 (the columns' weight
-# vectors within 0.06 degrees of orthogonal): further steps can no longer lower lambda * sum|cos| measurably.
-DEFAULT_STOP_SIMILARITY = 1e-3
+from .sampling import check_images, encode_images, encode_text, throw_if_cancelled, to_image, trainable
 # The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
 # latent pixels; 64 px (8 x 8 latents) is the smallest this pack tests, and smaller references teach nothing anyway.
 MIN_IMAGE_PX = 64
@@ -102,18 +96,6 @@ def _reference(vae, clip, images: torch.Tensor, prompt: str, what: str) -> tuple
     return encode_images(vae, images), encode_text(clip, prompt)
 
 
-def _draw(model, latents: torch.Tensor, conditioning: list, generator: torch.Generator):
-    """One training example: a reference latent, its noise and timestep drawn from ``generator`` (on the CPU, so a
-    seed gives the same draws on every device); the merged branch and its target both run on this batch."""
-    device = model.load_device
-    latent = latents[torch.randint(len(latents), (1,), generator=generator)]
-    noise = torch.randn(latent.shape, generator=generator)
-    timestep = torch.randint(0, timestep_count(model), (1,), generator=generator)
-    latent = latent.to(device)
-    return noised_batch(model, latent, noise.to(device), timestep.to(device),
-                        model_conditioning(model, conditioning, latent))
-
-
 class _Progress:
     """ComfyUI's progress bar per step, and the loss as the node's progress text where a server runs."""
 
@@ -158,62 +140,16 @@ def _optimise_trainable(model, subject_path, style_path, subject_data, style_dat
     if not merge.coefficient_parameters():
         raise LoraRarError(f"ZipLoRA: {subject.path} and {style.path} share no diffusion-model layer, so there is "
                            "nothing to optimise (the merge is their plain sum: use the merge node's direct method)")
-    patched, _, skipped = inject(model, merge, paths)
-    if skipped:
-        name, why = next(iter(skipped.items()))
-        raise LoraRarError(f"ZipLoRA: {len(skipped)} layers of {subject.path} + {style.path} cannot run in this "
-                           f"model's forward (e.g. {name}: {why})")
+    calibration = ReferenceCalibration(model, {"subject": subject_data, "style": style_data}, settings.seed, paths,
+                                       f"{subject.path} + {style.path}")
     started = time.perf_counter()
-    with loaded(patched):  # the draws too: the model's noise schedule is on its device once loaded
-        start, history, end, early = _steps(patched, merge, subject_data, style_data, settings, node_id)
+    with calibration.running(merge) as run:
+        done = optimise(merge, run, settings.steps, settings.learning_rate, settings.similarity_lambda,
+                        settings.stop_similarity, settings.seed, before_step=throw_if_cancelled,
+                        after_step=_Progress(settings.steps, node_id))
     merged = to_merged_lora(merge, subject, style, params=settings.as_params())
     layers = len(merge.coefficient_parameters()) // 2
-    return _Result(merged, history, start, end, time.perf_counter() - started, early, layers)
-
-
-def _steps(patched, merge: ZipLoraMerge, subject_data, style_data, settings: Settings, node_id) -> tuple:
-    """(loss at start, per-step losses, loss at end, stopped early): the start and end losses on one fixed evaluation
-    batch, drawn first from the seed, so the two compare; each step on its own draw."""
-    parameters = merge.coefficient_parameters()
-    # decoupled weight decay off: it would pull the coefficients toward 0, away from the init 1 both targets favour
-    optimizer = torch.optim.AdamW(parameters, lr=settings.learning_rate, weight_decay=0.0)
-    generator = torch.Generator().manual_seed(settings.seed)
-
-    def draw():
-        return _draw(patched, *subject_data, generator), _draw(patched, *style_data, generator)
-
-    def loss_on(batches):
-        return ziplora_loss(merge, lambda batch: prediction(patched, batch), *batches, lam=settings.similarity_lambda)
-
-    evaluation = draw()
-    with torch.no_grad():
-        start = _finite(loss_on(evaluation).as_floats(), "at start, before any step,")
-    progress, history, early = _Progress(settings.steps, node_id), [], False
-    for step in range(settings.steps):
-        throw_if_cancelled()
-        batches = draw()
-        history.append(_finite(optimisation_step(merge, optimizer, lambda: loss_on(batches)).as_floats(),
-                               f"at step {step + 1}"))
-        if not all(bool(torch.isfinite(p).all()) for p in parameters):
-            raise LoraRarError(f"ZipLoRA: the coefficients became NaN or Inf at step {step + 1} (the optimisation "
-                               f"diverged): lower the learning rate ({settings.learning_rate:g}); nothing was applied")
-        progress(step + 1, settings.steps, history[-1])
-        early = float(merge.similarity().detach()) <= settings.stop_similarity * (len(parameters) // 2)
-        if early:
-            break
-    with torch.no_grad():
-        end = loss_on(evaluation).as_floats()
-    return start, history, end, early
-
-
-def _finite(loss: dict[str, float], when: str) -> dict[str, float]:
-    """``loss`` when every term is finite; otherwise the run stops here, before a NaN reaches the coefficients, the
-    patched model or a saved file."""
-    if all(map(math.isfinite, loss.values())):
-        return loss
-    raise LoraRarError(f"ZipLoRA: the loss {when} is not finite (total {loss['total']:g}, subject {loss['subject']:g}, "
-                       f"style {loss['style']:g}): the LoRAs overflow this model's forward (alpha or strength too "
-                       "large for its dtype) or the optimisation diverged (lower the learning rate); nothing was applied")
+    return _Result(merged, done.history, done.start, done.end, time.perf_counter() - started, done.early_stop, layers)
 
 
 def _report(result: _Result, settings: Settings, reused: bool, applied_text: str) -> str:

@@ -17,6 +17,7 @@ def test_all_is_every_baseline_then_every_registered_method():
 def test_a_new_registered_method_becomes_a_column_without_other_changes():
     class Extra(methods.MergeMethod):
         name, help = "extra-for-compare-test", "test only"
+        since, position = "99.0.0", 1  # a version after every real one: listed last
 
     methods.register(Extra())
     try:

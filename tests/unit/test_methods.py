@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from devkit.loras import SD15, random_lora, write_lora
-from hypernet import cli, methods
+from hypernet import __version__, cli, methods
 from hypernet.errors import LoraRarError
 from hypernet.lora_io import read_lora
 from hypernet.lowrank import weighted_sum
@@ -18,6 +18,13 @@ from hypernet.methods import Claim, MergedLayer, MergeMethod, Param
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_k"]
+# the methods' parameter inputs as the nodes and saved 0.2.0 workflows have them, in order
+PUBLISHED_PARAMS = ["np_lora_mu", "k_lora_alpha", "k_lora_beta", "k_lora_linear_alpha", "k_lora_linear_beta"]
+
+
+def next_position() -> int:
+    """The position a method added now declares: the next free one of this pack version."""
+    return 1 + max((method.position for method in methods.all_methods() if method.since == __version__), default=0)
 
 
 class ScaledSubject(MergeMethod):
@@ -25,6 +32,7 @@ class ScaledSubject(MergeMethod):
 
     name = "toy-scaled"
     help = "gain times the subject, for the registry test"
+    since, position = __version__, next_position()
     params = (Param("gain", 0.5, 0.0, 4.0, "how much of the subject to keep"),)
 
     def claim(self, name, subject, style, ctx):
@@ -49,8 +57,64 @@ def pair(tmp_path):
 
 
 def test_the_published_methods_are_registered_in_order():
-    assert methods.names()[:2] == ("lorarar", "direct")
+    assert methods.names() == ("lorarar", "direct", "np-lora", "b-lora", "k-lora", "k-lora-linear", "zip-lora")
     assert all(method.help for method in methods.all_methods())
+
+
+def _param_keys() -> list[str]:
+    return [methods.param_key(method, param) for method in methods.all_methods() for param in method.params]
+
+
+class FirstByName(MergeMethod):
+    """A method added now whose name sorts before every other one, with parameters."""
+
+    name = "aaa-toy"
+    help = "sorts first by name"
+    since, position = __version__, next_position()
+    params = (Param("zeta", 1.0, 0.0, 2.0, "first parameter"), Param("alpha", 0.0, 0.0, 1.0, "second parameter"))
+
+
+def test_a_new_method_is_listed_after_every_existing_one_whatever_its_name():
+    """Saved workflows hold the parameter widgets by position: a new method's go after all existing ones."""
+    before_names, before_params = methods.names(), _param_keys()
+    assert before_params[:len(PUBLISHED_PARAMS)] == PUBLISHED_PARAMS
+    methods.register(FirstByName())
+    try:
+        assert methods.names() == (*before_names, "aaa-toy")
+        assert _param_keys() == [*before_params, "aaa_toy_zeta", "aaa_toy_alpha"]  # its own in declared order
+    finally:
+        methods.unregister("aaa-toy")
+    assert methods.names() == before_names
+
+
+def test_the_order_is_declared_not_the_order_of_registration():
+    """Registered in reverse (another import order), the methods are listed as before."""
+    registered = methods.all_methods()
+    for method in registered:
+        methods.unregister(method.name)
+    try:
+        for method in reversed(registered):
+            methods.register(method)
+        assert methods.all_methods() == registered
+    finally:
+        for method in methods.all_methods():
+            methods.unregister(method.name)
+        for method in registered:
+            methods.register(method)
+    assert methods.all_methods() == registered
+
+
+@pytest.mark.parametrize("since, position, message", [("", 1, "must name the pack version"),
+                                                      ("0.2", 0, "must name the pack version"),
+                                                      ("0.1.0", 2, "position 2 is taken by direct")])
+def test_a_method_without_its_own_place_is_refused(since, position, message):
+    class Misplaced(FirstByName):
+        name = "misplaced"
+
+    Misplaced.since, Misplaced.position = since, position
+    with pytest.raises(ValueError, match=message):
+        methods.register(Misplaced())
+    assert "misplaced" not in methods.names()
 
 
 def test_a_plugged_in_method_merges_with_its_parameter_and_the_plan_reports_it(toy_method, pair):
@@ -104,6 +168,7 @@ class KeepSubject(MergeMethod):
 
     name = "toy-keep"
     help = "the subject's layer where it has one, else the style's"
+    since, position = __version__, next_position()
     claims_every_layer = True
     layout_free = True
 

@@ -1,0 +1,49 @@
+"""Running the model while merging: what a data-driven method (``MergeMethod.needs_model``) gets from the host.
+
+Static methods merge from the two LoRAs' factors alone; a data-driven one runs the base model with a runtime branch
+in its layers before it merges: ZipLoRA optimises its column coefficients on reference images and prompts of both
+sides, SSR-Merge (next) would take one calibration step per LoRA and merge from what the layers saw. Both need the
+same two things from the host, and nothing else of it: the model with a :class:`~hypernet.runtime.RuntimeBranch`
+injected and loaded, and model inputs drawn from each side's data. The host implements :class:`Calibration`
+(ComfyUI's: ``nodes/adapter/calibration.py``); the merge passes it to the method as ``MergeContext.calibration``.
+Torch only, like the rest of ``hypernet/``. The merge runs under ``torch.no_grad``; a method that needs gradients
+(ZipLoRA) enables them itself, and a host that runs under ``torch.inference_mode`` (ComfyUI's nodes) leaves it and
+hands over ordinary tensors before it merges.
+"""
+
+from __future__ import annotations
+
+from contextlib import AbstractContextManager
+from typing import Protocol
+
+import torch
+
+from .runtime import RuntimeBranch
+
+
+class CalibrationRun(Protocol):
+    """The model, loaded with a branch injected, for the time of one ``Calibration.running`` block."""
+
+    def draw(self, side: str, generator: torch.Generator) -> object:
+        """One model input from ``side``'s data ("subject" or "style"): a latent noised at a timestep, with its
+        conditioning, in the host's own type; every random choice from ``generator`` (on the CPU, so a seed gives
+        the same draws on every device)."""
+
+    def predict(self, batch: object) -> torch.Tensor:
+        """The model's prediction for a drawn input, through the injected branch as it routes now (with autograd
+        when the caller enables it: ZipLoRA's coefficients get gradients)."""
+
+
+class Calibration(Protocol):
+    """The model a data-driven merge runs through and the data it runs on, supplied by the host."""
+
+    # what the draws come from, in one line for reports and errors (e.g. "2 subject and 1 style reference images")
+    describe: str
+    # True when each side has its own reference images and prompts (ZipLoRA's data); False when the draws come from
+    # the model and prompts alone (a calibration pass)
+    references: bool
+    seed: int  # seeds every draw (a node's seed input), so a calibration repeats exactly on the CPU
+
+    def running(self, branch: RuntimeBranch) -> AbstractContextManager[CalibrationRun]:
+        """Inject ``branch`` into the model's layers and load the model for the block; refuses (LoraRarError, one
+        line) a branch layer the model cannot run."""
