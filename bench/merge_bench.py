@@ -14,7 +14,6 @@ the one the golden tests use (devkit/dense_rule.py), run in float32 like the fac
 from __future__ import annotations
 
 import argparse
-import asyncio
 import datetime
 import json
 import os
@@ -264,7 +263,11 @@ def _comfy(loras: Path):
 
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     folder_paths.add_model_folder_path("lorarar", str(shared_weights_dir()))
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    from devkit.comfy_server import load_pack_in_process
+
+    # this checkout's pack even when the host's custom_nodes link names another checkout (a git worktree's run)
+    load_pack_in_process(nodes, folder_paths, comfy.cli_args.args, synthetic_models.comfy_root(),
+                         REPO / ".cache" / "pack-under-test")
     return nodes
 
 

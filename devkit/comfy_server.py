@@ -54,6 +54,34 @@ STANDARD_FOLDERS = (
 )
 
 
+def link_pack_under_test(comfy: Path, folder: Path) -> Path | None:
+    """When the host's ``custom_nodes/ComfyUI-LoRA.rar`` links to another checkout than REPO (a git worktree's
+    run), link REPO as ``folder/lorarar_pack_under_test`` and return ``folder`` (a custom_nodes folder holding this
+    checkout's pack only); None when the host's link already is REPO. The caller then loads custom nodes with
+    ``--disable-all-custom-nodes --whitelist-custom-nodes lorarar_pack_under_test`` (and ``folder`` registered as a
+    custom_nodes folder), so the nodes under test are this checkout's, never a half-edited other one's."""
+    if (Path(comfy) / "custom_nodes" / PACK_LINK).resolve() == REPO.resolve():
+        return None
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    if not (folder / PACK_UNDER_TEST).exists():
+        (folder / PACK_UNDER_TEST).symlink_to(REPO, target_is_directory=True)
+    return folder
+
+
+def load_pack_in_process(nodes, folder_paths, args, comfy: Path, folder: Path) -> None:
+    """``nodes.init_extra_nodes`` for an in-process ComfyUI (``args``: comfy.cli_args.args), loading this checkout's
+    pack even when the host's link names another checkout (link_pack_under_test)."""
+    import asyncio
+
+    redirected = link_pack_under_test(comfy, folder)
+    if redirected is not None:
+        folder_paths.add_model_folder_path("custom_nodes", str(redirected))
+        args.disable_all_custom_nodes = True
+        args.whitelist_custom_nodes = [PACK_UNDER_TEST]
+    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+
+
 def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
@@ -206,11 +234,8 @@ class ComfyServer:
     def _redirect_pack(self) -> None:
         """Load the pack from REPO when the host's link names another checkout (see the class docstring)."""
         self._pack_args = []
-        installed = self.comfy / "custom_nodes" / PACK_LINK
-        if "--disable-all-custom-nodes" in self.extra_args or installed.resolve() == REPO.resolve():
+        if "--disable-all-custom-nodes" in self.extra_args or link_pack_under_test(self.comfy, self.tmp / "pack") is None:
             return
-        (self.tmp / "pack").mkdir()
-        (self.tmp / "pack" / PACK_UNDER_TEST).symlink_to(REPO, target_is_directory=True)
         names = [PACK_UNDER_TEST]
         for folder in self.folders.get("custom_nodes", []):
             names += sorted(p.name for p in Path(folder).iterdir() if p.is_dir() and not p.name.startswith((".", "_")))

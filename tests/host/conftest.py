@@ -1,12 +1,12 @@
 """A real ComfyUI imported in-process, with this pack loaded the way the server loads it."""
 
-import asyncio
 import sys
 from pathlib import Path
 
 import pytest
 
 from devkit import synthetic_models
+from devkit.comfy_server import load_pack_in_process
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -37,7 +37,7 @@ def comfy_host(shared_weights, tmp_path_factory):
     loras = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     folder_paths.add_model_folder_path("lorarar", str(shared_weights))
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    load_pack_in_process(nodes, folder_paths, comfy.cli_args.args, root, tmp_path_factory.mktemp("custom_nodes"))
     missing = [n for n in ("LoraRarHypernetLoader", "LoraRarMerge", "LoraRarSaveMergedLora") if n not in nodes.NODE_CLASS_MAPPINGS]
     if missing:
         pytest.fail(f"the pack did not load into ComfyUI (missing {missing}); see the log above")
