@@ -28,12 +28,6 @@ def comfy_host(shared_weights, tmp_path_factory):
     import folder_paths
     import nodes
 
-    if (root / "custom_nodes" / "ComfyUI-LoRA.rar").resolve() != REPO.resolve():
-        # the host links the checkout that installed it; from another one (a git worktree) load this checkout's pack,
-        # as devkit/comfy_server.py does for the server, or these tests would exercise the other checkout's nodes
-        packs = tmp_path_factory.mktemp("custom_nodes")
-        (packs / "lorarar_pack_under_test").symlink_to(REPO)
-        folder_paths.folder_names_and_paths["custom_nodes"] = ([str(packs)], set())
     loras = tmp_path_factory.mktemp("loras")
     folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
     folder_paths.add_model_folder_path("lorarar", str(shared_weights))
