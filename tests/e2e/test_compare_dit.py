@@ -29,6 +29,7 @@ pytestmark = pytest.mark.e2e
 
 RUNS = ["no LoRA", "subject only", "style only", "direct", "np-lora", "k-lora", "k-lora-linear"]
 REFUSES = ["lorarar", "b-lora"]  # no hypernet / no published block split for the family: tiles naming the family
+NEEDS_REFERENCES = ["zip-lora"]  # a data-driven method: its tile says what the compare node cannot give it
 COMPARED = ("sd35", "flux", "flux2", "zimage", "qwen_image", "wan21")
 VIDEO = ("wan21", "wan22")
 # Pixels per side: SD3.5 and Flux keep 128 (a 16 x 16 latent); the others run at 64, the least their latent nodes
@@ -219,11 +220,13 @@ def test_every_column_runs_or_is_a_tile_naming_the_family(compared):
     header, *lines = report.splitlines()
     assert "conditioning: the connected positive/negative conditioning" in header
     columns = {column_name(line.split(":")[0]): line for line in lines if not line.startswith(" ")}
-    assert sorted(columns) == sorted(RUNS + REFUSES), report
+    assert sorted(columns) == sorted(RUNS + REFUSES + NEEDS_REFERENCES), report
     for name in RUNS:  # K-LoRA included: the attention roles come from the model's own modules
         assert "did not run" not in columns[name], report
     for name in REFUSES:  # "SD3" / "Flux" / "ZImage" ...: the wording is the methods' own
         assert "did not run" in columns[name] and ALL_FAMILIES[family].model_class in columns[name], columns[name]
+    for name in NEEDS_REFERENCES:
+        assert "did not run" in columns[name] and "needs reference images and prompts" in columns[name], columns[name]
 
 
 def test_the_columns_images_are_finite_and_differ_where_the_loras_do(dit_server, compared):
