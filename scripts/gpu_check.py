@@ -115,8 +115,6 @@ def run_worker(task: str, args: argparse.Namespace, extra: list[str], timeout: f
 
 def comfy_in_process(comfy: str | None, work: Path, weights: Path, mode: str):
     """Import ComfyUI with the pack loaded; mode 'cpu', 'default' or 'lowvram'. Returns the nodes module."""
-    import asyncio
-
     from devkit.synthetic_models import comfy_root
 
     root = Path(comfy) if comfy else comfy_root()
@@ -132,13 +130,12 @@ def comfy_in_process(comfy: str | None, work: Path, weights: Path, mode: str):
     import folder_paths
     import nodes
 
-    pack = root / "custom_nodes" / "ComfyUI-LoRA.rar"
-    if not pack.exists():
-        pack.parent.mkdir(parents=True, exist_ok=True)
-        pack.symlink_to(REPO)
+    from devkit.comfy_server import load_pack_in_process
+
     folder_paths.add_model_folder_path("loras", str(work / "loras"), is_default=True)
     folder_paths.add_model_folder_path("lorarar", str(weights))
-    asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+    # this checkout's pack, whether the host links none, this checkout or another one (a git worktree's run)
+    load_pack_in_process(nodes, folder_paths, comfy.cli_args.args, root, work / "custom_nodes")
     if "LoraRarMerge" not in nodes.NODE_CLASS_MAPPINGS:
         raise SystemExit("the pack did not load into ComfyUI")
     return nodes

@@ -56,3 +56,46 @@ def layout(synthetic_model):
 
     model, _ = synthetic_model
     return UNetLayout.from_unet_config("synthetic", model.model.model_config.unet_config)
+
+
+class _DitFloat32(dict):
+    """family name -> ModelPatcher of the synthetic DiT (devkit/synthetic_dit.py) with float32 weights, loaded on
+    first use."""
+
+    def __missing__(self, name: str):
+        from devkit import synthetic_dit
+
+        family = synthetic_dit.ALL_FAMILIES[name]
+        root = synthetic_dit.ensure_dit(families=[name], in_process=True)
+        self[name] = synthetic_dit.load_patcher(family, root, dtype="float32")[0]
+        return self[name]
+
+
+_DIT_FLOAT32 = _DitFloat32()
+_LAST_DIT_FLOAT32_USER: list[str] = []  # node id of the last collected test that asks for dit_float32
+
+
+@pytest.fixture(scope="session")
+def dit_float32(comfy_host):
+    """family name -> the synthetic DiT's ModelPatcher in float32 (the exact reference the float64 goldens compare
+    with), loaded once per session and shared by the modules that need it (test_dit_merge, test_klora_dit): Z-Image
+    (3840 wide, a width the host's detection fixes) alone is 3.6 GB in float32 and one of the slowest loads. Emptied
+    after the last test that asks for it (pytest_runtest_teardown), so later modules do not carry the gigabytes."""
+    return _DIT_FLOAT32
+
+
+def pytest_collection_modifyitems(items):
+    users = [item.nodeid for item in items if "dit_float32" in getattr(item, "fixturenames", ())]
+    _LAST_DIT_FLOAT32_USER[:] = users[-1:]
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_runtest_teardown(item, nextitem):
+    if _DIT_FLOAT32 and [item.nodeid] == _LAST_DIT_FLOAT32_USER:
+        import gc
+
+        import comfy.model_management
+
+        comfy.model_management.unload_all_models()
+        _DIT_FLOAT32.clear()
+        gc.collect()

@@ -62,14 +62,12 @@ def trained(family: str) -> int:
 
 
 @pytest.fixture(scope="module")
-def dit(comfy_host):
-    """(ComfyUI version, {family: ModelPatcher}) on the in-process host that has the pack registered."""
+def dit(comfy_host, dit_float32):
+    """(ComfyUI version, {family: ModelPatcher}) on the in-process host that has the pack registered; float32 whatever
+    the file's type (the patched weights are compared with float64 goldens to 1e-5), shared with test_klora_dit."""
     import comfyui_version
 
-    root = synthetic_dit.ensure_dit(families=list(FAMILIES), in_process=True)
-    # float32 whatever the file's type: the patched weights are compared with float64 goldens to 1e-5
-    return comfyui_version.__version__, {name: synthetic_dit.load_patcher(family, root, dtype="float32")[0]
-                                         for name, family in FAMILIES.items()}
+    return comfyui_version.__version__, dit_float32
 
 
 def lora_file(comfy_host, name: str, family: str, fmt: str, seed: int, rank: int = 4, alpha=None) -> dict:

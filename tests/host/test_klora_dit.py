@@ -35,10 +35,9 @@ SUBJECT_RANK, STYLE_RANK = 4, 3
 
 
 @pytest.fixture(scope="module")
-def models(comfy_host):
-    root = synthetic_dit.ensure_dit(families=list(FAMILIES), in_process=True)
-    # float32: every recorded output is compared with a float64 golden
-    return {name: synthetic_dit.load_patcher(family, root, dtype="float32")[0] for name, family in FAMILIES.items()}
+def models(dit_float32):
+    # float32: every recorded output is compared with a float64 golden (the patchers test_dit_merge used)
+    return dit_float32
 
 
 def _sample(model, family, steps: int, cfg: float):
