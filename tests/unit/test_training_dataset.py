@@ -1,5 +1,6 @@
-"""check-dataset: every defect of a training dataset reported in one line naming the file, through
-``check_dataset`` and ``python -m hypernet check-dataset`` (no ComfyUI needed)."""
+"""A training dataset: the layout devkit/training_data.py writes (the same bytes for the same seed), and
+check-dataset's verdict on it: every defect reported in one line naming the file, through ``check_dataset`` and
+``python -m hypernet check-dataset`` (no ComfyUI needed), hostile images and captions included."""
 
 import json
 import shutil
@@ -7,13 +8,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from devkit.loras import SD15, random_lora, write_lora
+from devkit.training_data import build_dataset, sd15_layout
 from hypernet.cli import main
 from hypernet.training.dataset import check_dataset, load_dataset
 from hypernet.errors import LoraRarError
-
 
 
 def make_dataset(root: Path) -> Path:
@@ -113,3 +115,79 @@ def test_train_refuses_an_existing_out_before_loading_anything(clean, tmp_path, 
     out.unlink()
     assert main(["train", "--dataset", str(clean), "--base", "b", "--out", str(out), "--comfy", str(tmp_path)]) == 2
     assert "pass --resume to continue it or --overwrite" in capsys.readouterr().err
+
+
+# --- the dataset devkit writes
+
+def _tree(root):
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_layout_split_and_captions(tmp_path):
+    root = build_dataset(tmp_path / "data", subjects=3, styles=2, images=2, image_size=32)
+    split = json.loads((root / "split.json").read_text())
+    assert split == {"train": {"subjects": ["subject_0", "subject_1"], "styles": ["style_0"]},
+                     "validation": {"subjects": ["subject_2"], "styles": ["style_1"]}}
+    expected_modules = {m for m, _, _ in sd15_layout().attention_linears()}
+    for kind, names in (("subjects", ["subject_0", "subject_1", "subject_2"]), ("styles", ["style_0", "style_1"])):
+        for name in names:
+            folder = root / kind / name
+            caption = (folder / "caption.txt").read_text()
+            assert caption.endswith("\n") and caption.count("\n") == 1 and len(caption) > 5
+            pictures = sorted((folder / "images").glob("*.png"))
+            assert len(pictures) == 2
+            assert {Image.open(p).size for p in pictures} == {(32, 32)}
+            lora = load_file(str(folder / "lora.safetensors"))
+            stems = {k.split(".")[0] for k in lora}
+            assert stems == {"lora_unet_" + m.replace(".", "_") for m in expected_modules}
+    captions = {(root / k / n / "caption.txt").read_text() for k in ("subjects", "styles")
+                for n in [p.name for p in (root / k).iterdir()]}
+    assert len(captions) == 5  # each LoRA its own prompt
+
+
+def test_same_seed_same_bytes_other_seed_other_loras(tmp_path):
+    first = _tree(build_dataset(tmp_path / "a", subjects=2, styles=2, images=1, image_size=16, seed=3))
+    again = _tree(build_dataset(tmp_path / "b", subjects=2, styles=2, images=1, image_size=16, seed=3))
+    other = _tree(build_dataset(tmp_path / "c", subjects=2, styles=2, images=1, image_size=16, seed=4))
+    assert first == again
+    lora = "subjects/subject_0/lora.safetensors"
+    assert first[lora] != other[lora]
+    # subjects and styles differ from each other too
+    assert first["subjects/subject_0/lora.safetensors"] != first["styles/style_0/lora.safetensors"]
+
+
+@pytest.mark.parametrize("subjects,held_out", [(1, 1), (3, 0), (2, 2)])
+def test_a_split_without_training_or_validation_entries_is_refused(tmp_path, subjects, held_out):
+    with pytest.raises(ValueError, match="subjects"):
+        build_dataset(tmp_path / "d", subjects=subjects, styles=2, validation_subjects=held_out)
+
+
+# --- hostile images and captions
+
+def test_a_decompression_bomb_image_is_one_problem_line(tmp_path, monkeypatch):
+    root = build_dataset(tmp_path / "data", subjects=2, styles=2, images=1, image_size=16)
+    image = root / "subjects" / "subject_0" / "images" / "00.png"
+    Image.new("RGB", (64, 64)).save(image)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 is over twice the limit: PIL's "bomb" error
+    problems = check_dataset(root)
+    assert len(problems) == 1 and problems[0].startswith(f"{image}: not a decodable image"), problems
+
+
+def test_a_runaway_caption_is_one_problem_line(tmp_path):
+    root = build_dataset(tmp_path / "data", subjects=2, styles=2, images=1, image_size=16)
+    caption = root / "styles" / "style_0" / "caption.txt"
+    caption.write_text("tag, " * 200_000)  # 1 MB on one line
+    problems = check_dataset(root)
+    assert len(problems) == 1 and problems[0].startswith(f"{caption}: caption of 999999 characters"), problems
+
+
+def test_a_16_bit_greyscale_image_keeps_its_brightness(tmp_path):
+    import numpy as np
+
+    from hypernet.training.dataset import read_rgb
+
+    path = tmp_path / "grey16.png"
+    Image.fromarray(np.full((4, 4), 32768, np.uint16)).save(path)  # 50 % grey in 16 bits
+    with Image.open(path) as handle:
+        assert handle.mode.startswith("I;16")
+    assert read_rgb(path).getpixel((0, 0)) == (128, 128, 128)  # PIL's convert("RGB") gives (255, 255, 255)

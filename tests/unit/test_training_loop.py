@@ -1,8 +1,12 @@
 """The training loop's bookkeeping without a model: which pairs each rank draws, the per-slot draws, the recipe's
-resume rule, checkpoints (weights_only) with every RNG state, and the output file's tensors and metadata."""
+resume rule, checkpoints (weights_only) with every RNG state, and the output file's tensors and metadata; and
+what it refuses: non-finite settings, a non-.safetensors --out, a checkpoint pickled to run code or cut short,
+and a run whose weights turn NaN."""
 
 import json
+import os
 import random
+import types
 
 import numpy as np
 import pytest
@@ -12,10 +16,11 @@ from safetensors import safe_open
 from hypernet.model import LoraRarHypernet
 from hypernet.training.distributed import World
 from hypernet.model import new_hypernet, save_hypernet
-from hypernet.training.output import training_metadata
+from hypernet.training.output import refuse_existing, training_metadata
 from hypernet.training.recipe import Recipe, resume_mismatch
-from hypernet.training.state import Checkpoint, load_checkpoint, restore_rng_states, rng_states, save_checkpoint
-from hypernet.training.trainer import draw_generator, epoch_pairs, rank_pairs
+from hypernet.training.state import (STATE_FILE, Checkpoint, load_checkpoint, restore_rng_states, rng_states,
+                                     save_checkpoint)
+from hypernet.training.trainer import Trainer, draw_generator, epoch_pairs, rank_pairs
 from hypernet.errors import LoraRarError, LoraRarFileExists
 
 PAIRS = [(s, t) for s in ("dog", "cat", "can") for t in ("oil", "flat")]
@@ -137,3 +142,64 @@ def test_training_gives_h_exactly_the_layers_the_merge_gives_h(tmp_path):
     merged = merge_loras(subject, style, net, layout=SD15)
     assert trained and sorted(trained) == sorted(n for n, a in merged.report.actions.items() if a == "hypernet")
     assert len(trained) == len(subject.layers) // 2  # to_q and to_out.0 of every attention; to_k / to_v summed
+
+
+# --- hostile settings, checkpoints and weights
+
+@pytest.mark.parametrize("setting", ["learning_rate", "weight_decay", "similarity_lambda", "grad_clip"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_settings_are_refused(setting, value):
+    with pytest.raises(LoraRarError, match="must be a finite number"):
+        Recipe(**{setting: value})
+
+
+def test_out_of_another_suffix_is_refused_before_any_work(tmp_path):
+    with pytest.raises(LoraRarError, match=r"net\.pt: the hypernet is written as \.safetensors"):
+        refuse_existing(tmp_path / "net.pt", resume=False, overwrite=False)
+    refuse_existing(tmp_path / "net.safetensors", resume=False, overwrite=False)  # the right suffix passes
+
+
+def test_a_checkpoint_pickled_to_run_code_is_refused_in_one_line(tmp_path):
+    marker = tmp_path / "ran"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    torch.save({"format": 1, "step": Payload()}, tmp_path / STATE_FILE)
+    with pytest.raises(LoraRarError) as raised:
+        load_checkpoint(tmp_path)
+    text = str(raised.value)
+    assert text.startswith(f"{tmp_path / STATE_FILE}: not a readable training checkpoint") and "\n" not in text
+    assert "refused (only weights_only=True loads)" in text and "weights_only` set to `False`" not in text
+    assert not marker.exists()
+
+
+def test_a_truncated_checkpoint_is_one_line(tmp_path):
+    torch.save({"format": 1, "hypernet": {"w": torch.zeros(1000)}}, tmp_path / STATE_FILE)
+    data = (tmp_path / STATE_FILE).read_bytes()
+    (tmp_path / STATE_FILE).write_bytes(data[: len(data) // 2])
+    with pytest.raises(LoraRarError, match="not a readable training checkpoint") as raised:
+        load_checkpoint(tmp_path)
+    assert len(str(raised.value)) < 400
+
+
+def test_weights_turning_nan_stop_the_run_before_anything_is_written(tmp_path):
+    net = new_hypernet([8, 16], hidden=4)
+    task = types.SimpleNamespace(device=torch.device("cpu"))  # train_step below replaces the model side
+    trainer = Trainer(net, task, [("a", "b")], [], Recipe(epochs=3, steps_per_pair=1), tmp_path / "run",
+                      checkpoint_every=1, validate_every=0)
+
+    def diverging_step():
+        trainer.step += 1
+        if trainer.step == 2:
+            with torch.no_grad():
+                net.output[1].weight.fill_(float("nan"))
+        return {"total": 1.0, "subject": 0.5, "style": 0.5, "similarity": 0.0, "grad_norm": 1.0, "pairs": ["a+b"]}
+
+    trainer.train_step = diverging_step
+    with pytest.raises(LoraRarError, match=r"step 2: hypernet weights output\.1\.weight became NaN or Inf"):
+        trainer.run()
+    kept = load_checkpoint(tmp_path / "run")  # step 1's checkpoint, finite, is the one left
+    assert kept.step == 1 and all(bool(torch.isfinite(v).all()) for v in kept.hypernet.values())
+    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 1
