@@ -3,7 +3,7 @@
 # host, the current host first: the whole suite, or the host's "tests" selection of hosts.json (0.3.75: a
 # compatibility subset, to keep .ci/run within its time budget). Extra arguments go to pytest, e.g.
 #   bash scripts/test.sh -m "not e2e"                    # math + in-process ComfyUI only (within each host's tests)
-#   bash scripts/test.sh tests/unit/test_cli.py          # paths given: exactly those, on every host
+#   bash scripts/test.sh tests/unit/test_merge_cli.py    # paths given: exactly those, on every host
 #   LORARAR_TEST_HOSTS=0.33.0 bash scripts/test.sh       # one host only
 #   LORARAR_FULL_SUITE=1 bash scripts/test.sh            # the whole suite on every host (no selection)
 set -uo pipefail
