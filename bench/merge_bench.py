@@ -32,7 +32,7 @@ from devkit.weights import shared_hypernet, shared_weights_dir  # noqa: E402  (n
 from devkit.loaded_pack import pack_module  # noqa: E402
 MB = 2**20
 
-# Targets (issue 5), checked on rank-64 SDXL attention LoRAs.
+# The targets the merge must meet, checked on rank-64 SDXL attention LoRAs.
 TARGET_SPEEDUP = 30.0  # merge math vs dense rule, at least
 TARGET_NODE_RATIO = 1.3  # merge node end to end vs two stock LoraLoaders, at most
 TARGET_MEMORY = 2.5  # peak extra memory / bytes of the two input files, at most
@@ -700,7 +700,7 @@ def report(rows: list[tuple[dict, dict]], info: dict, loads: tuple[str, str], co
     out += _methods_section(rows)
     out += _sampling_section(rows)
     out += _ziplora_section(rows)
-    out += ["## Targets (issue 5)", "", "| target | measured | | note |", "|---|---:|---|---|"]
+    out += ["## Targets", "", "| target | measured | | note |", "|---|---:|---|---|"]
     out += [f"| {name} | {value} | {verdict} | {note} |" for name, value, verdict, note in targets]
     failed = [(s, r) for s, r in rows if "error" in r]
     if failed:

@@ -1,4 +1,4 @@
-"""A synthetic hypernet-training dataset in the layout ``python -m hypernet train`` reads (README, issue 14).
+"""A synthetic hypernet-training dataset in the layout ``python -m hypernet train`` reads (docs/TRAINING.md, "1. The dataset").
 
     <root>/split.json                       {"train": {"subjects": [...], "styles": [...]},
                                              "validation": {"subjects": [...], "styles": [...]}}

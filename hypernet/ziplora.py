@@ -7,7 +7,7 @@ parallel branch, never as a dense d_out x d_in matrix:
     y_extra = B_s (A_s (a s_s m_s * x)) + B_t (A_t (b s_t m_t * x))
 
 (a, b: the user's strengths; s_s, s_t: each file's alpha / rank scale; * is the elementwise column scaling).
-The objective (ZipLoRA, also LoRA.rar's training objective, ../shared/METHOD.md "Training"):
+The objective (ZipLoRA, arXiv 2311.13600, also LoRA.rar's training objective, docs/TRAINING.md):
 
     MSE(merged(x_c, p_c), subject_only(x_c, p_c)) + MSE(merged(x_s, p_s), style_only(x_s, p_s))
     + lambda * SUM over layers |cos(m_subject, m_style)|
@@ -17,7 +17,7 @@ This module is torch only: the model forward is a callable given by the caller (
 supplies ComfyUI's), the branch each call runs is chosen with :meth:`ZipLoraMerge.branch`; :func:`optimise` runs the
 whole optimisation through a host's :class:`~hypernet.calibration.CalibrationRun` (the ZipLoRA node's, and the
 registered method ``zip-lora``'s, hypernet/methods/zip_lora.py).
-A hypernetwork (issue 14) can produce the coefficients instead: :meth:`ZipLoraLayer.use_coefficients`.
+A hypernetwork (hypernet/training/) can produce the coefficients instead: :meth:`ZipLoraLayer.use_coefficients`.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ with zipfile.ZipFile(sys.argv[1]) as wheel:
             target.write_bytes(wheel.read(name))
 PYEOF
 rm -rf "$kitchen_tmp"
-# ComfyUI's requirements the lent machines' image lacks (its package list, /work/.library/device/KINDS.md, read
+# ComfyUI's requirements the lent machines' image lacks (its package list, as published for those machines on
 # 2026-11-17, has torch, numpy, pillow, scipy, transformers, tokenizers, sentencepiece, safetensors, einops, tqdm,
 # psutil, pyyaml, aiohttp, yarl, filelock, requests, huggingface_hub). Resolved together so pins agree (pydantic and
 # its core); what the image has is dropped here and again at --install. First GPU run (2026-11-26, H100): without

@@ -18,7 +18,7 @@ from . import register
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
 
 STEPS = Param("steps", 100.0, 1.0, 10000.0, "Optimisation steps (ZipLoRA: at most 100).", step=1.0)
-LEARNING_RATE = Param(  # LoRA.rar's ZipLoRA baseline (../shared/METHOD.md); the paper gives none
+LEARNING_RATE = Param(  # LoRA.rar's ZipLoRA baseline; the paper gives none
     "learning_rate", 0.01, 1e-6, 1.0, "AdamW's learning rate on the coefficients. 0.01 as LoRA.rar's ZipLoRA baseline "
     "(the paper gives none; the diffusers script's 1e-4 barely moves coefficients that start at 1 in 100 steps).",
     step=0.0001)

@@ -1,4 +1,4 @@
-"""The training settings, with the published recipe (../shared/METHOD.md "Training") as defaults."""
+"""The training settings, with the published recipe (LoRA.rar, arXiv 2412.05148; docs/TRAINING.md lists it) as defaults."""
 
 from __future__ import annotations
 

@@ -1,5 +1,5 @@
 """The served ComfyUI web UI, in a real headless Chromium, knows every node type the pack's example
-workflows use (issue 3, requirement 5).
+workflows use.
 
 A real ComfyUI server (devkit/comfy_server.py) serves its frontend (comfyui-frontend-package);
 Debian's /usr/bin/chromium opens it headless and is driven over the Chrome DevTools protocol by the

@@ -1,5 +1,5 @@
-"""Quantised and wide bases (issue 20, requirement 5): "a base stored in ComfyUI's scaled fp8 and one in bf16 get the
-same patched weights as the stock loader on the same files".
+"""Quantised and wide bases: a base stored in ComfyUI's scaled fp8 and one in bf16 get the same patched weights as
+the stock loader on the same files.
 
 The tiny synthetic Flux (devkit/synthetic_dit.py) is written once per session as released checkpoints store it
 (devkit/stored_dit.py: scaled fp8, bf16) and each file is loaded once per module with the stock

@@ -19,7 +19,7 @@ SDXL_FILE, KOALA_FILE = hypernet_file("sdxl"), hypernet_file("koala-700m")
 
 @pytest.fixture
 def http_server(shared_weights):
-    """Serves ../shared/weights on a free loopback port; records the requested paths."""
+    """Serves the published hypernets' folder (shared_weights) on a free loopback port; records the requested paths."""
     requested = []
 
     class Handler(http.server.SimpleHTTPRequestHandler):

@@ -1,4 +1,4 @@
-"""The tree keeps the shape ../shared/STYLE.md describes, read from the source (no import runs): hypernet/ is torch
+"""The tree keeps the shape docs/CONTRIBUTING.md describes, read from the source (no import runs): hypernet/ is torch
 only, node files hold node classes that reach ComfyUI through the one adapter, no module imports another
 module's private names, and import chains stay short."""
 
