@@ -12,6 +12,7 @@ import importlib
 import io
 import os
 import subprocess
+import sys
 import traceback
 
 from hypernet.__main__ import import_pack
@@ -37,10 +38,12 @@ def run_in_process(*args, env: dict[str, str | None] | None = None) -> subproces
         with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
             try:
                 code = main(argv)
-            except SystemExit as done:  # argparse's usage errors and --help, as sys.exit reports them
-                code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
-                if not isinstance(done.code, int) and done.code is not None:
-                    print(done.code, file=stderr)
+            except SystemExit as done:  # argparse's usage errors and --help, as the interpreter reports sys.exit
+                if done.code is None or isinstance(done.code, int):
+                    code = done.code or 0
+                else:
+                    print(done.code, file=sys.stderr)
+                    code = 1
             except Exception:  # what the interpreter does with an uncaught exception
                 traceback.print_exc()
                 code = 1
