@@ -286,7 +286,7 @@ def _parsed(text: dict[str, str]) -> dict:
             continue
         try:
             out[key] = parse(text[key])
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
             unreadable.append(key)
     out[UNREADABLE] = tuple(unreadable)
     return out
