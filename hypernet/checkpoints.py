@@ -173,6 +173,9 @@ class ResolvedHypernet:
                 raise LoraRarError(f"{self.name}: this hypernet was trained for {classes} models but its file records no "
                                    "readable UNet layout (lorarar_unet_layout, written since 0.2.0 by python -m hypernet "
                                    "train): train it again, or merge in ComfyUI, whose merge node reads the model")
+            if self.trained:  # its widths against the layout it says it serves, as the node checks its model's
+                self.net.check_fits(self.name, self.model_classes[0],
+                                    {width for _, width, _ in self.layout.attention_blocks()})
             return self.layout
         if self.trained and self.layout is not None and _structure(named) != _structure(self.layout):
             raise LoraRarError(f"{self.name}: this hypernet was trained for {classes} models; --base {named.name} is "

@@ -27,6 +27,12 @@ ALL = "all"
 # merge node takes, also those ComfyUI's LoRA loader skips) and patched exactly as each method's merge is
 ALONE_METHOD = "direct"
 TILE_MIN, TILE_MAX = 256, 512  # px of a tile's long side in the grid: titles stay legible, the grid stays small
+_SHOWN_CHARS = 60  # of the methods input in an error: a workflow's STRING widget may hold megabytes
+
+
+def _shown(text: str) -> str:
+    """Text from the methods input, for a message: its repr, at most _SHOWN_CHARS characters of it."""
+    return repr(text) if len(text) <= _SHOWN_CHARS else repr(text[:_SHOWN_CHARS]) + f"... ({len(text)} characters)"
 
 
 def available_columns() -> tuple[str, ...]:
@@ -46,11 +52,11 @@ def select_columns(spec: str) -> list[str]:
     chosen: list[str] = []
     for entry in entries:
         if not entry:
-            raise LoraRarError(f"methods {spec!r}: an empty entry; give 'all' or names separated by commas, "
+            raise LoraRarError(f"methods {_shown(str(spec))}: an empty entry; give 'all' or names separated by commas, "
                                f"from: {', '.join(available_columns())}")
         name = known.get(entry.lower())
         if name is None:
-            raise LoraRarError(f"methods: unknown {entry!r}; choose 'all' or from: {', '.join(available_columns())}")
+            raise LoraRarError(f"methods: unknown {_shown(entry)}; choose 'all' or from: {', '.join(available_columns())}")
         if name in chosen:
             raise LoraRarError(f"methods: {name!r} is named twice")
         chosen.append(name)

@@ -18,7 +18,7 @@ from .errors import LoraRarError, LoraRarFileExists
 if TYPE_CHECKING:  # torch is imported where a state dict is read: hashing and writing files do not need it
     import torch
 
-_SHA256_CACHE: BoundedCache[str] = BoundedCache(64, "absolute path, size, mtime_ns, inode")
+_SHA256_CACHE: BoundedCache[str] = BoundedCache(64, "absolute path, size, mtime_ns, ctime_ns, inode")
 SAFETENSORS_SUFFIXES = (".safetensors", ".sft")  # any other file is read as a torch pickle, weights_only=True
 # atomic_file's temp name is ".{name}." + 8 random hex digits + ".tmp": 14 bytes more than the name itself
 _TEMP_NAME_EXTRA = 14
@@ -28,13 +28,15 @@ _UNSAFE_CATEGORIES = {"Cc", "Cf", "Zl", "Zp", "Cs"}
 
 
 def file_sha256(path: str | Path, chunk: int = 1 << 22) -> str:
-    """sha256 of a file's content; remembered while its size, mtime and inode stay the same.
+    """sha256 of a file's content; remembered while its size, mtime, ctime and inode stay the same.
 
     The merge node hashes a file for ComfyUI's IS_CHANGED and again when it reads it (for its cache key and
     the saved file's provenance): the memory keeps that to one hashing pass.
     """
     stat = os.stat(path)
-    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ino)
+    # ctime too: a rewrite in place that keeps the size and sets the old mtime back (cp -p, rsync -t, tar, a
+    # coarse-clock file system) keeps all the rest, and no one can set ctime back
+    key = (os.path.abspath(path), stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns, stat.st_ino)
     known = _SHA256_CACHE.get(key)
     if known is not None:
         return known

@@ -286,7 +286,7 @@ def _parsed(text: dict[str, str]) -> dict:
             continue
         try:
             out[key] = parse(text[key])
-        except (ValueError, TypeError):
+        except (ValueError, TypeError, RecursionError):  # RecursionError: JSON nested deeper than Python recurses
             unreadable.append(key)
     out[UNREADABLE] = tuple(unreadable)
     return out
@@ -355,7 +355,9 @@ def _shown_widths(widths) -> str:
 def shown_model_classes(classes: tuple[str, ...]) -> str:
     """The model classes a hypernet's metadata names, for a message: the first three, each at most 40 characters
     (the metadata is free text a file can make megabytes long)."""
-    shown = ", ".join(_printable(name[:10 * _SHOWN_CHARS])[:_SHOWN_CHARS] for name in classes[:3])
+    # a name of invisible characters only is shown escaped: dropped, the message read "trained for  models"
+    shown = ", ".join(_printable(name[:10 * _SHOWN_CHARS])[:_SHOWN_CHARS] or ascii(name[:_SHOWN_CHARS // 4])
+                      for name in classes[:3])
     return shown + (f" and {len(classes) - 3} more" if len(classes) > 3 else "")
 
 

@@ -94,6 +94,9 @@ def _read_split(root: Path, problems: list[str]) -> dict[str, dict[str, list[str
     except (OSError, UnicodeDecodeError, ValueError) as error:
         problems.append(f"{path}: not readable JSON ({error})")
         return empty
+    except RecursionError:  # nesting deeper than the JSON decoder recurses
+        problems.append(f"{path}: not readable JSON (nested too deeply)")
+        return empty
     if not isinstance(data, dict):
         problems.append(f"{path}: expected a JSON object with \"train\" and \"validation\"")
         return empty

@@ -87,7 +87,29 @@ def _model_fingerprint(model) -> str:
         digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
     if model.patches:  # a LoRA loaded upstream changes what the merge is optimised on
         digest.update(f"{sorted(model.patches)}|{model.patches_uuid}".encode())
+    digest.update(_forward_changes(model).encode())
     return digest.hexdigest()
+
+
+def _forward_changes(model) -> str:
+    """What changes the model's forward without touching its weights: object patches (a K-LoRA merge upstream,
+    another pack's replaced forward), wrappers and transformer_options patches, by name and object (the same
+    upstream node output on a re-run is the same object)."""
+    options = model.model_options.get("transformer_options", {})
+    parts = [(name, type(value).__qualname__, id(value)) for name, value in sorted(model.object_patches.items())]
+    parts += [(kind, key, tuple(map(id, wrappers))) for kind, by_key in sorted(getattr(model, "wrappers", {}).items())
+              for key, wrappers in sorted(by_key.items()) if wrappers]
+    parts += [(group, _leaves(options[group])) for group in ("patches", "patches_replace") if options.get(group)]
+    return repr(parts)
+
+
+def _leaves(tree) -> list:
+    """(path, type, id) of each callable in a transformer_options patch dict (clones copy the dicts, not these)."""
+    if isinstance(tree, dict):
+        return [(repr(key), _leaves(value)) for key, value in sorted(tree.items(), key=lambda item: repr(item[0]))]
+    if isinstance(tree, (list, tuple)):
+        return [_leaves(value) for value in tree]
+    return [(type(tree).__qualname__, id(tree))]
 
 
 def _reference(vae, clip, images: torch.Tensor, prompt: str, what: str) -> tuple:

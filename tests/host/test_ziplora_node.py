@@ -97,6 +97,22 @@ def test_identical_inputs_reuse_the_result_and_a_changed_image_does_not(comfy_ho
     assert "optimised now" in report and changed.layers is not first.layers
 
 
+def test_a_model_whose_forward_an_upstream_node_changed_is_not_the_plain_models_result(comfy_host, synthetic_model, vae, pair):
+    """A K-LoRA merge upstream changes the model's forward through object patches, not its weights or weight
+    patches: the plain model's result was reused for it, and the report said the model was the same."""
+    from tests.host.test_nodes_inprocess import _merge
+
+    model, clip = synthetic_model
+    _, _, plain, _, _ = _run(comfy_host, synthetic_model, vae, pair, seed=13, steps=1)
+    # the style file on both sides: every layer switched at sampling time, none left as a weight patch
+    k_lora, _, _, report = _merge(comfy_host, model, None, STYLE, STYLE, method="k-lora")
+    assert f"switched per sampling step: {len(BOTH)} layers" in report and not k_lora.patches, report
+    _, _, switched, report, _ = _run(comfy_host, (k_lora, clip), vae, pair, seed=13, steps=1)
+    assert "optimised now" in report and switched.layers is not plain.layers
+    _, _, again, report, _ = _run(comfy_host, (k_lora, clip), vae, pair, seed=13, steps=1)  # the same upstream output
+    assert "reused the result" in report and again.layers is switched.layers
+
+
 def test_interrupt_stops_the_run_and_the_next_call_works(comfy_host, synthetic_model, vae, pair):
     import comfy.model_management
     import comfy.utils

@@ -190,3 +190,19 @@ def test_one_resolver_says_what_a_published_or_a_trained_hypernet_serves(shared_
     with pytest.raises(LoraRarError, match=r"old\.safetensors: this hypernet was trained for SD15 models but its file "
                                            r"records no readable UNet layout"):
         resolve_hypernet(str(older), []).lora_layout()
+
+
+def test_a_trained_file_whose_layout_has_widths_its_tensors_lack_is_refused_without_base(tmp_path):
+    """The CLI without --base takes the layout the file records: a file saying SDXL (widths 640 and 1280) with an
+    input layer for 640 only merged, every 1280-wide layer summed, where the node and --base sdxl refuse it."""
+    from hypernet.base_models import SDXL
+    from hypernet.checkpoints import resolve_hypernet
+    from hypernet.model import new_hypernet, save_hypernet
+
+    path = save_hypernet(new_hypernet([640], hidden=8), tmp_path / "half.safetensors",
+                         {"lorarar_model_classes": ["SDXL"], "lorarar_unet_layout": SDXL})
+    resolved = resolve_hypernet(str(path), [])
+    for named in (None, SDXL):
+        with pytest.raises(LoraRarError, match=r"half\.safetensors: this hypernet has input layers for attention "
+                                               r"widths 640; this SDXL model has attention widths 640, 1280"):
+            resolved.lora_layout(named)

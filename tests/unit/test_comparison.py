@@ -44,6 +44,15 @@ def test_bad_selections_are_one_line_errors_naming_the_input(spec, words):
     assert "\n" not in message and all(word in message for word in words), message
 
 
+@pytest.mark.parametrize("spec", ["x" * 2_000_000, "direct,,np-lora" + " " * 2_000_000])
+def test_a_huge_methods_input_is_not_echoed_whole(spec):
+    """The STRING widget comes from a stranger's workflow: the whole input was repeated into the error, the
+    server's log and the prompt's history (2 MB here)."""
+    with pytest.raises(LoraRarError, match="methods") as error:
+        select_columns(spec)
+    assert len(str(error.value)) < 400 and "2000" in str(error.value)
+
+
 def test_labels_carry_the_parameters_and_repeat_per_image():
     assert column_label("np-lora", {"mu": 0.5}) == "np-lora mu=0.5"
     assert column_label("subject only") == "subject only"

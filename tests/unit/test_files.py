@@ -23,6 +23,21 @@ def test_file_sha256_is_the_content_digest_and_sees_a_rewrite(tmp_path):
     assert file_sha256(path) != ABC_SHA256
 
 
+def test_file_sha256_sees_a_same_size_rewrite_with_the_old_mtime_set_back(tmp_path):
+    """The merge node keys its cache and IS_CHANGED by this digest: a LoRA rewritten in place with the same size and
+    its mtime restored (cp -p, rsync -t) gave the old file's digest, so the old merge was reused."""
+    path = tmp_path / "lora.bin"
+    path.write_bytes(b"abc")
+    before = path.stat()
+    assert file_sha256(path) == ABC_SHA256
+    with open(path, "r+b") as handle:  # same inode, same size
+        handle.write(b"xyz")
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_size, after.st_mtime_ns, after.st_ino) == (before.st_size, before.st_mtime_ns, before.st_ino)
+    assert file_sha256(path) != ABC_SHA256
+
+
 def test_atomic_file_never_touches_the_process_umask(tmp_path, monkeypatch):
     """ComfyUI serves from several threads: setting the umask, even briefly, would race with their file writes."""
     umask = os.umask(0o022)

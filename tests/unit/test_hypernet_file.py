@@ -168,6 +168,24 @@ def test_wrong_types_in_metadata_read_as_unreadable(tmp_path):
     assert "unreadable metadata" in describe_training(meta, {640: "input_1"})
 
 
+def test_json_metadata_nested_too_deeply_reads_as_unreadable(tmp_path):
+    """A stranger's recipe or layout nested deeper than Python's JSON decoder recurses: unreadable, not a
+    RecursionError traceback from the loader (the command line printed one)."""
+    deep = "[" * 200_000 + "]" * 200_000  # under the 1 MiB parse limit
+    path = _bare_file(tmp_path / "deep.safetensors", {"lorarar_model_classes": "SD15", "lorarar_recipe": deep,
+                                                      "lorarar_unet_layout": deep, "lorarar_pairs": deep})
+    meta = hypernet_metadata(path)
+    assert set(meta["unreadable"]) == {"lorarar_recipe", "lorarar_unet_layout", "lorarar_pairs"}
+    assert "unreadable metadata" in LoraRarHypernet.load(path).describe("deep.safetensors")
+
+
+def test_a_model_class_of_invisible_characters_only_is_shown_escaped(tmp_path):
+    net = LoraRarHypernet.load(_bare_file(tmp_path / "blank.safetensors", {"lorarar_model_classes": "\x00\u202e"}))
+    with pytest.raises(LoraRarError, match=r"trained for '\\x00\\u202e' models; this model is SDXL") as error:
+        net.check_fits("blank.safetensors", "SDXL", {640})
+    assert "\x00" not in str(error.value) and "\u202e" not in str(error.value)
+
+
 def test_metadata_widths_other_than_the_tensors_are_refused_at_load(tmp_path):
     path = _bare_file(tmp_path / "liar.safetensors", {"lorarar_widths": "320,640"}, widths=(640,))
     with pytest.raises(LoraRarError, match=r"liar\.safetensors: metadata lorarar_widths says widths 320, 640 but "

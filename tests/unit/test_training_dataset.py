@@ -90,6 +90,15 @@ def test_each_defect_is_one_line_naming_the_file(data, defect):
         load_dataset(data)
 
 
+def test_a_split_file_nested_too_deeply_is_a_problem_not_a_traceback(data, capsys):
+    """JSON nested deeper than the decoder recurses raised RecursionError out of check-dataset and train."""
+    (data / "split.json").write_text("[" * 100_000 + "]" * 100_000)
+    problems = check_dataset(data)
+    assert f"{data / 'split.json'}: not readable JSON (nested too deeply)" in problems
+    assert main(["check-dataset", str(data)]) == 1
+    assert "split.json: not readable JSON (nested too deeply)" in capsys.readouterr().out
+
+
 def test_the_command_prints_the_problems_and_fails(data, capsys):
     (data / "subjects/subject_0/caption.txt").unlink()
     (data / "styles/style_1/lora.safetensors").unlink()
