@@ -40,7 +40,7 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--hypernet", default="sdxl", help=f"published name ({', '.join(load_manifest())}) or a checkpoint path")
     merge.add_argument("--method", choices=methods.names(), default="lorarar",
                        help="; ".join(f"{m.name}: {m.help}" for m in methods.all_methods()))
-    for method in methods.all_methods():  # each method's own parameters, e.g. --np-lora-mu
+    for method in _cli_methods():  # each method's own parameters, e.g. --np-lora-mu
         for param in method.params:
             merge.add_argument(f"--{methods.param_key(method, param).replace('_', '-')}", type=float, default=None,
                                dest=methods.param_key(method, param), metavar=param.name.upper(),
@@ -145,10 +145,16 @@ def _read_inputs(args: argparse.Namespace, rule, info, hypernet):
             layout, None)
 
 
+def _cli_methods() -> list:
+    """The methods whose parameters are command-line flags: a method that needs the model (ZipLoRA's reference
+    images, a calibration pass) cannot run here, so its parameters would be flags no run can use."""
+    return [method for method in methods.all_methods() if not method.needs_model]
+
+
 def _method_params(args: argparse.Namespace) -> dict[str, float]:
     """The chosen method's parameters given on the command line; another method's are refused, not ignored."""
     given = {}
-    for method in methods.all_methods():
+    for method in _cli_methods():
         for param in method.params:
             value = getattr(args, methods.param_key(method, param))
             if value is None:

@@ -193,6 +193,17 @@ def test_usage_mistakes_are_one_line_too(tmp_path, shared_weights):
     assert result.returncode == 2 and result.stderr.count("\n") == 1 and "see python -m hypernet merge --help" in result.stderr
 
 
+def test_help_offers_only_flags_a_terminal_run_can_use(shared_weights):
+    """zip-lora needs reference images and prompts (the ZipLoRA node): --method zip-lora is refused in one line,
+    and its parameters are no flags; every method that runs here keeps its own."""
+    result = run_cli_in_process("merge", "--help", weights_dir=shared_weights)
+    assert result.returncode == 0 and "--np-lora-mu" in result.stdout and "--k-lora-beta" in result.stdout
+    assert "--zip-lora-" not in result.stdout
+    refused = run_cli_in_process("merge", "--subject", "a.safetensors", "--style", "b.safetensors", "--out",
+                                 "c.safetensors", "--method", "zip-lora", "--zip-lora-steps", "5", weights_dir=shared_weights)
+    assert refused.returncode == 2 and refused.stderr.count("\n") == 1, refused.stderr
+
+
 def test_fp8_lora_merges_and_the_report_says_it_was_widened(tmp_path, shared_weights):
     subject = write_lora(tmp_path / "subject.safetensors", random_lora(rank=4, seed=1, modules=MODULES))
     style = write_lora(tmp_path / "fp8.safetensors", random_lora(rank=4, seed=2, modules=MODULES, dtype=torch.float8_e4m3fn))
