@@ -14,7 +14,7 @@ COMFY_MODULES = {"comfy", "comfy_extras", "folder_paths", "nodes", "server", "ex
 MAX_IMPORT_CHAIN = 13
 # The one place hypernet/ starts ComfyUI: the training command must turn off ComfyUI's own argument parsing
 # (comfy.options) and put its folder on sys.path before any module of the pack that imports ComfyUI is loaded, and
-# nodes/adapter/ cannot be imported before that (nodes/__init__.py registers the node classes, which import ComfyUI).
+# nodes/adapter/ cannot be imported before that (the pack's __init__.py registers the node classes, which import ComfyUI).
 STARTS_COMFYUI = {"hypernet/training/command.py"}
 
 
