@@ -23,7 +23,8 @@ from .calibration import Calibration
 from .coefficients import CoefficientGroup, summarize, summary_lines
 from .errors import LoraRarError
 from .keys import FUSED_WITH_MLP, is_text_encoder
-from .lora_io import LoraFile, LowRankLayer, OtherLayer, to_kohya_state_dict
+from .layers import LoraFile, LowRankLayer, OtherLayer
+from .lora_io import to_kohya_state_dict
 from .lowrank import update_bound
 from .methods import SIDES, MergeContext, MergedLayer, MergeMethod, resolve_params
 from .methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched  # noqa: F401  (public API)

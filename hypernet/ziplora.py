@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from .calibration import CalibrationRun
 from .coefficients import summarize
 from .errors import LoraRarError
-from .lora_io import LoraFile, LowRankLayer
+from .layers import LoraFile, LowRankLayer
 from .lowrank import weighted_sum
 from .merge import MergedLora, Strengths, new_report, source_paths  # the report and paths every merge writes
 from .methods import SIDES, kept

@@ -17,7 +17,7 @@ from ..keys import attention_role
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..lora_io import LowRankLayer
+    from ..layers import LowRankLayer
     from ..runtime import RuntimePart
 
 

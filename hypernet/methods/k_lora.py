@@ -27,7 +27,7 @@ import torch
 
 from ..errors import LoraRarError
 from ..keys import FUSED_WITH_MLP
-from ..lora_io import LowRankLayer
+from ..layers import LowRankLayer
 from ..lowrank import weighted_sum
 from . import register
 from ..runtime import FactorCache, RuntimeBranch, RuntimePart, low_rank_apply, schedule_progress  # noqa: F401 (public here too)

@@ -16,7 +16,7 @@ import torch
 
 from ..errors import LoraRarError
 from ..keys import FUSED_WITH_MLP
-from ..lora_io import LowRankLayer
+from ..layers import LowRankLayer
 from ..lowrank import weighted_sum
 from ..model import LoraRarHypernet, shown_model_classes
 from . import register

@@ -17,7 +17,8 @@ import torch
 from ...hypernet.cache import BoundedCache
 from ...hypernet.errors import LoraRarError
 from ...hypernet.keys import is_text_encoder
-from ...hypernet.lora_io import LowRankLayer, to_kohya_state_dict
+from ...hypernet.layers import LowRankLayer
+from ...hypernet.lora_io import to_kohya_state_dict
 from ...hypernet.lowrank import patched_overflow
 from ...hypernet.model_keys import target_key
 from .branch import inject

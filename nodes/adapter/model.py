@@ -12,7 +12,7 @@ import folder_paths
 from ...hypernet.base_models import UNetLayout
 from ...hypernet.errors import LoraRarError, unforeseen_as_error
 from ...hypernet.files import file_sha256, read_state_dict
-from ...hypernet.lora_io import LoraFile, LowRankLayer
+from ...hypernet.layers import LoraFile, LowRankLayer
 from ...hypernet.model_keys import canonical_names, lora_for_model
 
 _UNET = "diffusion_model."
