@@ -23,7 +23,8 @@ import torch
 from .base_models import UNetLayout
 from .errors import LoraRarError
 from .keys import canonical_name, is_text_encoder, split_key
-from .lora_io import LoraFile, LowRankLayer, OtherLayer, check_finite_tensors, layer_from_roles, notes_for
+from .layers import LoraFile, LowRankLayer, OtherLayer
+from .tensors import check_finite_tensors, layer_from_roles, notes_for
 
 _UNET = "diffusion_model."
 _TE_PREFERENCE = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")

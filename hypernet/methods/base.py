@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ..calibration import Calibration
-from ..keys import attention_role
+from ..names import attention_role
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
