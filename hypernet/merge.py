@@ -27,7 +27,6 @@ from .layers import LoraFile, LowRankLayer, OtherLayer
 from .lora_io import to_kohya_state_dict
 from .lowrank import update_bound
 from .methods import SIDES, MergeContext, MergedLayer, MergeMethod, resolve_params
-from .methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched  # noqa: F401  (public API)
 from .model import LoraRarHypernet
 from .pipeline import LAYER_POLICIES, LayerPlan, compute, plan_layer, use_batched
 from .runtime import RuntimePart
