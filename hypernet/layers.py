@@ -1,5 +1,6 @@
 """The layers every stage passes along: one layer's low-rank update (``LowRankLayer``), a layer of another adapter
-kind that is reported, not merged (``OtherLayer``), and a LoRA file's layers by canonical name (``LoraFile``).
+kind that is reported, not merged (``OtherLayer``), a LoRA file's layers by canonical name (``LoraFile``), and the
+two LoRAs a merged layer comes from (``SIDES``, ``kept``).
 
 Plain data, torch only: reading and writing them is lora_io.py (files) and model_keys.py (a model's key map), the
 arithmetic on them lowrank.py, and every merge method builds them; none of those needs the others to hold one.
@@ -12,6 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+
+SIDES = ("subject", "style")  # the two LoRAs of a merge, in the order every report names them
+
+
+def kept(side: str) -> str:
+    """The report's action for a layer taken from one LoRA alone (``kept (subject)``), as reports and saved
+    metadata spell it; what the layer came from is the plan's ``sides``, never this text."""
+    return f"kept ({side})"
 
 
 @dataclass

@@ -18,7 +18,7 @@ from .errors import LoraRarError
 from .files import atomic_file, check_target, file_sha256, read_state_dict, refuse_replacing
 from .keys import canonical_name, split_key
 from .layers import LoraFile, LowRankLayer, OtherLayer  # noqa: F401  (read and written here; public here too)
-from .tensors import check_finite_tensors, layer_from_roles, notes_for  # noqa: F401  (public here too)
+from .tensors import check_finite_tensors, layer_from_roles, notes_for, to_kohya_state_dict  # noqa: F401  (public here too)
 
 SAVE_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}  # file tensor types offered
 
@@ -82,32 +82,6 @@ def _group_by_layer(tensors: dict[str, torch.Tensor], path: Path, layout: UNetLa
             f"(lora_up/lora_down, lora_A/lora_B, ...); first keys: {', '.join(sorted(tensors)[:3])}"
         )
     return grouped, stems, ignored
-
-
-def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
-    """kohya tensors for low-rank layers; the scale is folded into down and alpha = rank (scale 1 on reload).
-
-    dtype None keeps each layer's own type. A layer that float16 cannot hold (its values overflow) is
-    written in float32 rather than as Inf.
-    """
-    state_dict = {}
-    for name, layer in layers.items():
-        down = layer.down * layer.scale if layer.scale != 1.0 else layer.down
-        up = layer.up
-        if layer.kernel:
-            down = down.reshape(layer.rank, -1, *layer.kernel)
-            up = up.reshape(layer.d_out, layer.rank, *([1] * len(layer.kernel)))
-        tensors = {"lora_up.weight": up, "lora_down.weight": down}
-        if layer.bias is not None:
-            tensors["diff_b"] = layer.bias
-        layer_dtype = dtype or layer.down.dtype
-        if layer_dtype == torch.float16 and not all(torch.isfinite(t.to(layer_dtype)).all() for t in tensors.values()):
-            layer_dtype = torch.float32
-        for suffix, tensor in tensors.items():
-            state_dict[f"{name}.{suffix}"] = tensor.to(layer_dtype).contiguous().cpu()
-        # float32: a rank such as 257 is not representable in bf16, and alpha / rank must stay exactly 1
-        state_dict[f"{name}.alpha"] = torch.tensor(float(layer.rank), dtype=torch.float32)
-    return state_dict
 
 
 def save_lora(path: str | Path, state_dict: dict[str, torch.Tensor], metadata: dict[str, object], overwrite: bool = False,

@@ -1,7 +1,8 @@
-"""One layer's tensors -> a layer: the rules every reader applies to a LoRA's tensors, whether they come from a
+"""One layer's tensors <-> a layer: the rules every reader applies to a LoRA's tensors, whether they come from a
 file (lora_io.py) or through a model's key map (model_keys.py): float types the merge can use (fp8 widened to
 float32, exactly), finite values, up / down / alpha / bias shapes that make a LoRA, adapters that are no plain
-up @ down product recognised as such.
+up @ down product recognised as such; and back, low-rank layers as the kohya tensors a file or ComfyUI's LoRA
+patching takes (``to_kohya_state_dict``).
 """
 
 from __future__ import annotations
@@ -108,3 +109,29 @@ def notes_for(tensors: dict[str, torch.Tensor]) -> list[str]:
         if split is not None and split[1] in ("up", "down") and _is_float8(tensor):
             widened.setdefault(_dtype_name(tensor), set()).add(split[0])
     return [f"{dtype} factors of {len(stems)} layers widened to float32 (exact)" for dtype, stems in sorted(widened.items())]
+
+
+def to_kohya_state_dict(layers: dict[str, LowRankLayer], dtype: torch.dtype | None = torch.float16) -> dict[str, torch.Tensor]:
+    """kohya tensors for low-rank layers; the scale is folded into down and alpha = rank (scale 1 on reload).
+
+    dtype None keeps each layer's own type. A layer that float16 cannot hold (its values overflow) is
+    written in float32 rather than as Inf.
+    """
+    state_dict = {}
+    for name, layer in layers.items():
+        down = layer.down * layer.scale if layer.scale != 1.0 else layer.down
+        up = layer.up
+        if layer.kernel:
+            down = down.reshape(layer.rank, -1, *layer.kernel)
+            up = up.reshape(layer.d_out, layer.rank, *([1] * len(layer.kernel)))
+        tensors = {"lora_up.weight": up, "lora_down.weight": down}
+        if layer.bias is not None:
+            tensors["diff_b"] = layer.bias
+        layer_dtype = dtype or layer.down.dtype
+        if layer_dtype == torch.float16 and not all(torch.isfinite(t.to(layer_dtype)).all() for t in tensors.values()):
+            layer_dtype = torch.float32
+        for suffix, tensor in tensors.items():
+            state_dict[f"{name}.{suffix}"] = tensor.to(layer_dtype).contiguous().cpu()
+        # float32: a rank such as 257 is not representable in bf16, and alpha / rank must stay exactly 1
+        state_dict[f"{name}.alpha"] = torch.tensor(float(layer.rank), dtype=torch.float32)
+    return state_dict
