@@ -1,5 +1,6 @@
-"""What a tensor key or a canonical layer name says by itself, with no UNet layout: the layer stem and role of a
-LoRA tensor key (``split_key``: up, down, alpha, ...) and the attention role of a canonical UNet layer name.
+"""What a tensor key, a canonical layer name or a host key-map entry says by itself, with no UNet layout: the layer
+stem and role of a LoRA tensor key (``split_key``: up, down, alpha, ...), the attention role of a canonical UNet
+layer name, and the model weight a key-map entry patches (``target_key``).
 
 A leaf: nothing of the pack is imported here, so the readers (lora_io.py, model_keys.py, tensors.py), the merge
 methods and training take these facts without the layout-aware naming of keys.py, which re-exports them.
@@ -74,3 +75,8 @@ def attention_role(name: str) -> str | None:
     if match:
         return "to_out" if match.group(2) == "to_out_0" else match.group(2)
     return None
+
+
+def target_key(target) -> str:
+    """The model weight key a host key-map entry patches: the entry itself, or the key of ``(key, band)``."""
+    return target if isinstance(target, str) else target[0]
