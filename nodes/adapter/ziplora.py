@@ -5,7 +5,7 @@ The objective, the factored branch and the conversion to a merged LoRA are hyper
 on the model through the one injector (branch.py). This module prepares the data (images VAE-encoded, prompts
 CLIP-encoded), runs the optimisation (hypernet.ziplora.optimise) through ComfyUI's model (calibration.py) with
 ComfyUI's progress bar and Cancel, caches the result by its inputs, and applies it through the merge's own patching
-(fit.py), so its outputs are those of every other merge. Its settings' defaults are the registered method's
+(model.py's apply_merged, fit.py's verdict), so its outputs are those of every other merge. Its settings' defaults are the registered method's
 parameters (hypernet/methods/zip_lora.py).
 """
 
