@@ -14,11 +14,12 @@ hands over ordinary tensors before it merges.
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import torch
 
-from .runtime import RuntimeBranch
+if TYPE_CHECKING:  # named in a signature only: a Protocol of the host's side holds no runtime branch itself
+    from .runtime import RuntimeBranch
 
 
 class CalibrationRun(Protocol):

@@ -9,11 +9,14 @@ import sys
 from pathlib import Path
 
 
-from . import __version__, any_family, evaluation
+from . import __version__, any_family
 from .base_models import LAYOUTS, SDXL
 from .checkpoints import default_search_dirs, load_manifest, published_layout, resolve_hypernet
 from .errors import LoraRarError, unforeseen_as_error
-from .evaluation import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
+from .evaluation.batch import evaluate_folders, find_pairs
+from .evaluation.batch_files import load_style_names
+from .evaluation.judge import DEFAULT_API_KEY_ENV, PINNED_URL_ENV, ChatCompletionsJudge
+from .evaluation.protocol import format_table
 from .files import check_target, refuse_replacing
 from .lora_io import SAVE_DTYPES as DTYPES, save_lora
 from . import methods
@@ -176,17 +179,16 @@ def run_evaluate(args: argparse.Namespace) -> int:
 def _evaluate(args: argparse.Namespace) -> int:
     # the judge first: a bad URL, key, timeout or retry count is reported before any folder is read
     judge = ChatCompletionsJudge(args.judge_url, args.judge_model, args.api_key_env, timeout=args.timeout, retries=args.retries)
-    jobs = evaluation.find_pairs(args.generated, args.subjects, args.styles,
-                                 evaluation.load_style_names(args.style_names), skip=[args.out])
+    jobs = find_pairs(args.generated, args.subjects, args.styles, load_style_names(args.style_names), skip=[args.out])
     try:
-        result = evaluation.evaluate_folders(jobs, judge, args.out, args.judge_model, judge.endpoint, resume=not args.restart)
+        result = evaluate_folders(jobs, judge, args.out, args.judge_model, judge.endpoint, resume=not args.restart)
     except KeyboardInterrupt:
         print(f"interrupted: finished images are saved in {args.out / 'results.json'}; run again to resume", file=sys.stderr)
         return 130
     if args.json:
         print(json.dumps({"pairs": [p.as_dict() for p in result.pairs], "mean": result.mean.as_dict()}, indent=2))
     else:
-        print(evaluation.format_table(result.pairs, result.mean))
+        print(format_table(result.pairs, result.mean))
     print(f"asked {result.questions} questions about {result.asked} images "
           f"({len(result.images) - result.asked} taken from earlier runs); wrote {args.out}")
     return 0

@@ -7,6 +7,8 @@ the UNet (``lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q``), ``lor
 reference code's ``unet.unet.<module>`` all land on the same name, so subject and style layers pair up.
 ComfyUI maps canonical names to model weights itself (comfy.lora.model_lora_keys_unet / _clip); the
 diffusers -> SGM block renaming here is checked against comfy.utils.unet_to_diffusers by the tests.
+What a key or a name says without a layout (``split_key``, ``FACTOR_SUFFIXES``, ``attention_role``) is names.py's,
+exported here too.
 """
 
 from __future__ import annotations
@@ -15,37 +17,8 @@ import re
 from functools import lru_cache
 
 from .base_models import SDXL, UNetLayout
-
-# (tensor-key suffix, role). No suffix is the tail of another, so their order never decides a match
-# (tests/unit/test_formats.py checks it); tests/host/test_suffixes_match_comfy.py checks the table against ComfyUI.
-FACTOR_SUFFIXES: tuple[tuple[str, str], ...] = (
-    (".lora_up.weight", "up"),
-    (".lora_down.weight", "down"),
-    (".lora_mid.weight", "mid"),
-    (".lora_B.default.weight", "up"),
-    (".lora_A.default.weight", "down"),
-    (".lora_B.weight", "up"),
-    (".lora_A.weight", "down"),
-    (".lora.up.weight", "up"),
-    (".lora.down.weight", "down"),
-    ("_lora.up.weight", "up"),
-    ("_lora.down.weight", "down"),
-    (".lora_linear_layer.up.weight", "up"),
-    (".lora_linear_layer.down.weight", "down"),
-    (".alpha", "alpha"),
-    (".dora_scale", "dora_scale"),
-    (".lora_magnitude_vector.weight", "dora_scale"),  # PEFT DoRA
-    (".lora_magnitude_vector", "dora_scale"),
-    (".diff_b", "bias"),  # a bias difference (ComfyUI's LoRA extraction writes one per biased layer)
-    (".lora_B.bias", "bias"),  # PEFT lora_bias
-    (".lora_up.bias", "bias"),
-)
-# The last part of a key naming an adapter that is not an up @ down product: recognised, reported, not merged.
-_OTHER_ADAPTER = re.compile(
-    r"^(?P<stem>.+)\.(?:(?P<loha>hada_\w+)|(?P<lokr>lokr_\w+)|(?P<oft>oft_\w+)|(?P<boft>boft_\w+)"
-    r"|(?P<glora>[ab][12]\.weight)|(?P<diff>diff)|(?P<norm>[wb]_norm)|(?P<set>set_weight)|(?P<reshape>reshape_weight))$")
-_OTHER_KINDS = {"loha": "LoHa", "lokr": "LoKr", "oft": "OFT", "boft": "BOFT", "glora": "GLoRA", "diff": "full diff",
-                "norm": "norm diff", "set": "set weight", "reshape": "reshape"}
+from .names import (ATTENTION_ROLES, FACTOR_SUFFIXES, FUSED_WITH_MLP, attention_role,  # noqa: F401  (public here too)
+                    split_key)
 
 _UNET_PREFIXES = ("lora_unet_", "lycoris_", "unet.unet.", "unet.", "base_model.model.", "diffusion_model.", "model.diffusion_model.")
 _TE_PREFIXES = (
@@ -67,21 +40,6 @@ _BASIC = {"conv_in": "input_blocks_0_0", "time_embedding_linear_1": "time_embed_
           "add_embedding_linear_2": "label_emb_0_2", "class_embedding_linear_1": "label_emb_0_0",
           "class_embedding_linear_2": "label_emb_0_2", "conv_norm_out": "out_0", "conv_out": "out_2"}
 _DIFFUSERS_BLOCK = re.compile(r"^(down_blocks_\d+_(?:attentions|resnets|downsamplers)_\d+|up_blocks_\d+_(?:attentions|resnets|upsamplers)_\d+|mid_block_(?:attentions|resnets)_\d+)_(.*)$")
-
-
-def split_key(key: str) -> tuple[str, str] | None:
-    """Split a tensor key into (layer stem as written in the file, role); None when it is no LoRA tensor.
-
-    Roles: up, down, mid, alpha, dora_scale, bias, or ``other:<adapter kind>``.
-    """
-    for suffix, role in FACTOR_SUFFIXES:
-        if key.endswith(suffix):
-            return key[: -len(suffix)], role
-    match = _OTHER_ADAPTER.match(key)
-    if match:
-        kind = next(name for name, value in match.groupdict().items() if value and name != "stem")
-        return match.group("stem"), f"other:{_OTHER_KINDS[kind]}"
-    return None
 
 
 @lru_cache(maxsize=8)
@@ -156,26 +114,6 @@ def canonical_name(stem: str, layout: UNetLayout = SDXL) -> str | None:
 def is_text_encoder(name: str) -> bool:
     """True for the canonical name of a text-encoder layer (``lora_te1_...``), False for UNet layers."""
     return name.startswith(_TEXT_ENCODER_NAMES)
-
-
-_ATTENTION = re.compile(r"^lora_unet_.*_(attn[12]?)_(to_q|to_k|to_v|to_out_0)$")
-# The roles a linear of an attention block can have (nodes/adapter/roles.py reads them from the model):
-# separate projections, q/k/v fused in one linear, or attention fused with the MLP (Flux-style single blocks)
-ATTENTION_ROLES = ("to_q", "to_k", "to_v", "to_out", "qkv", "qkv+mlp", "out+mlp")
-FUSED_WITH_MLP = ("qkv+mlp", "out+mlp")
-
-
-def attention_role(name: str) -> str | None:
-    """The attention projection a canonical *UNet* layer name is ('to_q', 'to_k', 'to_v', 'to_out'), read from
-    the UNet layout's own names (``..._attn1_to_q``); None for other layers.
-
-    For the pack's SDXL-family names without a loaded model (the CLI). With a model, the roles come from the
-    model's own modules for every family (nodes/adapter/roles.py; MergeContext.role), never from names.
-    """
-    match = _ATTENTION.match(name)
-    if match:
-        return "to_out" if match.group(2) == "to_out_0" else match.group(2)
-    return None
 
 
 def sgm_to_canonical(module: str) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .lora_io import LowRankLayer
+from .layers import LowRankLayer
 
 
 def weighted_sum(parts: list[tuple], device=None, dtype: torch.dtype = torch.float32) -> LowRankLayer:

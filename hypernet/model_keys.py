@@ -23,16 +23,13 @@ import torch
 from .base_models import UNetLayout
 from .errors import LoraRarError
 from .keys import canonical_name, is_text_encoder, split_key
-from .lora_io import LoraFile, LowRankLayer, OtherLayer, check_finite_tensors, layer_from_roles, notes_for
+from .layers import LoraFile, LowRankLayer, OtherLayer
+from .names import target_key
+from .tensors import check_finite_tensors, layer_from_roles, notes_for
 
 _UNET = "diffusion_model."
 _TE_PREFERENCE = ("lora_te1_", "lora_te2_", "lora_te3_", "lora_te_")
 _TE_STEMS = ("text_encoder.", "text_encoder_2.", "text_encoders.")  # diffusers / PEFT text-encoder stems
-
-
-def target_key(target) -> str:
-    """The model weight key a key-map entry patches."""
-    return target if isinstance(target, str) else target[0]
 
 
 def module_layer_name(module: str) -> str:

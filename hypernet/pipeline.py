@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from .keys import is_text_encoder
-from .lora_io import LowRankLayer, OtherLayer
+from .layers import LowRankLayer, OtherLayer
 from .lowrank import weighted_sum
 from .methods.base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, kept
 

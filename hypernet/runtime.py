@@ -23,7 +23,7 @@ import torch
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .lora_io import LowRankLayer
+    from .layers import LowRankLayer
 
 
 class RuntimeBranch:

@@ -33,15 +33,15 @@ import torch.nn.functional as F
 from .calibration import CalibrationRun
 from .coefficients import summarize
 from .errors import LoraRarError
-from .lora_io import LoraFile, LowRankLayer
+from .layers import SIDES, LoraFile, LowRankLayer, kept
 from .lowrank import weighted_sum
-from .merge import MergedLora, Strengths, new_report, source_paths  # the report and paths every merge writes
-from .methods import SIDES, kept
-from .methods.zip_lora import SIMILARITY_LAMBDA
+from .result import MergedLora, Strengths, new_report, source_paths  # the report and paths every merge writes
 from .runtime import RuntimeBranch
 
 BRANCHES = ("merged", "subject", "style", "off")  # what the injected layers add to the base output
-DEFAULT_LAMBDA = SIMILARITY_LAMBDA.default  # one source: the registered method's parameter (hypernet/methods/zip_lora.py)
+# ZipLoRA's weight of the summed |cos| term (the paper's 0.01): the one source of the default, which the registered
+# method's similarity_lambda parameter (hypernet/methods/zip_lora.py) and the training recipe take
+DEFAULT_LAMBDA = 0.01
 
 
 class _BranchSwitch:

@@ -1,5 +1,5 @@
 """Compare node: one subject LoRA, one style LoRA, one seed, one prompt through every merge method -> a labelled
-grid (nodes/adapter/comparing.py runs it)."""
+grid (nodes/adapter/merging.py runs it)."""
 
 from __future__ import annotations
 

@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from ..hypernet.evaluation import DEFAULT_API_KEY_ENV, MAX_RETRIES, MAX_TIMEOUT_S, PINNED_URL_ENV
+from ..hypernet.evaluation.judge import DEFAULT_API_KEY_ENV, MAX_RETRIES, MAX_TIMEOUT_S, PINNED_URL_ENV
 from .adapter import CATEGORY, JudgeSettings, evaluate_images
 
 

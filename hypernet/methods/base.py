@@ -13,11 +13,12 @@ from dataclasses import dataclass, field
 import torch
 
 from ..calibration import Calibration
-from ..keys import attention_role
+from ..layers import SIDES, kept  # noqa: F401  (public here too)
+from ..names import attention_role
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from ..lora_io import LowRankLayer
+    from ..layers import LowRankLayer
     from ..runtime import RuntimePart
 
 
@@ -32,15 +33,6 @@ class Param:
     maximum: float
     help: str
     step: float = 0.01
-
-
-SIDES = ("subject", "style")  # the two LoRAs of a merge, in the order every report names them
-
-
-def kept(side: str) -> str:
-    """The report's action for a layer taken from one LoRA alone (``kept (subject)``), as reports and saved
-    metadata spell it; what the layer came from is the plan's ``sides``, never this text."""
-    return f"kept ({side})"
 
 
 @dataclass(frozen=True)

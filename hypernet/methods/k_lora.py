@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 import torch
 
 from ..errors import LoraRarError
-from ..keys import FUSED_WITH_MLP
-from ..lora_io import LowRankLayer
+from ..layers import LowRankLayer
 from ..lowrank import weighted_sum
+from ..names import FUSED_WITH_MLP
 from . import register
 from ..runtime import FactorCache, RuntimeBranch, RuntimePart, low_rank_apply, schedule_progress  # noqa: F401 (public here too)
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param

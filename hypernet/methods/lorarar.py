@@ -15,10 +15,10 @@ from __future__ import annotations
 import torch
 
 from ..errors import LoraRarError
-from ..keys import FUSED_WITH_MLP
-from ..lora_io import LowRankLayer
+from ..layers import LowRankLayer
 from ..lowrank import weighted_sum
 from ..model import LoraRarHypernet, shown_model_classes
+from ..names import FUSED_WITH_MLP
 from . import register
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod
 

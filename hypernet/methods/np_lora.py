@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora_io import LowRankLayer
+from ..layers import LowRankLayer
 from ..lowrank import weighted_sum
 from . import register
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param

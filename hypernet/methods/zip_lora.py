@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from ..keys import is_text_encoder
+from ..ziplora import DEFAULT_LAMBDA, ZipLoraMerge, optimise
 from . import register
 from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
 
@@ -23,7 +24,7 @@ LEARNING_RATE = Param(  # LoRA.rar's ZipLoRA baseline; the paper gives none
     "(the paper gives none; the diffusers script's 1e-4 barely moves coefficients that start at 1 in 100 steps).",
     step=0.0001)
 SIMILARITY_LAMBDA = Param(  # ZipLoRA's and LoRA.rar's weight of the summed |cos| term
-    "similarity_lambda", 0.01, 0.0, 100.0, "lambda: weight of sum |cos(m_subject, m_style)| over the layers "
+    "similarity_lambda", DEFAULT_LAMBDA, 0.0, 100.0, "lambda: weight of sum |cos(m_subject, m_style)| over the layers "
     "(ZipLoRA: 0.01).", step=0.001)
 # Early stop: the published rule is "until the cosine reaches 0", but |cos| of two float32 vectors only reaches
 # exactly 0 by chance, so the default stops once the mean |cos| per layer is below 1e-3 (the columns' weight
@@ -59,8 +60,6 @@ class ZipLoraMethod(MergeMethod):
         return Claim("ziplora")
 
     def calibrate(self, jobs: list[LayerJob], ctx: MergeContext) -> None:
-        from ..ziplora import ZipLoraMerge, optimise  # the core imports the merge, which imports this registry
-
         if not any(job.action == "ziplora" for job in jobs):
             return
         merge = ZipLoraMerge({job.name: job.subject for job in jobs if job.subject is not None},

@@ -21,7 +21,8 @@ from typing import Callable
 
 from ..errors import LoraRarError
 from ..keys import attention_role
-from ..lora_io import LoraFile, LowRankLayer, read_lora
+from ..layers import LoraFile, LowRankLayer
+from ..lora_io import read_lora
 from ..methods.lorarar import HYPERNET_ROLES
 
 KINDS = ("subjects", "styles")

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 
 from ..errors import LoraRarError
 from ..keys import attention_role
-from ..lora_io import LowRankLayer
+from ..layers import LowRankLayer
 from ..methods.lorarar import HYPERNET_ROLES, FactoredHypernet
 from ..model import LoraRarHypernet
 from ..ziplora import ZipLoraMerge, ziplora_loss

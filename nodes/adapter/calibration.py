@@ -13,7 +13,7 @@ from typing import Iterator
 import torch
 
 from ...hypernet.errors import LoraRarError
-from ...hypernet.methods import SIDES
+from ...hypernet.layers import SIDES
 from ...hypernet.runtime import RuntimeBranch
 from .branch import inject
 from .sampling import loaded, model_conditioning, noised_batch, prediction, timestep_count

@@ -1,9 +1,10 @@
-"""Whether a merged LoRA fits the loaded model, and applying it: the one fit / shape / overflow verdict.
+"""Whether a merged LoRA fits the loaded model: the one fit / shape / overflow verdict, and its runtime part injected.
 
 A merge's static layers are patched through ComfyUI's own LoRA patching (comfy.sd.load_lora_for_models with a
-kohya state dict); its runtime part, if any, rides on the one injector (branch.py). Before anything is patched,
-every layer is checked against the weight ComfyUI's key map sends it to: in the model at all, same shape, no two
-names for one weight, and no Inf/NaN once added in the model's own dtype (each runtime update alone).
+kohya state dict, model.py's ``apply_merged``, which asks :func:`verdict` first and keeps the last verdict); its
+runtime part, if any, rides on the one injector (branch.py). Before anything is patched, every layer is checked
+against the weight ComfyUI's key map sends it to (a :class:`~model.ModelView`): in the model at all, same shape, no
+two names for one weight, and no Inf/NaN once added in the model's own dtype (each runtime update alone).
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import comfy.model_management
-import comfy.sd
 import torch
 
-from ...hypernet.cache import BoundedCache
 from ...hypernet.errors import LoraRarError
 from ...hypernet.keys import is_text_encoder
-from ...hypernet.lora_io import LowRankLayer, to_kohya_state_dict
+from ...hypernet.layers import LowRankLayer
 from ...hypernet.lowrank import patched_overflow
-from ...hypernet.model_keys import target_key
+from ...hypernet.names import target_key
+from ...hypernet.tensors import to_kohya_state_dict
 from .branch import inject
-from .model import ModelView, model_class
 
-if TYPE_CHECKING:
-    from ...hypernet.merge import MergedLora
+if TYPE_CHECKING:  # the view is built by model.py, which applies the verdict; the merge is hypernet's result type
+    from ...hypernet.result import MergedLora
+    from .model import ModelView
 
 
 def target_weight(target, weights: dict):
@@ -127,10 +127,10 @@ def _verdict_text(patched: list[str], misfits: dict[str, str], unknown: list[str
     return text
 
 
-def _verdict(model, clip, merged: MergedLora):
-    """(applied, patched names, kohya state dict, text, view): which merged layers this model can take, and the
+def verdict(view: ModelView, merged: MergedLora):
+    """(applied, patched names, kohya state dict, text): which merged layers the viewed model can take, and the
     state dict that patches them; refuses merges that fit nowhere, name one weight twice, or would overflow."""
-    view = ModelView(model, clip)
+    model, clip = view.model, view.clip
     misfits = _misfits(merged, view)
     applied = merged.without(misfits) if misfits else merged
     unknown = [name for name in applied.layers if not in_model(name, view.key_map, view.weights)]
@@ -139,47 +139,14 @@ def _verdict(model, clip, merged: MergedLora):
     if not patched and not any(in_model(name, view.key_map, view.weights) for name in runtime):
         example = next(iter(misfits.items()), None)
         raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: none of the merged layers fits this "
-                           f"{model_class(model)} model" + (f" (e.g. {example[0]}: {example[1]})" if example else "")
+                           f"{view.family} model" + (f" (e.g. {example[0]}: {example[1]})" if example else "")
                            + "; are the LoRAs for another base model?")
     _shared_targets(patched, view.key_map)
     _overflows(model, applied, view, patched)
     _runtime_overflows(model, merged, view)
     # each layer as merged (float32 where float16 would overflow); the layers not in this model are left out
     state_dict = to_kohya_state_dict({name: applied.layers[name] for name in patched}, dtype=None)
-    return applied, patched, state_dict, _verdict_text(patched, misfits, unknown, clip), view
-
-
-# The last verdict: a re-run where only the prompt or the seed changed reuses it and costs what ComfyUI's own
-# patching costs. Valid for the same merge, model and CLIP objects (held weakly), and keyed by what else decides
-# it: the weights' dtypes and devices, the compute dtype of LoRA patches, the patches already on MODEL / CLIP.
-VERDICTS: BoundedCache = BoundedCache(1, "weights' dtypes and devices, LoRA compute dtype, incoming patches")
-
-
-def _verdict_key(model, clip) -> tuple:
-    compute = getattr(comfy.model_management, "lora_compute_dtype", None)
-    modules = [model.model] + ([clip.cond_stage_model] if clip is not None else [])
-    return (tuple(frozenset((p.dtype, p.device) for p in module.parameters()) for module in modules),
-            compute(model.load_device) if compute else None, model.patches_uuid,
-            clip.patcher.patches_uuid if clip is not None else None)
-
-
-def apply_merged(model, clip, merged: MergedLora):
-    """Patch MODEL/CLIP with the merged LoRA through ComfyUI's key map and patcher, and inject its runtime part.
-
-    Returns (model, clip, the merged LoRA as applied, text): layers whose shape does not fit the model are
-    left out of the patch and of the returned LoRA (so a saved file holds only what was applied here), and
-    listed with their file; layers the model does not have stay in the LoRA and are counted as not applied.
-    """
-    objects = (merged, model.model, clip.cond_stage_model if clip is not None else None)
-    verdict, _ = VERDICTS.get_or_make(_verdict_key(model, clip), lambda: _verdict(model, clip, merged), objects)
-    applied, patched, state_dict, text, view = verdict
-    model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
-    if merged.runtime is not None:
-        model_out, injected, runtime_text = apply_runtime(model_out, merged, view)
-        if not injected and not patched:
-            raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: {runtime_text}")
-        text += f"; {runtime_text}"
-    return model_out, clip_out, applied, text
+    return applied, patched, state_dict, _verdict_text(patched, misfits, unknown, clip)
 
 
 def apply_runtime(model, merged: MergedLora, view: ModelView) -> tuple[object, list[str], str]:

@@ -8,7 +8,7 @@ import folder_paths
 
 from ...hypernet import methods
 from ...hypernet.files import file_sha256
-from ...hypernet.merge import STRENGTH_LIMIT
+from ...hypernet.result import STRENGTH_LIMIT
 
 CATEGORY = "LoRA.rar"
 HYPERNET_TYPE = "LORARAR_HYPERNET"

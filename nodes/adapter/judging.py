@@ -10,9 +10,11 @@ import comfy.model_management
 import comfy.utils
 import torch
 
-from ...hypernet import evaluation
 from ...hypernet.errors import LoraRarError
-from ...hypernet.evaluation import ChatCompletionsJudge, JudgeCancelled
+from ...hypernet.evaluation.judge import ChatCompletionsJudge, JudgeCancelled
+from ...hypernet.evaluation.pictures import annotate, grid
+from ...hypernet.evaluation.protocol import judge_image, mean_cosine, question_count, resize_long_side, score
+from ...hypernet.evaluation.ranking import format_ranking, parse_labels, rank, ranking_rows
 from .sampling import to_image, to_pil
 
 
@@ -33,15 +35,15 @@ def clip_i(clip_vision, generated: torch.Tensor, *reference_sets: torch.Tensor) 
         return clip_vision.encode_image(images)["image_embeds"]
 
     embeds = embed(generated)
-    return [evaluation.mean_cosine(embeds, embed(references)).tolist() for references in reference_sets]
+    return [mean_cosine(embeds, embed(references)).tolist() for references in reference_sets]
 
 
 def _ask_all(judge, generated, subject_refs, style_refs, style_name) -> list:
-    bar = comfy.utils.ProgressBar(evaluation.question_count(len(generated), len(subject_refs), len(style_refs)))
+    bar = comfy.utils.ProgressBar(question_count(len(generated), len(subject_refs), len(style_refs)))
     try:
-        return [evaluation.judge_image(judge, f"#{index}", picture, subject_refs, style_refs, style_name,
-                                     before_question=comfy.model_management.throw_exception_if_processing_interrupted,
-                                     after_question=lambda: bar.update(1))
+        return [judge_image(judge, f"#{index}", picture, subject_refs, style_refs, style_name,
+                            before_question=comfy.model_management.throw_exception_if_processing_interrupted,
+                            after_question=lambda: bar.update(1))
                 for index, picture in enumerate(generated)]
     except JudgeCancelled:
         pass  # outside the except block: ComfyUI's interrupt exception should not chain to ours
@@ -57,15 +59,15 @@ def evaluate_images(images, subject_references, style_references, style_name: st
     # Cancel is polled during each request and each wait between retries, not only between questions
     judge = ChatCompletionsJudge(settings.url, settings.model, settings.api_key_env, timeout=settings.timeout_s,
                                  retries=settings.retries, cancelled=comfy.model_management.processing_interrupted)
-    names = evaluation.parse_labels(labels, len(images)) if labels is not None else None  # before any question
-    generated = [evaluation.resize_long_side(p) for p in to_pil(images)]
-    subject_refs = [evaluation.resize_long_side(p) for p in to_pil(subject_references)]
-    style_refs = [evaluation.resize_long_side(p) for p in to_pil(style_references)]
+    names = parse_labels(labels, len(images)) if labels is not None else None  # before any question
+    generated = [resize_long_side(p) for p in to_pil(images)]
+    subject_refs = [resize_long_side(p) for p in to_pil(subject_references)]
+    style_refs = [resize_long_side(p) for p in to_pil(style_references)]
     results = _ask_all(judge, generated, subject_refs, style_refs, style_name.strip())
     if clip_vision is not None:
         for result, subject_sim, style_sim in zip(results, *clip_i(clip_vision, images, subject_references, style_references)):
             result.clip_i_subject, result.clip_i_style = subject_sim, style_sim
-    total = evaluation.score("batch", results)
+    total = score("batch", results)
     table = {
         "judge": {"endpoint": judge.endpoint, "model": judge.model},
         "style_name": style_name.strip(),
@@ -74,15 +76,15 @@ def evaluate_images(images, subject_references, style_references, style_name: st
         "unparsed": total.unparsed, "clip_i_subject": total.clip_i_subject, "clip_i_style": total.clip_i_style,
         "images": [{"index": i, **r.as_dict()} for i, r in enumerate(results)],
     }
-    ranked = evaluation.rank(names or [f"#{i}" for i in range(len(results))], results)
+    ranked = rank(names or [f"#{i}" for i in range(len(results))], results)
     if names is not None:
-        table["ranking"] = evaluation.ranking_rows(ranked)
+        table["ranking"] = ranking_rows(ranked)
         for row, name in zip(table["images"], names):
             row["label"] = name
-    picture = evaluation.grid([evaluation.annotate(p, r) for p, r in zip(generated, results)])
+    picture = grid([annotate(p, r) for p, r in zip(generated, results)])
     summary = (f"subject {100 * total.subject:.0f}%, style {100 * total.style:.0f}%, both {100 * total.both:.0f}% "
                f"of {total.images} images" + (f"; {total.unparsed} unparsed answers" if total.unparsed else ""))
-    ranking = evaluation.format_ranking(ranked)
+    ranking = format_ranking(ranked)
     return {"ui": {"text": [summary] + ([ranking] if names is not None else [])},
             "result": (total.subject, total.style, total.both, json.dumps(table, indent=1), to_image(picture),
                        ranking)}

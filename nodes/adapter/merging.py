@@ -1,23 +1,37 @@
-"""The merge as the nodes run it: two LoRA files read through the model's key map, merged by a registered
-method (hypernet/merge.py), cached by content, and applied to MODEL / CLIP with its report."""
+"""What the merge node and the compare node run.
+
+The merge: two LoRA files read through the model's key map, merged by a registered method (hypernet/merge.py),
+cached by content, and applied to MODEL / CLIP with its report (``merge_for_model``).
+
+Compare: one subject LoRA, one style LoRA, one seed, one prompt through every merge method -> a labelled grid
+(``compare``). Each column is merged by the merge node's own function above (so what is compared is what the
+merge node gives), its prompt encoded with that column's CLIP (a merge's text-encoder layers change the
+conditioning), or the connected conditioning used as it is (models whose text encoders are not loaded as a CLIP),
+sampled with ComfyUI's own sampler and decoded with the VAE. The columns and the grid come from
+hypernet/comparison.py.
+"""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import comfy.model_management
 import comfy.utils
+import torch
 
-from ...hypernet import methods
+from ...hypernet import comparison, methods
 from ...hypernet.cache import BoundedCache
 from ...hypernet.checkpoints import load_manifest
-from ...hypernet.errors import unforeseen_as_error
+from ...hypernet.comparison import Column
+from ...hypernet.errors import LoraRarError, unforeseen_as_error
 from ...hypernet.files import file_sha256
-from ...hypernet.merge import MergedLora, Strengths, merge_loras
-from .fit import apply_merged
-from .model import lora_path
-from .model import ModelView, model_class, model_signature
+from ...hypernet.merge import merge_loras
+from ...hypernet.result import MergedLora, Strengths
+from .inputs import merge_nodes_run, params_for
+from .model import ModelView, apply_merged, lora_path, model_class, model_layout, model_signature
 from .roles import attention_roles, unknown_attention_classes
+from .sampling import encode_text, sample_and_decode, throw_if_cancelled, to_image, to_pil
 
 # The last merge, keyed by the inputs' content: re-running a graph where only the prompt or the sampler changed
 # reuses it. One entry, so ComfyUI's own cache settings still bound what stays in memory.
@@ -87,3 +101,129 @@ def merge_for_model(model, clip, hypernet, request: MergeRequest) -> tuple:
     trained = f"hypernet {net.describe(name)}" if net is not None and net.training_metadata else ""
     return (model_out, clip_out, applied,
             "\n".join(filter(None, [applied.report.to_text(), applied_text, *notes, trained])))
+
+
+# ---- Compare: every method's merge of one pair, sampled with one seed -----------------------------------------
+
+GIVEN_CONDITIONING_NOTE = ("conditioning: the connected positive/negative conditioning, the same for every column "
+                           "(a merge's text-encoder layers cannot change it)")
+ENCODED_NOTE = "conditioning: the prompts, encoded per column with that column's CLIP"
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """The stock KSampler's settings, the same for every column."""
+
+    latent_image: dict
+    seed: int
+    steps: int
+    cfg: float
+    sampler_name: str
+    scheduler: str
+    denoise: float
+
+
+def _column_model(column: str, model, clip, hypernet, subject_lora, style_lora, layer_policy, given) -> tuple:
+    """(model, clip, merge report) of one column; LoraRarError when this column cannot run on these inputs."""
+    if column == comparison.NO_LORA:
+        return model, clip, ""
+    method, strengths = column, Strengths()
+    if column in (comparison.SUBJECT_ONLY, comparison.STYLE_ONLY):
+        # one LoRA alone: the other at strength 0, read and patched exactly as the methods' merges are
+        method = comparison.ALONE_METHOD
+        strengths = Strengths(1.0, 0.0, 1.0, 0.0) if column == comparison.SUBJECT_ONLY else Strengths(0.0, 1.0, 0.0, 1.0)
+    elif methods.get(column).needs_hypernet and hypernet is None:
+        if model_layout(model) is None:  # a DiT: no published hypernet, so the loader would not help either
+            raise LoraRarError(f"{column} needs a hypernet trained for {model_class(model)} models (none is published; "
+                               "README: 'Other model families')")
+        raise LoraRarError(f"{column} needs a hypernet: connect the LoRA.rar Hypernet Loader")
+    request = MergeRequest(subject_lora, style_lora, method, layer_policy, strengths, params_for(method, given))
+    patched_model, patched_clip, _, report = merge_for_model(model, clip, hypernet, request)
+    return patched_model, patched_clip, report
+
+
+def _same_weights(clip):
+    """An encoding entry's match for ``clip``: ComfyUI's own test (same model, same patches, hooks and wrappers)."""
+    return lambda key, objects: objects[0] is not None and objects[0].clone_has_same_weights(clip.patcher)
+
+
+# The prompts' conditioning per text encoder: a column whose CLIP has the same weights as one encoded before reuses
+# that encoding (the LoRAs without text-encoder layers, the baselines, the previous run while the same CLIP stays
+# connected); every other column encodes with its own patched CLIP. A few entries, holding the CLIPs weakly.
+ENCODINGS: BoundedCache = BoundedCache(4, "prompts, CLIP layer and tokenizer options; CLIP patcher by same weights")
+
+
+def encode_prompts(clip, positive: str, negative: str, connected=None) -> tuple:
+    """(positive, negative) conditioning of ``clip``; ``connected``: the node's CLIP input, which outlives the
+    columns' clones, so an encoding stored under it is found again by the next column and the next run."""
+    if connected is not None and connected.patcher.clone_has_same_weights(clip.patcher):
+        clip = connected
+    texts = (positive, negative, getattr(clip, "layer_idx", None), repr(getattr(clip, "tokenizer_options", None)))
+    same = _same_weights(clip)
+    found = ENCODINGS.find(lambda key, objects: key[0] == texts and same(key, objects))
+    if found is not None:
+        return found
+    encoded = encode_text(clip, positive)
+    conditioning = (encoded, encoded if negative == positive else encode_text(clip, negative))
+    return ENCODINGS.put((texts, id(clip.patcher)), conditioning, (clip.patcher,))
+
+
+def conditioning_source(clip, positive_conditioning, negative_conditioning) -> str:
+    """The report's line on where the conditioning comes from; a one-line LoraRarError when the inputs cannot say."""
+    if (positive_conditioning is None) != (negative_conditioning is None):
+        given, missing = (("positive", "negative") if negative_conditioning is None else ("negative", "positive"))
+        raise LoraRarError(f"compare: {given}_conditioning is connected but {missing}_conditioning is not: connect "
+                           "both (used instead of the prompts) or neither (the prompts are encoded with the CLIP)")
+    if positive_conditioning is not None:
+        return GIVEN_CONDITIONING_NOTE
+    if clip is None:
+        raise LoraRarError("compare: connect a CLIP to encode the prompts, or connect positive_conditioning and "
+                           "negative_conditioning (models whose text encoders are not loaded as a CLIP)")
+    return ENCODED_NOTE
+
+
+def _params_of(column: str, given: dict) -> dict[str, float]:
+    """The parameters a method column runs with (its defaults unless set on the node); none for a baseline, or for
+    a method this node cannot run (its column says why)."""
+    if column in comparison.BASELINES or not merge_nodes_run(methods.get(column)):
+        return {}
+    return methods.resolve_params(methods.get(column), params_for(column, given))
+
+
+def compare(model, vae, clip, hypernet, subject_lora: str, style_lora: str, prompts: tuple[str, str],
+            given_conditioning: tuple | None, sampling: Sampling, selection: str, layer_policy: str,
+            method_params: dict) -> tuple:
+    """(grid IMAGE, images IMAGE, labels, report) of every selected column; ``given_conditioning``:
+    (positive, negative) CONDITIONING used for every column instead of encoding ``prompts``."""
+    source = conditioning_source(clip, *(given_conditioning or (None, None)))
+    columns = [Column(name, _params_of(name, method_params)) for name in comparison.select_columns(selection)]
+    bar = comfy.utils.ProgressBar(len(columns))
+    reports, images = [], []
+    for done, column in enumerate(columns):
+        throw_if_cancelled()
+        started = time.perf_counter()
+        try:
+            column_model, column_clip, report = _column_model(column.name, model, clip, hypernet, subject_lora,
+                                                              style_lora, layer_policy, method_params)
+        except LoraRarError as error:
+            column.failure = str(error)
+            reports.append(f"{column.label}: did not run: {error}")
+        else:
+            conditioning = given_conditioning or encode_prompts(column_clip, *prompts, clip)
+            sampled = sample_and_decode(column_model, vae, conditioning, sampling.latent_image, sampling.seed,
+                                        sampling.steps, sampling.cfg, sampling.sampler_name, sampling.scheduler,
+                                        sampling.denoise)
+            images.append(sampled)
+            column.images = to_pil(sampled)
+            reports.append(f"{column.label}: {len(column.images)} image(s) in {time.perf_counter() - started:.1f} s"
+                           + ("\n  " + report.replace("\n", "\n  ") if report else ""))
+        bar.update_absolute(done + 1, len(columns))
+    if not images:
+        raise LoraRarError("compare: no method could run on these inputs: "
+                           + "; ".join(f"{c.label}: {c.failure}" for c in columns))
+    grid = to_image(comparison.comparison_grid(columns, f"{subject_lora} + {style_lora}, seed {sampling.seed}"))
+    header = (f"LoRA.rar compare: {subject_lora} + {style_lora}; seed {sampling.seed}, {sampling.steps} steps, cfg "
+              f"{sampling.cfg:g}, {sampling.sampler_name}/{sampling.scheduler}, denoise {sampling.denoise:g}, "
+              f"layer policy {layer_policy}; {source}")
+    # the columns share the latent, so their size
+    return (grid, torch.cat(images, dim=0), "\n".join(comparison.labels_for_images(columns)), "\n".join([header, *reports]))

@@ -1,19 +1,30 @@
 """What the pack reads from a loaded ComfyUI MODEL / CLIP: its family and layout, ComfyUI's LoRA key map, its
 weights and layer shapes, and LoRA files read through that key map (one reader for the merge, ZipLoRA and
-training). The key map itself is ComfyUI's (comfy.lora.model_lora_keys_unet / _clip): never a copy of ours.
+training); and a merged LoRA applied to it (``apply_merged``: fit.py's verdict on this view, then ComfyUI's own
+LoRA patching and the runtime part). The key map itself is ComfyUI's (comfy.lora.model_lora_keys_unet / _clip):
+never a copy of ours.
 """
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import comfy.lora
 import comfy.lora_convert
+import comfy.model_management
+import comfy.sd
 import folder_paths
 
 from ...hypernet.base_models import UNetLayout
+from ...hypernet.cache import BoundedCache
 from ...hypernet.errors import LoraRarError, unforeseen_as_error
 from ...hypernet.files import file_sha256, read_state_dict
-from ...hypernet.lora_io import LoraFile, LowRankLayer
+from ...hypernet.layers import LoraFile, LowRankLayer
 from ...hypernet.model_keys import canonical_names, lora_for_model
+from .fit import apply_runtime, verdict
+
+if TYPE_CHECKING:
+    from ...hypernet.result import MergedLora
 
 _UNET = "diffusion_model."
 
@@ -124,3 +135,42 @@ def refuse_unsupported(lora: LoraFile, paths: dict[str, str], what: str) -> None
         raise LoraRarError(f"{what}: {lora.path} has {len(unsupported)} diffusion-model layers the optimisation "
                            f"cannot run (e.g. {name}: {kind}); it optimises plain LoRA layers (linear or 1x1 conv) "
                            "only: use the merge node for this file")
+
+
+# The last verdict: a re-run where only the prompt or the seed changed reuses it and costs what ComfyUI's own
+# patching costs. Valid for the same merge, model and CLIP objects (held weakly), and keyed by what else decides
+# it: the weights' dtypes and devices, the compute dtype of LoRA patches, the patches already on MODEL / CLIP.
+VERDICTS: BoundedCache = BoundedCache(1, "weights' dtypes and devices, LoRA compute dtype, incoming patches")
+
+
+def _verdict_key(model, clip) -> tuple:
+    compute = getattr(comfy.model_management, "lora_compute_dtype", None)
+    modules = [model.model] + ([clip.cond_stage_model] if clip is not None else [])
+    return (tuple(frozenset((p.dtype, p.device) for p in module.parameters()) for module in modules),
+            compute(model.load_device) if compute else None, model.patches_uuid,
+            clip.patcher.patches_uuid if clip is not None else None)
+
+
+def _viewed_verdict(model, clip, merged: MergedLora) -> tuple:
+    """fit.py's verdict on a fresh view of MODEL / CLIP, and the view (the runtime part is injected through it)."""
+    view = ModelView(model, clip)
+    return (*verdict(view, merged), view)
+
+
+def apply_merged(model, clip, merged: MergedLora):
+    """Patch MODEL/CLIP with the merged LoRA through ComfyUI's key map and patcher, and inject its runtime part.
+
+    Returns (model, clip, the merged LoRA as applied, text): layers whose shape does not fit the model are
+    left out of the patch and of the returned LoRA (so a saved file holds only what was applied here), and
+    listed with their file; layers the model does not have stay in the LoRA and are counted as not applied.
+    """
+    objects = (merged, model.model, clip.cond_stage_model if clip is not None else None)
+    found, _ = VERDICTS.get_or_make(_verdict_key(model, clip), lambda: _viewed_verdict(model, clip, merged), objects)
+    applied, patched, state_dict, text, view = found
+    model_out, clip_out = comfy.sd.load_lora_for_models(model, clip, state_dict, 1.0, 1.0)
+    if merged.runtime is not None:
+        model_out, injected, runtime_text = apply_runtime(model_out, merged, view)
+        if not injected and not patched:
+            raise LoraRarError(f"{merged.report.subject} + {merged.report.style}: {runtime_text}")
+        text += f"; {runtime_text}"
+    return model_out, clip_out, applied, text

@@ -11,7 +11,7 @@ import folder_paths
 import numpy
 import torch
 
-from ... import hypernet as hypernet_pkg
+from ...hypernet import __version__
 from ...hypernet.coefficients import coefficient_picture, overall, summarize, summary_lines
 from ...hypernet.errors import LoraRarError, LoraRarFileExists
 from ...hypernet.files import check_name_characters, check_target
@@ -54,7 +54,7 @@ def save_merged(merged_lora, file_name: str, dtype: str, if_exists: str) -> str:
     if if_exists == "add number":  # the longest numbered name must fit too, not only the first one
         check_target(_numbered(path, 99_999))
     state_dict = merged_lora.kohya_state_dict(SAVE_DTYPES[dtype])
-    metadata = merged_lora.metadata(hypernet_pkg.__version__)
+    metadata = merged_lora.metadata(__version__)
     candidates = [path] if if_exists != "add number" else [path, *(_numbered(path, n) for n in range(1, 100_000))]
     for candidate in candidates:
         if if_exists == "add number" and os.path.lexists(candidate):  # a file, folder or link: next number

@@ -27,7 +27,7 @@ from ...hypernet.checkpoints import ResolvedHypernet
 from ...hypernet.errors import LoraRarError, unforeseen_as_error
 from ...hypernet.files import atomic_file, refuse_replacing
 from ...hypernet.keys import attention_role
-from ...hypernet.lora_io import LowRankLayer
+from ...hypernet.layers import LowRankLayer
 from ...hypernet.methods.lorarar import HYPERNET_ROLES
 from ...hypernet.model import LoraRarHypernet
 from ...hypernet.training import distributed

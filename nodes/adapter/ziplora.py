@@ -5,7 +5,7 @@ The objective, the factored branch and the conversion to a merged LoRA are hyper
 on the model through the one injector (branch.py). This module prepares the data (images VAE-encoded, prompts
 CLIP-encoded), runs the optimisation (hypernet.ziplora.optimise) through ComfyUI's model (calibration.py) with
 ComfyUI's progress bar and Cancel, caches the result by its inputs, and applies it through the merge's own patching
-(fit.py), so its outputs are those of every other merge. Its settings' defaults are the registered method's
+(model.py's apply_merged, fit.py's verdict), so its outputs are those of every other merge. Its settings' defaults are the registered method's
 parameters (hypernet/methods/zip_lora.py).
 """
 
@@ -22,11 +22,10 @@ from ...hypernet.cache import BoundedCache
 from ...hypernet.errors import LoraRarError
 from ...hypernet.files import file_sha256
 from ...hypernet.loss_curve import loss_curve
-from ...hypernet.merge import MergedLora
+from ...hypernet.result import MergedLora
 from ...hypernet.ziplora import ZipLoraMerge, optimise, to_merged_lora
 from .calibration import ReferenceCalibration
-from .fit import apply_merged
-from .model import ModelView, diffusion_layers, lora_path, refuse_unsupported
+from .model import ModelView, apply_merged, diffusion_layers, lora_path, refuse_unsupported
 from .sampling import check_images, encode_images, encode_text, throw_if_cancelled, to_image, trainable
 # The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
 # latent pixels; 64 px (8 x 8 latents) is the smallest this pack tests, and smaller references teach nothing anyway.

@@ -13,9 +13,9 @@ pytestmark = pytest.mark.host
 
 
 def _comparing(comfy_host):
-    """nodes/adapter/comparing.py as ComfyUI loaded the pack."""
+    """nodes/adapter/merging.py (which runs the compare node) as ComfyUI loaded the pack."""
     nodes, _, _ = comfy_host
-    return pack_module(nodes, "nodes.adapter.comparing")
+    return pack_module(nodes, "nodes.adapter.merging")
 
 
 def test_when_no_column_can_run_the_node_fails_naming_each_reason(comfy_host, synthetic_model, layout):

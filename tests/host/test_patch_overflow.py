@@ -96,7 +96,7 @@ def test_a_rerun_reuses_the_patch_check_but_another_model_is_checked_again(comfy
 
     nodes, _, loras = comfy_host
     model, _ = synthetic_model
-    verdicts = pack_module(nodes, "nodes.adapter.fit").VERDICTS
+    verdicts = pack_module(nodes, "nodes.adapter.model").VERDICTS
     made = verdicts.made
     write_lora(loras / "rerun_subject.safetensors", random_lora(layout, rank=4, seed=95))
     style = random_lora(layout, rank=4, seed=96)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from hypernet.errors import LoraRarError
-from hypernet.keys import _OTHER_KINDS, FACTOR_SUFFIXES, split_key
+from hypernet.names import _OTHER_KINDS, FACTOR_SUFFIXES, split_key
 from hypernet.lora_io import LowRankLayer, lora_from_tensors
 
 pytestmark = pytest.mark.host

@@ -161,7 +161,7 @@ def test_zip_lora_is_registered_with_the_parameters_the_ziplora_node_shows():
     assert method.params == (STEPS, LEARNING_RATE, SIMILARITY_LAMBDA, STOP_SIMILARITY)
     assert methods.resolve_params(method, {}) == {"steps": 100.0, "learning_rate": 0.01, "similarity_lambda": 0.01,
                                                   "stop_similarity": 0.001}
-    assert DEFAULT_LAMBDA == SIMILARITY_LAMBDA.default  # the core's default is the method's
+    assert DEFAULT_LAMBDA == SIMILARITY_LAMBDA.default  # the method's default is the core's
 
 
 @pytest.mark.parametrize("calibration", [None, ToyCalibration(references=False)])

@@ -6,7 +6,8 @@ import torch
 from hypernet.base_models import KOALA_700M, SDXL
 from hypernet.keys import attention_role, sgm_to_canonical
 from hypernet.lora_io import read_lora
-from hypernet.merge import Strengths, lorarar_coefficients, merge_loras
+from hypernet.merge import Strengths, merge_loras
+from hypernet.methods.lorarar import lorarar_coefficients
 from hypernet.model import LoraRarHypernet
 from devkit.dense_rule import dense_rule, dense_update
 from devkit.loras import random_lora, write_lora

@@ -11,7 +11,8 @@ from torch.utils._pytree import tree_flatten
 
 from hypernet.base_models import SDXL
 from hypernet.lora_io import read_lora
-from hypernet.merge import lorarar_coefficients, lorarar_coefficients_batched, merge_loras, merge_many
+from hypernet.merge import merge_loras, merge_many
+from hypernet.methods.lorarar import lorarar_coefficients, lorarar_coefficients_batched
 from hypernet.model import LoraRarHypernet
 from devkit.loras import random_lora, write_lora
 from devkit.weights import hypernet_file

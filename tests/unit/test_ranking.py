@@ -3,7 +3,7 @@
 import pytest
 
 from hypernet.errors import LoraRarError
-from hypernet.evaluation import format_ranking, parse_labels, rank, ranking_rows
+from hypernet.evaluation.ranking import format_ranking, parse_labels, rank, ranking_rows
 from hypernet.evaluation.protocol import ImageResult, Vote
 
 
