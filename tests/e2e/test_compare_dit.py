@@ -18,18 +18,37 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import torch
+
 from devkit import synthetic_dit
 from devkit.comfy_server import ComfyServer
 from devkit.dit_loras import FORMATS_BY_HOST, random_dit_lora, write_lora
 from devkit.synthetic_dit import ALL_FAMILIES, FLUX, host_lacks, vae_lacks
+from hypernet import comparison, methods
+from hypernet.methods import MergeContext
 from tests.conftest import host_version
 from tests.support.families import lora_modules
 
 pytestmark = pytest.mark.e2e
 
-RUNS = ["no LoRA", "subject only", "style only", "direct", "np-lora", "k-lora", "k-lora-linear"]
-REFUSES = ["lorarar", "b-lora"]  # no hypernet / no published block split for the family: tiles naming the family
-NEEDS_REFERENCES = ["zip-lora"]  # a data-driven method: its tile says what the compare node cannot give it
+def columns_by_kind(family: str) -> tuple[list[str], list[str], list[str]]:
+    """(runs, refuses, needs_references): the compare node's columns on the family's tiny DiT, from the registered
+    methods' own declarations, so a new method is a column here without naming it. Runs: the baselines and every
+    method that merges these LoRA files alone. Refuses (a tile naming the family): a method needing a hypernet (none
+    is published for a DiT) or one that says the family is unsupported (b-lora: no published block split). Needs
+    references: a data-driven method the compare node cannot give reference images (zip-lora)."""
+    ctx = MergeContext(None, torch.device("cpu"), family=ALL_FAMILIES[family].model_class)
+    runs, refuses, needs_references = list(comparison.BASELINES), [], []
+    for method in methods.all_methods():
+        if method.needs_references:
+            needs_references.append(method.name)
+        elif method.needs_hypernet or method.unsupported(ctx):
+            refuses.append(method.name)
+        else:
+            runs.append(method.name)
+    return runs, refuses, needs_references
+
+
 COMPARED = ("sd35", "flux", "flux2", "zimage", "qwen_image", "wan21")
 VIDEO = ("wan21", "wan22")
 # Pixels per side: SD3.5 and Flux keep 128 (a 16 x 16 latent); the others run at 64, the least their latent nodes
@@ -220,12 +239,16 @@ def test_every_column_runs_or_is_a_tile_naming_the_family(compared):
     header, *lines = report.splitlines()
     assert "conditioning: the connected positive/negative conditioning" in header
     columns = {column_name(line.split(":")[0]): line for line in lines if not line.startswith(" ")}
-    assert sorted(columns) == sorted(RUNS + REFUSES + NEEDS_REFERENCES), report
-    for name in RUNS:  # K-LoRA included: the attention roles come from the model's own modules
+    runs, refuses, needs_references = columns_by_kind(family)
+    assert sorted(columns) == sorted(runs + refuses + needs_references), report
+    # the published methods keep their kinds on every DiT
+    assert {"direct", "np-lora", "k-lora", "k-lora-linear"} <= set(runs) and {"lorarar", "b-lora"} <= set(refuses)
+    assert "zip-lora" in needs_references
+    for name in runs:  # K-LoRA included: the attention roles come from the model's own modules
         assert "did not run" not in columns[name], report
-    for name in REFUSES:  # "SD3" / "Flux" / "ZImage" ...: the wording is the methods' own
+    for name in refuses:  # "SD3" / "Flux" / "ZImage" ...: the wording is the methods' own
         assert "did not run" in columns[name] and ALL_FAMILIES[family].model_class in columns[name], columns[name]
-    for name in NEEDS_REFERENCES:
+    for name in needs_references:
         assert "did not run" in columns[name] and "needs reference images and prompts" in columns[name], columns[name]
 
 
@@ -234,9 +257,10 @@ def test_the_columns_images_are_finite_and_differ_where_the_loras_do(dit_server,
     assert "invalid value encountered" not in dit_server.log_text()  # numpy's warning when SaveImage casts a NaN
     images = images_of(dit_server, entry, "8")
     size = size_of(family)
-    assert len(images) == len(RUNS) and all(image.shape == (size, size, 3) for image in images)
-    by_column = dict(zip(RUNS, images))
-    for name in RUNS[1:]:  # every LoRA column against no LoRA, and the two LoRAs against each other
+    runs = columns_by_kind(family)[0]
+    assert len(images) == len(runs) and all(image.shape == (size, size, 3) for image in images)
+    by_column = dict(zip(runs, images))
+    for name in runs[1:]:  # every LoRA column against no LoRA, and the two LoRAs against each other
         assert not np.array_equal(by_column[name], by_column["no LoRA"]), name
     assert not np.array_equal(by_column["subject only"], by_column["style only"])
     assert not np.array_equal(by_column["subject only"], by_column["direct"])
