@@ -95,7 +95,7 @@ def _check_out(args: argparse.Namespace) -> dict[str, str]:
 def run_merge(args: argparse.Namespace) -> int:
     rule = methods.get(args.method)
     if rule.sampling_time:  # before any other check: no --out or input could make it work
-        raise LoraRarError(f"{rule.name} chooses per step at sampling time; it cannot be saved as one LoRA file; "
+        raise LoraRarError(f"{rule.name} {rule.unsavable}; it cannot be saved as one LoRA file; "  # the save node's words
                            "use it in ComfyUI through the merge node's MODEL output, or choose another --method")
     if args.base == any_family.ANY:  # before --out and the inputs, like the check above
         any_family.refuse_method(rule)

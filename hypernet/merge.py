@@ -216,7 +216,7 @@ def _result(subject: LoraFile, style: LoraFile, hypernet, rule: MergeMethod, pol
         sources["hypernet"] = hypernet.sha256
     return MergedLora(layers=layers, report=report, sources=sources, strengths=strengths,
                       source_paths=source_paths(subject, style, hypernet if rule.needs_hypernet else None),
-                      coefficients=coefficients, runtime=runtime)
+                      coefficients=coefficients, runtime=runtime, unsavable=rule.unsavable)
 
 
 def _check_same_shape(name: str, s_layer, t_layer, subject: LoraFile, style: LoraFile) -> None:

@@ -152,12 +152,15 @@ class MergedLora:
     # what the method adds in the layers' forwards while the model runs (k-lora: the side chosen per sampling step);
     # ``layers`` holds the static rest
     runtime: RuntimePart | None = None
+    # why no file holds the runtime part, after the method's name: its method's ``unsavable`` (the merge passes it in,
+    # the CLI reads the same attribute before merging)
+    unsavable: str = "has a part chosen while the model runs"
 
     def check_savable(self) -> None:
-        """Refuse to write a merge with a runtime part as a file: no single LoRA holds it."""
-        if self.runtime is not None and self.runtime.unsavable:
+        """Refuse to write a merge with a runtime part as a file: no single LoRA holds it (the method says why)."""
+        if self.runtime is not None:
             raise LoraRarError(
-                f"{self.report.method} {self.runtime.unsavable}; it cannot be saved as one LoRA file; "
+                f"{self.report.method} {self.unsavable}; it cannot be saved as one LoRA file; "
                 "use the merge node's MODEL output, or save a merge made with another method")
     # layer -> (d_in, 2) float32 CPU subject/style column coefficients, for methods that predict them (lorarar)
     coefficients: dict[str, torch.Tensor] = field(default_factory=dict)

@@ -55,9 +55,7 @@ class RuntimePart:
     """The runtime part of a merge result (cached and shared): subclasses set ``method`` and implement
     :meth:`updates`, :meth:`branch` and :meth:`summary`."""
 
-    method: str = ""
-    # why no LoRA file can hold it, after the method's name (shown when a user saves the merge); empty: savable
-    unsavable: str = "chooses per step at sampling time"
+    method: str = ""  # no LoRA file holds it: saving one is refused with its method's ``unsavable`` reason
 
     def layer_names(self) -> list[str]:
         raise NotImplementedError

@@ -117,6 +117,9 @@ class MergeMethod:
     params: tuple[Param, ...] = ()
     needs_hypernet: bool = False
     sampling_time: bool = False  # the result is chosen per sampling step (K-LoRA): no single LoRA file holds it
+    # why no LoRA file holds a merge with a runtime part, after the method's name: the one wording the save node,
+    # MergedLora's writers and the CLI refuse it with (K-LoRA: "chooses per step at sampling time")
+    unsavable: str = "is chosen while the model samples"
     needs_roles: bool = False  # the rule is for attention projections: a merge where it covers no layer is refused
     # data-driven: the method runs the model before it merges (:meth:`calibrate`, through ``ctx.calibration``); a merge
     # without a calibration is refused. needs_references: on each side's reference images and prompts (ZipLoRA), which

@@ -177,6 +177,7 @@ class KLoraMethod(MergeMethod):
     params = (Param("alpha", 1.5, 0.01, 10.0, "time-scaling slope: S(p) = (alpha * p + beta) mod alpha"),
               Param("beta", 1.275, 0.0, 10.0, "time-scaling offset (the published s* default 1.275)"))
     sampling_time = True
+    unsavable = "chooses per step at sampling time"
     needs_roles = True
 
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str | None:

@@ -15,6 +15,7 @@ from hypernet.lora_io import read_lora
 from hypernet.lowrank import weighted_sum
 from hypernet.merge import merge_loras
 from hypernet.methods import Claim, MergedLayer, MergeMethod, Param
+from hypernet.runtime import RuntimePart
 
 REPO = Path(__file__).resolve().parents[2]
 MODULES = ["input_blocks.4.1.transformer_blocks.0.attn1.to_q", "input_blocks.4.1.transformer_blocks.0.attn1.to_k"]
@@ -171,6 +172,44 @@ def test_the_cli_refuses_what_the_node_refuses_whatever_the_method(tmp_path):
     assert result.returncode == 2 and not (tmp_path / "m.safetensors").exists()
     assert "sd15_a.safetensors: cross-attention reads a 768-wide text context" in result.stderr
     assert "another base model" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+class SwitchedToy(MergeMethod):
+    """A toy sampling-time method with its own reason no file holds its merges, and a runtime part carrying it."""
+
+    name = "toy-switch"
+    help = "the subject, then the style, per sampling step"
+    since, position = __version__, next_position()
+    sampling_time = True
+    unsavable = "swaps the LoRAs while the model samples"
+
+    def claim(self, name, subject, style, ctx):
+        return Claim("switched") if subject is not None and style is not None else None
+
+    def merge(self, job, ctx):
+        return MergedLayer(None, runtime=job.subject)
+
+    def finish(self, runtime, params):
+        class Part(RuntimePart):
+            method = self.name
+        return Part() if runtime else None
+
+
+def test_a_sampling_time_method_is_refused_as_a_file_with_its_own_reason(pair, tmp_path, capsys):
+    """The CLI (before anything is read) and the save node's check (MergedLora) say the method's own reason."""
+    methods.register(SwitchedToy())
+    try:
+        subject, style = pair
+        out = tmp_path / "switch.safetensors"
+        assert cli.main(["merge", "--subject", str(subject), "--style", str(style), "--out", str(out),
+                         "--method", "toy-switch"]) == 2 and not out.exists()
+        wording = "toy-switch swaps the LoRAs while the model samples; it cannot be saved as one LoRA file"
+        assert wording in capsys.readouterr().err
+        merged = merge_loras(read_lora(subject), read_lora(style), None, method="toy-switch")
+        with pytest.raises(LoraRarError, match=wording):
+            merged.kohya_state_dict()
+    finally:
+        methods.unregister("toy-switch")
 
 
 class KeepSubject(MergeMethod):
