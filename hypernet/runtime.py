@@ -36,15 +36,14 @@ class RuntimeBranch:
     def layer_names(self) -> Iterable[str]:
         raise NotImplementedError
 
-    def prepare(self, name: str, channels_first: bool) -> None:
-        """Told once per layer, before any forward: whether the host's layer takes (B, d_in, H, W) (a 1x1 conv)."""
-
     def misfit(self, name: str, weight_shape: tuple[int, ...], bias_shape: tuple[int, ...] | None) -> str | None:
         """Why layer ``name``'s addition does not fit the host's weight of this shape (None: it fits)."""
         return None
 
     def extra(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
-        """What to add to layer ``name``'s output for input ``x`` now (None: nothing)."""
+        """What to add to layer ``name``'s output for input ``x`` now, (..., d_out) (None: nothing). ``x`` is
+        (..., d_in), channels last, for a linear and a 1x1 conv alike: the injector moves a conv's channels and
+        back. A kxk conv is never a runtime layer (a merge claiming one is refused): decline it in ``claim``."""
         raise NotImplementedError
 
     def at_progress(self, p: float) -> None:

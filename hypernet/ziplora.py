@@ -73,9 +73,6 @@ class ZipLoraLayer(torch.nn.Module):
             bias = layer.bias.detach().float() * strength if layer.bias is not None else None
             self.register_buffer(f"{side}_bias", bias, persistent=False)
         self.trainable = len(self.sides) == 2
-        # whether the model's layer is a conv (input (B, d_in, H, W)); None: a 4-dim input to a layer whose
-        # factors carry a kernel. The injection sets it from the module, as a 1x1 LoRA may patch a linear.
-        self.channels_first: bool | None = None
         d_in = (subject or style).d_in
         if self.trainable:
             self.m_subject = torch.nn.Parameter(torch.ones(d_in))
@@ -116,19 +113,15 @@ class ZipLoraLayer(torch.nn.Module):
         return out + bias if bias is not None else out
 
     def extra(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The branch's addition to the layer output for input x: (..., d_in) for a linear, (B, d_in, H, W) for
-        a 1x1 conv; None when the current branch adds nothing here."""
+        """The branch's addition (..., d_out) to the layer output for input x (..., d_in), channels last for a
+        linear and a 1x1 conv alike (the injector moves a conv's channels); None when the current branch adds
+        nothing here."""
         branch = self.switch.branch
         sides = [s for s in self.sides if branch == "merged" or branch == s]
         if not sides:
             return None
-        conv = self.channels_first
-        if conv is None:
-            conv = x.dim() == 4 and self.sides[sides[0]][0].kernel != ()
-        rows = x.movedim(1, -1) if conv else x  # channels last, so the factors apply as linears
         coefficients = dict(zip(("subject", "style"), self.coefficients())) if self.trainable and branch == "merged" else {}
-        out = sum(self._side(side, rows, coefficients.get(side)) for side in sides)
-        return out.movedim(-1, 1) if conv else out
+        return sum(self._side(side, x, coefficients.get(side)) for side in sides)
 
     def similarity(self) -> torch.Tensor:
         """|cos(m_subject, m_style)|, a 0-dim tensor (0 for a layer with no coefficients)."""
@@ -162,9 +155,6 @@ class ZipLoraMerge(torch.nn.Module, RuntimeBranch):
 
     def layer_names(self) -> list[str]:
         return list(self.layers)
-
-    def prepare(self, name: str, channels_first: bool) -> None:
-        self.layers[name].channels_first = channels_first
 
     def extra(self, name: str, x: torch.Tensor) -> torch.Tensor | None:
         return self.layers[name].extra(x)
@@ -204,17 +194,11 @@ class RoutedMerge(RuntimeBranch):
 
     def __init__(self, names: list[str]):
         self.names, self.merge = list(names), None
-        self.channels_first: dict[str, bool] = {}
 
     def layer_names(self) -> list[str]:
         return self.names
 
-    def prepare(self, name: str, channels_first: bool) -> None:
-        self.channels_first[name] = channels_first
-
     def attach(self, merge: ZipLoraMerge | None) -> None:
-        for name, layer in (merge.layers.items() if merge is not None else ()):
-            layer.channels_first = self.channels_first.get(name, False)
         self.merge = merge
 
     def extra(self, name: str, x: torch.Tensor) -> torch.Tensor | None:

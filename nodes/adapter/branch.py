@@ -51,16 +51,22 @@ def _progress_wrapper(branch: RuntimeBranch):
 
 
 class BranchForward:
-    """forward(x) of one layer: its current forward plus the branch's h(x) for this layer (None: nothing added)."""
+    """forward(x) of one layer: its current forward plus the branch's h(x) for this layer (None: nothing added).
+
+    Every branch's ``extra`` gets x channels last, (..., d_in), and returns (..., d_out), whatever the layer: a 1x1
+    conv's (B, d_in, H, W) input is moved here and its h(x) moved back, so no branch handles conv layouts itself."""
 
     def __init__(self, module: torch.nn.Module, name: str, branch: RuntimeBranch, inner=None):
         self.module, self.name, self.branch = module, name, branch
         self.inner = inner  # an earlier object patch of this forward (another merge upstream), kept in the chain
+        self.channels_first = _is_pointwise_conv(module)
 
     def __call__(self, x, *args, **kwargs):
         out = self.inner(x, *args, **kwargs) if self.inner is not None else type(self.module).forward(self.module, x, *args, **kwargs)
-        extra = self.branch.extra(self.name, x)
-        return out if extra is None else out + extra.to(out.dtype)
+        extra = self.branch.extra(self.name, x.movedim(1, -1) if self.channels_first else x)
+        if extra is None:
+            return out
+        return out + (extra.movedim(-1, 1) if self.channels_first else extra).to(out.dtype)
 
 
 def _is_linear(module) -> bool:
@@ -75,26 +81,39 @@ def _is_pointwise_conv(module) -> bool:
     return isinstance(module, torch.nn.Conv2d) and tuple(module.kernel_size) == (1, 1)
 
 
+def _not_injectable(module, path: str | None) -> str | None:
+    """Why the branch cannot add h(x) = B A x to this module's output (None: a linear or a 1x1 conv, it can)."""
+    if path is None or module is None:
+        return "not in this model"
+    if _is_linear(module) or _is_pointwise_conv(module):
+        return None
+    if isinstance(module, torch.nn.Conv2d):
+        kernel = "x".join(str(k) for k in module.kernel_size)
+        return f"{path} is a {kernel} convolution: a runtime branch adds to linears and 1x1 convs only"
+    return f"{path} is not a linear layer"
+
+
 def inject(model, branch: RuntimeBranch, paths: dict[str, str]) -> tuple[object, list[str], dict[str, str]]:
     """A clone of ``model`` whose layers run ``branch``; ``paths``: layer name -> module path under model.model.
 
     Returns (clone, layers injected, {layer: why not} for those that are not in this model, are no linear or
-    1x1 conv, or whose addition does not fit the layer's weight).
+    1x1 conv (a kxk conv is named as one), or whose addition does not fit the layer's weight). A merge's runtime
+    part claiming a kxk conv is refused before this (fit.py); a training route over every layer skips them here.
     """
     patched = model.clone()
     applied, skipped = [], {}
     for name in branch.layer_names():
         path = paths.get(name)
         module = patched.get_model_object(path) if path is not None else None
-        if not (_is_linear(module) or _is_pointwise_conv(module)):
-            skipped[name] = "not in this model" if path is None else f"{path} is not a linear layer"
+        why = _not_injectable(module, path)
+        if why:
+            skipped[name] = why
             continue
         bias = None if module.bias is None else tuple(module.bias.shape)
         why = branch.misfit(name, tuple(module.weight.shape), bias)
         if why:
             skipped[name] = why
             continue
-        branch.prepare(name, channels_first=_is_pointwise_conv(module))
         key = f"{path}.forward"
         patched.add_object_patch(key, BranchForward(module, name, branch, patched.object_patches.get(key)))
         applied.append(name)

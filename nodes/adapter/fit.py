@@ -90,6 +90,21 @@ def _runtime_overflows(model, merged: MergedLora, view: ModelView) -> None:
                              f"{side} side)")
 
 
+def _runtime_convs(merged: MergedLora) -> None:
+    """A runtime branch adds h(x) = B A x to a linear's or a 1x1 conv's output (branch.py); a kxk conv's update is a
+    convolution no branch adds. Left out, such a layer would get neither the method's update nor the layer
+    policy's, so a runtime part claiming one is refused, naming the method, the layer and the fix."""
+    runtime = merged.runtime
+    kernels = {name: runtime.updates(name)[0][1].conv_kernel for name in runtime.layer_names()} if runtime else {}
+    convs = [(name, kernel) for name, kernel in kernels.items() if kernel]
+    if convs:
+        (name, kernel), more = convs[0], f" and {len(convs) - 1} more" if len(convs) > 1 else ""
+        raise LoraRarError(f"{merged.report.method}: its runtime part adds to layer {name}{more}, a "
+                           f"{'x'.join(map(str, kernel))} convolution; a runtime branch adds to linears and 1x1 convs "
+                           "only: the method must decline such layers in claim() (their conv_kernel), which leaves "
+                           "them to the layer policy")
+
+
 def _shared_targets(names: list[str], key_map: dict) -> None:
     """Two layer names for one model weight: ComfyUI would apply only one of them, silently."""
     seen: dict[str, str] = {}
@@ -143,6 +158,7 @@ def verdict(view: ModelView, merged: MergedLora):
                            + "; are the LoRAs for another base model?")
     _shared_targets(patched, view.key_map)
     _overflows(model, applied, view, patched)
+    _runtime_convs(merged)
     _runtime_overflows(model, merged, view)
     # each layer as merged (float32 where float16 would overflow); the layers not in this model are left out
     state_dict = to_kohya_state_dict({name: applied.layers[name] for name in patched}, dtype=None)

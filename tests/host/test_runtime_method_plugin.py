@@ -152,3 +152,96 @@ def test_a_toy_runtime_branch_method_switches_halfway_through_real_sampling(comf
         assert float((wrong - expected).norm() / expected.norm()) > 1e-2  # the check tells the sides apart
         seen.add((index, side))
     assert seen == {(0, "subject"), (1, "subject"), (2, "style"), (3, "style")}
+
+
+# SD 1.5's transformer blocks read and write through 1x1 convs (proj_in / proj_out: (B, C, H, W) in and out); the
+# toy's branch knows nothing of convs: the injector hands it channels-last rows and puts its h(x) back.
+SD15_CONVS = ("input_blocks.1.1.proj_in", "input_blocks.1.1.proj_out")
+SD15_WIDE_CONV = "input_blocks.1.0.in_layers.2"  # a 3x3 conv, 320 -> 320
+
+
+@pytest.fixture(scope="module")
+def sd15_model(comfy_host):
+    """The synthetic SD 1.5 checkpoint's MODEL (devkit/synthetic_models.py), loaded by ComfyUI's own loader."""
+    import comfy.sd
+
+    from devkit import synthetic_models
+
+    root = synthetic_models.ensure_sd15_model(in_process=True)
+    model, _, _, _ = comfy.sd.load_checkpoint_guess_config(str(synthetic_models.sd15_checkpoint_path(root)),
+                                                           output_vae=False, output_clip=False)
+    return model
+
+
+def _conv_lora(modules, seed: int, kernel: int = 1, rank: int = 3, d: int = 320) -> dict:
+    """A kohya conv LoRA on ``modules`` (each d -> d): up (d, r, 1, 1), down (r, d, k, k), alpha = rank."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {}
+    for module in modules:
+        stem = "lora_unet_" + module.replace(".", "_")
+        state[f"{stem}.lora_up.weight"] = torch.randn(d, rank, 1, 1, generator=generator) * 0.05
+        state[f"{stem}.lora_down.weight"] = torch.randn(rank, d, kernel, kernel, generator=generator) * 0.05
+        state[f"{stem}.alpha"] = torch.tensor(float(rank))
+    return state
+
+
+def test_a_runtime_update_on_a_1x1_conv_adds_b_a_x(comfy_host, sd15_model, halfway):
+    """Through the merge node and the real injector on SD 1.5's proj_in / proj_out: each conv's output is
+    conv(x, W) + b + B A x over the channels, for the toy branch written for linears alone."""
+    import comfy.model_management
+
+    from devkit.loaded_pack import pack_module
+    from tests.host.test_nodes_inprocess import _merge
+
+    nodes, _, loras = comfy_host
+    subject = _conv_lora(SD15_CONVS, seed=81)
+    write_lora(loras / "conv_subject.safetensors", subject)
+    write_lora(loras / "conv_style.safetensors", _conv_lora(SD15_CONVS, seed=82))
+    comfy.model_management.unload_all_models()
+    originals = {m: sd15_model.get_model_object(f"diffusion_model.{m}") for m in SD15_CONVS}
+    originals = {m: (conv.weight.detach().double().clone(), conv.bias.detach().double().clone())
+                 for m, conv in originals.items()}
+    model_out, _, merged, report = _merge(comfy_host, sd15_model, None, "conv_subject.safetensors",
+                                          "conv_style.safetensors", method="toy-halfway")
+    assert sorted(merged.runtime.layer_names()) == sorted("lora_unet_" + m.replace(".", "_") for m in SD15_CONVS)
+    assert "switched per sampling step: 2 layers" in report and "not switched" not in report, report
+
+    records = []
+    handles = [model_out.get_model_object(f"diffusion_model.{m}").register_forward_hook(
+        lambda _, inputs, output, m=m: records.append((m, inputs[0].detach().clone(), output.detach().clone())))
+        for m in SD15_CONVS]
+    generator = torch.Generator().manual_seed(4)
+    try:
+        with pack_module(nodes, "nodes.adapter").loaded(model_out), torch.no_grad():
+            model_out.model.apply_model(torch.randn(1, 4, 8, 8, generator=generator), torch.tensor([1.0]),
+                                        c_crossattn=torch.randn(1, 77, 768, generator=generator))
+    finally:
+        for handle in handles:
+            handle.remove()
+    comfy.model_management.unload_all_models()
+    assert sorted(m for m, _, _ in records) == sorted(SD15_CONVS)
+    for module, x, y in records:  # no sampler: the toy's first side, the subject
+        weight, bias = originals[module]
+        update = dense_update(subject, "lora_unet_" + module.replace(".", "_"))
+        expected = F.conv2d(x.double(), weight + update.reshape(weight.shape), bias)
+        assert x.dim() == 4 and y.shape == expected.shape
+        error = float((y.double() - expected).norm() / expected.norm())
+        assert error <= 1e-5, f"{module}: relative error {error:.2e} against base + B A x"
+        assert float((F.conv2d(x.double(), weight, bias) - expected).norm() / expected.norm()) > 1e-3, module
+
+
+def test_a_runtime_method_claiming_a_kxk_conv_is_refused_in_one_line(comfy_host, sd15_model, halfway):
+    """The toy claims every layer both LoRAs have, a 3x3 conv too: the merge is refused naming the method, the
+    layer and the fix, instead of leaving the layer out of the model silently."""
+    from tests.host.test_nodes_inprocess import _merge
+
+    _, _, loras = comfy_host
+    write_lora(loras / "wide_subject.safetensors", _conv_lora((SD15_WIDE_CONV,), seed=83, kernel=3))
+    write_lora(loras / "wide_style.safetensors", _conv_lora((SD15_WIDE_CONV,), seed=84, kernel=3))
+    with pytest.raises(ValueError) as refused:
+        _merge(comfy_host, sd15_model, None, "wide_subject.safetensors", "wide_style.safetensors",
+               method="toy-halfway")
+    message = str(refused.value)
+    assert "toy-halfway" in message and "lora_unet_input_blocks_1_0_in_layers_2" in message, message
+    assert "3x3 convolution" in message and "decline such layers in claim()" in message, message
+    assert "\n" not in message

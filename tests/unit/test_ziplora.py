@@ -52,16 +52,17 @@ def test_branch_and_merged_layer_equal_the_dense_update_in_every_branch():
         "merged", 0.7, 1.3), atol=1e-6)
 
 
-def test_a_1x1_conv_gets_the_same_update_as_a_linear():
-    subject = {"c": _layer(4, 6, 2, 1, kernel=(1, 1))}
-    style = {"c": _layer(4, 6, 2, 2, kernel=(1, 1))}
-    merge = ZipLoraMerge(subject, style)
-    _perturbed(merge, 3)
-    x = torch.randn(2, 6, 3, 3)
-    conv = merge.layers["c"].extra(x)  # a 4-dim input and a kernel: a conv's (B, d_in, H, W)
-    merge.layers["c"].channels_first = False  # what the injection says for a 1x1 LoRA on a linear layer
-    linear = merge.layers["c"].extra(x.movedim(1, -1)).movedim(-1, 1)
-    assert conv.shape == (2, 4, 3, 3) and torch.allclose(conv, linear)
+def test_a_1x1_conv_lora_adds_what_the_same_linear_lora_adds():
+    """The injector hands every branch channels-last rows, a 1x1 conv's too (its (B, H, W, d_in)); the factors of
+    a 1x1-kernel LoRA apply to them as a linear LoRA's do (the injector on SD 1.5's 1x1 convs:
+    tests/host/test_runtime_method_plugin.py)."""
+    conv = ZipLoraMerge({"c": _layer(4, 6, 2, 1, kernel=(1, 1))}, {"c": _layer(4, 6, 2, 2, kernel=(1, 1))})
+    linear = ZipLoraMerge({"c": _layer(4, 6, 2, 1)}, {"c": _layer(4, 6, 2, 2)})
+    _perturbed(conv, 3)
+    _perturbed(linear, 3)
+    x = torch.randn(2, 3, 3, 6)
+    assert conv.layers["c"].extra(x).shape == (2, 3, 3, 4)
+    assert torch.allclose(conv.layers["c"].extra(x), linear.layers["c"].extra(x))
 
 
 class _Toy(torch.nn.Module):
