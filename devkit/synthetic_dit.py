@@ -138,6 +138,15 @@ class DitFamily:
     ``vae``: the stock VAELoader ``vae_name`` of the VAE in ``VAES`` that decodes its latents.
     ``dtype``: what ``load_patcher`` loads it in (float16 for the 3072- and 3840-wide ones: half the memory).
     ``recipe``: bump to rebuild this family's file (and no other).
+
+    Test data, written by hand from the family's architecture (never read from the pack, whose table the tests
+    check against it), keyword-only and required, so a new family's entry is the one place its tests read:
+    ``roles``: (native module regex, role) of every attention linear (role None: the projection's own letter), for
+    tests/support/families.py and the roles test. ``attention_classes``: its attention classes under comfy.ldm
+    (a subclass's base counts), which the pack's table must name on a host that loads the family.
+    ``trained_linears``: how many native linears a LoRA of every format trains (the synthetic-model tests).
+    ``recorded``: two switched linears the K-LoRA sampling test records: a query (or fused q/k/v) and an output
+    projection, from the text stream or the cross-attention where the family has one.
     """
 
     name: str
@@ -155,6 +164,10 @@ class DitFamily:
     vae: str = "taesd3"
     dtype: str = "float32"
     recipe: int = 1
+    roles: tuple[tuple[str, str | None], ...] = field(kw_only=True)
+    attention_classes: tuple[str, ...] = field(kw_only=True)
+    trained_linears: int = field(kw_only=True)
+    recorded: tuple[str, str] = field(kw_only=True)
 
     def path(self, root: str | os.PathLike | None = None) -> Path:
         return Path(root or default_dir()) / self.file
@@ -229,41 +242,79 @@ def _wan_shapes(dim: int, ffn: int, layers: int, channels: int) -> dict:
     return shapes
 
 
+_FLUX_ROLES = ((r"double_blocks\.\d+\.(img|txt)_attn\.qkv", "qkv"), (r"double_blocks\.\d+\.(img|txt)_attn\.proj", "to_out"),
+               (r"single_blocks\.\d+\.linear1", "qkv+mlp"), (r"single_blocks\.\d+\.linear2", "out+mlp"))
+_FLUX_CLASSES = ("comfy.ldm.flux.layers.SelfAttention", "comfy.ldm.flux.layers.SingleStreamBlock")
+_WAN_ROLES = tuple((rf"blocks\.\d+\.(self_attn|cross_attn)\.{name}", role)
+                   for name, role in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out")))
+
 FLUX = DitFamily("flux", "diffusion_models/lorarar-synthetic-flux.safetensors", "Flux", hidden_size=256, heads=2,
                  latent_channels=16, context_dim=4096, pooled_dim=768, guidance=True,
                  detection_shapes=_flux_shapes(256, double=2, single=2),
                  config={"hidden_size": 256, "num_heads": 2, "depth": 2, "depth_single_blocks": 2,
-                         "context_in_dim": 4096, "vec_in_dim": 768, "guidance_embed": True})
+                         "context_in_dim": 4096, "vec_in_dim": 768, "guidance_embed": True},
+                 roles=_FLUX_ROLES, attention_classes=_FLUX_CLASSES,
+                 # 2 double blocks x 8 (img/txt qkv, proj, mlp.0, mlp.2) + 2 single blocks x 2 (linear1, linear2)
+                 trained_linears=2 * 8 + 2 * 2, recorded=("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_attn.proj"))
 SD35 = DitFamily("sd35", "diffusion_models/lorarar-synthetic-sd35.safetensors", "SD3", hidden_size=128, heads=2,
                  latent_channels=16, context_dim=4096, pooled_dim=2048, guidance=False,
                  detection_shapes=_sd35_shapes(depth=2),
-                 config={"depth": 2, "in_channels": 16, "adm_in_channels": 2048, "x_block_self_attn_layers": [0]})
+                 config={"depth": 2, "in_channels": 16, "adm_in_channels": 2048, "x_block_self_attn_layers": [0]},
+                 roles=((r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.qkv", "qkv"),
+                        (r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.proj", "to_out")),
+                 attention_classes=("comfy.ldm.modules.diffusionmodules.mmdit.SelfAttention",),
+                 # block 0: 6 x_block (attn, attn2, mlp) + 4 context_block; block 1 (the last, whose context side
+                 # only feeds keys and values): 4 x_block + the context qkv
+                 trained_linears=6 + 4 + 4 + 1,
+                 recorded=("joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.proj"))
 FLUX2 = DitFamily("flux2", "diffusion_models/lorarar-synthetic-flux2.safetensors", "Flux2", hidden_size=128, heads=1,
                   latent_channels=128, context_dim=7680, pooled_dim=None, guidance=False,
                   detection_shapes=_flux2_shapes(128, 7680, double=1, single=1), vae="taef2",
                   config={"hidden_size": 128, "num_heads": 1, "depth": 1, "depth_single_blocks": 1,
-                          "context_in_dim": 7680, "in_channels": 128, "patch_size": 1, "guidance_embed": False})
+                          "context_in_dim": 7680, "in_channels": 128, "patch_size": 1, "guidance_embed": False},
+                  roles=_FLUX_ROLES, attention_classes=_FLUX_CLASSES, trained_linears=8 + 2,  # 1 double, 1 single
+                  recorded=("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.proj"))
 KREA2 = DitFamily("krea2", "diffusion_models/lorarar-synthetic-krea2.safetensors", "Krea2", hidden_size=128, heads=1,
                   latent_channels=16, context_dim=12 * 40, pooled_dim=None, guidance=False,
                   detection_shapes=_krea2_shapes(128, heads=1, layers=1, text_layers=12, text_dim=40),
                   config={"features": 128, "heads": 1, "kvheads": 1, "layers": 1, "txtlayers": 12, "txtdim": 40},
-                  frames=1, vae=WAN21_VAE_NAME)
+                  frames=1, vae=WAN21_VAE_NAME,
+                  roles=((r".*\.attn\.wq", "to_q"), (r".*\.attn\.wk", "to_k"), (r".*\.attn\.wv", "to_v"),
+                         (r".*\.attn\.wo", "to_out")),
+                  attention_classes=("comfy.ldm.krea2.model.Attention",),
+                  trained_linears=8, recorded=("blocks.0.attn.wq", "blocks.0.attn.wo"))  # wq wk wv gate wo + 3 MLP
 ZIMAGE = DitFamily("zimage", "diffusion_models/lorarar-synthetic-zimage.safetensors", "ZImage", hidden_size=3840,
                    heads=30, latent_channels=16, context_dim=2560, pooled_dim=None, guidance=False,
                    detection_shapes=_zimage_shapes(layers=1, text_dim=2560), dtype="float16",
-                   config={"dim": 3840, "n_heads": 30, "n_layers": 1, "cap_feat_dim": 2560, "in_channels": 16})
+                   config={"dim": 3840, "n_heads": 30, "n_layers": 1, "cap_feat_dim": 2560, "in_channels": 16},
+                   roles=((r".*\.attention\.qkv", "qkv"), (r".*\.attention\.out", "to_out")),
+                   attention_classes=("comfy.ldm.lumina.model.JointAttention",),
+                   # 5 blocks (1 layer, 2 + 2 refiners) x (qkv, out, w1 w2 w3)
+                   trained_linears=5 * 5, recorded=("layers.0.attention.qkv", "layers.0.attention.out"))
 QWEN_IMAGE = DitFamily("qwen_image", "diffusion_models/lorarar-synthetic-qwen-image.safetensors", "QwenImage",
                        hidden_size=3072, heads=24, latent_channels=16, context_dim=3584, pooled_dim=None,
                        guidance=False, detection_shapes=_qwen_image_shapes(layers=1), frames=1,
-                       vae=WAN21_VAE_NAME, dtype="float16", config={"num_layers": 1, "in_channels": 64})
+                       vae=WAN21_VAE_NAME, dtype="float16", config={"num_layers": 1, "in_channels": 64},
+                       roles=((r"transformer_blocks\.\d+\.attn\.(to_q|add_q_proj)", "to_q"),
+                              (r"transformer_blocks\.\d+\.attn\.(to_k|add_k_proj)", "to_k"),
+                              (r"transformer_blocks\.\d+\.attn\.(to_v|add_v_proj)", "to_v"),
+                              (r"transformer_blocks\.\d+\.attn\.(to_out\.0|to_add_out)", "to_out")),
+                       attention_classes=("comfy.ldm.qwen_image.model.Attention",),
+                       trained_linears=12,  # 8 attention (both streams) + 4 MLP
+                       recorded=("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_add_out"))
 WAN21 = DitFamily("wan21", "diffusion_models/lorarar-synthetic-wan21.safetensors", "WAN21_T2V", hidden_size=128,
                   heads=1, latent_channels=16, context_dim=4096, pooled_dim=None, guidance=False,
                   detection_shapes=_wan_shapes(128, ffn=256, layers=1, channels=16), frames=2, vae=WAN21_VAE_NAME,
-                  config={"dim": 128, "num_heads": 1, "ffn_dim": 256, "num_layers": 1, "in_dim": 16, "out_dim": 16})
+                  config={"dim": 128, "num_heads": 1, "ffn_dim": 256, "num_layers": 1, "in_dim": 16, "out_dim": 16},
+                  roles=_WAN_ROLES, attention_classes=("comfy.ldm.wan.model.WanSelfAttention",),
+                  trained_linears=10,  # self and cross q k v o + 2 FFN
+                  recorded=("blocks.0.self_attn.q", "blocks.0.cross_attn.o"))
 WAN22 = DitFamily("wan22", "diffusion_models/lorarar-synthetic-wan22.safetensors", "WAN22_T2V", hidden_size=128,
                   heads=1, latent_channels=48, context_dim=4096, pooled_dim=None, guidance=False,
                   detection_shapes=_wan_shapes(128, ffn=256, layers=1, channels=48), frames=2, vae=LIGHTTAEW22_NAME,
-                  config={"dim": 128, "num_heads": 1, "ffn_dim": 256, "num_layers": 1, "in_dim": 48, "out_dim": 48})
+                  config={"dim": 128, "num_heads": 1, "ffn_dim": 256, "num_layers": 1, "in_dim": 48, "out_dim": 48},
+                  roles=_WAN_ROLES, attention_classes=("comfy.ldm.wan.model.WanSelfAttention",), trained_linears=10,
+                  recorded=("blocks.0.self_attn.k", "blocks.0.cross_attn.o"))
 
 # The families the CLI's --base any tests and the compare-conditioning test run on (they iterate this); ALL_FAMILIES
 # adds the rest: the roles, merge, K-LoRA, compare and synthetic-model tests run on every one a host loads.

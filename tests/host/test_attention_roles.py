@@ -60,6 +60,9 @@ def test_roles_of_each_family_come_from_its_model(comfy_host, name):
     assert roles == expected_roles(model, name)
     assert roles_module().unknown_attention_classes(model) == []
     assert {"to_out"} <= set(roles.values()), f"{name}: no output projection found"
+    # the family entry's attention classes (the allow-list of the test below) are its model's, a base class counting
+    classes = {f"{base.__module__}.{base.__qualname__}" for module in model.modules() for base in type(module).__mro__}
+    assert set(ALL_FAMILIES[name].attention_classes) <= classes, f"{name}: fix its devkit entry's attention_classes"
 
 
 def test_unet_roles_equal_the_layout_names(comfy_host, synthetic_model):
@@ -85,8 +88,10 @@ def test_table_names_classes_the_host_has(comfy_host):
             absent.append(f"comfy.ldm.{module}.{cls}")
             continue
         assert row and set(row.values()) <= set(ATTENTION_ROLES), owner
-    # the old host predates Krea 2 (and its other families are checked above through their models)
-    allowed = {"comfy.ldm.krea2.model.Attention"} if comfyui_version.__version__.startswith("0.3.") else set()
+    # only the attention classes of the families this host lacks (the old host predates Krea 2), as their devkit
+    # entries name them; its other families are checked above through their models
+    allowed = {cls for family in ALL_FAMILIES.values() if synthetic_dit.host_lacks(family, comfyui_version.__version__)
+               for cls in family.attention_classes}
     assert set(absent) <= allowed, f"attention classes the pack's table names but ComfyUI {comfyui_version.__version__} lacks: {absent}"
 
 

@@ -35,7 +35,9 @@ def _compare(nodes, model, vae, methods="no LoRA", **optional):
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_the_test_node_reads_the_widths_from_the_model_and_is_seeded(comfy_host, family):
+def test_the_test_node_gives_the_detected_familys_widths_and_is_seeded(comfy_host, family):
+    """The node finds the family by the class ComfyUI detected (the widths themselves are checked by each family's
+    forward in tests/host/test_synthetic_dit.py)."""
     spec = FAMILIES[family]
     patcher, _ = synthetic_dit.load_patcher(spec, synthetic_dit.ensure_dit(in_process=True))
     ((cross, extras),) = LoraRarTestConditioning().condition(patcher, seed=5, tokens=7, batch=2)[0]

@@ -21,16 +21,8 @@ pytestmark = pytest.mark.host
 
 FAMILIES = {name: family for name, family in ALL_FAMILIES.items()
             if not synthetic_dit.host_lacks(family, host_version())}
-# two switched linears per family whose inputs and outputs are recorded: a query (or fused q/k/v) and an output
-# projection, from the text stream or the cross-attention where the family has one
-RECORDED = {"flux": ("double_blocks.0.img_attn.qkv", "double_blocks.1.txt_attn.proj"),
-            "flux2": ("double_blocks.0.img_attn.qkv", "double_blocks.0.txt_attn.proj"),
-            "sd35": ("joint_blocks.0.x_block.attn.qkv", "joint_blocks.0.context_block.attn.proj"),
-            "krea2": ("blocks.0.attn.wq", "blocks.0.attn.wo"),
-            "zimage": ("layers.0.attention.qkv", "layers.0.attention.out"),
-            "qwen_image": ("transformer_blocks.0.attn.to_q", "transformer_blocks.0.attn.to_add_out"),
-            "wan21": ("blocks.0.self_attn.q", "blocks.0.cross_attn.o"),
-            "wan22": ("blocks.0.self_attn.k", "blocks.0.cross_attn.o")}
+# two switched linears per family whose inputs and outputs are recorded: each family entry's ``recorded``, a query
+# (or fused q/k/v) and an output projection, from the text stream or the cross-attention where the family has one
 SUBJECT_RANK, STYLE_RANK = 4, 3
 
 
@@ -41,10 +33,10 @@ def models(dit_float32):
 
 
 def _sample(model, family, steps: int, cfg: float):
-    """A real comfy.sample run recording every model call's (sigma, schedule) and the RECORDED linears' x and y."""
+    """A real comfy.sample run recording every model call's (sigma, schedule) and the family's recorded linears' x and y."""
     import comfy.sample
 
-    recording, calls, records, handles = recording_clone(model, RECORDED[family.name])
+    recording, calls, records, handles = recording_clone(model, family.recorded)
     latent = torch.zeros(family.latent_shape(8))
     try:
         comfy.sample.sample(recording, comfy.sample.prepare_noise(latent, 3), steps, cfg, "euler", "normal",
@@ -74,7 +66,7 @@ def test_k_lora_switches_fused_dit_attention_linears_per_step(comfy_host, models
     write_lora(loras / f"kd-{name}-subject.safetensors", subject)
     write_lora(loras / f"kd-{name}-style.safetensors", style)
     comfy.model_management.unload_all_models()
-    linears = {m: model.get_model_object(f"diffusion_model.{m}") for m in RECORDED[name]}
+    linears = {m: model.get_model_object(f"diffusion_model.{m}") for m in family.recorded}
     originals = {m: (linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone())
                  for m, linear in linears.items()}
     model_out, _, merged, report = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]().merge(
@@ -89,7 +81,7 @@ def test_k_lora_switches_fused_dit_attention_linears_per_step(comfy_host, models
     # cfg 1 on the wide families (one model call per step, not two: their float32 weights are gigabytes)
     calls, records = _sample(model_out, family, 4, 1.0 if name in WIDE_MODULES else 2.0)
     scores, weights = {}, {}  # per recorded linear: the dense rule's S_c, S_s and both effective weights, once
-    for module in RECORDED[name]:
+    for module in family.recorded:
         key, layer = f"{module}.weight", merged.runtime.layers[canonical(f"{module}.weight")]
         # k = r_c * r_s of the layer as merged: a split style's q/k/v pieces make one layer of their summed rank
         scores[module] = dense_k_lora_scores(dense_c[key], dense_s[key], layer.subject.rank * layer.style.rank)

@@ -19,13 +19,8 @@ from devkit.synthetic_dit import ALL_FAMILIES, FAMILIES_BY_HOST, VAES_BY_HOST
 
 pytestmark = pytest.mark.host
 
-# Native linears a LoRA of every format trains: Flux 2 double blocks x 8 (img/txt qkv, proj, mlp.0, mlp.2)
-# + 2 single blocks x 2 (linear1, linear2); SD3.5 block 0: 6 x_block (attn, attn2, mlp) + 4 context_block,
-# block 1 (the last, whose context side only feeds keys and values): 4 x_block + the context qkv; Flux.2 8 + 2;
-# Krea 2: wq wk wv gate wo + 3 MLP; Z-Image 5 blocks (1 layer, 2 + 2 refiners) x (qkv, out, w1 w2 w3);
-# Qwen-Image: 8 attention (both streams) + 4 MLP; Wan: self and cross q k v o + 2 FFN.
-PATCHED_LINEARS = {"flux": 2 * 8 + 2 * 2, "sd35": 6 + 4 + 4 + 1, "flux2": 8 + 2, "krea2": 8, "zimage": 5 * 5,
-                   "qwen_image": 12, "wan21": 10, "wan22": 10}
+# Native linears a LoRA of every format trains: each family entry's ``trained_linears``, counted by hand from its
+# blocks (devkit/synthetic_dit.py); devkit/dit_loras.native_linears reads them from the file.
 # The 3840- and 3072-wide families train one linear in the value test: Z-Image's fused qkv (44 M numbers, three
 # diffusers bands), one of Qwen-Image's (9 M; its names are diffusers' own). Their whole sets (885 M, 226 M) take
 # minutes to patch on 2 CPU cores; every linear's mapping is checked by key instead (cheap).
@@ -179,7 +174,7 @@ def test_lora_patches_the_linears_it_trains_with_its_update(dit_host, patchers, 
     expected = {f"diffusion_model.{key}": update for key, update in updates.items()
                 if f"diffusion_model.{key}" in _mapped(version, name, fmt, [key[:-len(".weight")]])}
 
-    assert len(updates) == (len(TRAINED_FOR_VALUES[name]) if name in TRAINED_FOR_VALUES else PATCHED_LINEARS[name])
+    assert len(updates) == (len(TRAINED_FOR_VALUES[name]) if name in TRAINED_FOR_VALUES else family.trained_linears)
 
     patched, _ = comfy.sd.load_lora_for_models(patcher, None, lora, 1.0, 0.0)
 
@@ -205,5 +200,5 @@ def test_every_trained_linear_of_a_wide_model_is_mapped(dit_host, patchers, name
 
     patched, _ = comfy.sd.load_lora_for_models(patchers[name][0], None, lora, 1.0, 0.0)
 
-    assert len(natives) == PATCHED_LINEARS[name]
+    assert len(natives) == family.trained_linears
     assert set(patched.patches) == _mapped(version, name, fmt, natives)

@@ -1,5 +1,6 @@
 """What each model family's attention linears are, written by hand from the architectures (not from the pack's
 table in nodes/adapter/roles.py, which the tests check against this): family -> [(native module regex, role)].
+A DiT family's are its devkit entry's ``roles`` (devkit/synthetic_dit.py); the UNets' are written here.
 
 A native module is the model's own path without ``.weight`` (``double_blocks.0.img_attn.qkv``); role None on a
 UNet means "the projection's own letter" (``attn1.to_k`` -> ``to_k``).
@@ -7,23 +8,10 @@ UNet means "the projection's own letter" (``attn1.to_k`` -> ``to_k``).
 
 import re
 
-ROLES = {
-    "flux": [(r"double_blocks\.\d+\.(img|txt)_attn\.qkv", "qkv"), (r"double_blocks\.\d+\.(img|txt)_attn\.proj", "to_out"),
-             (r"single_blocks\.\d+\.linear1", "qkv+mlp"), (r"single_blocks\.\d+\.linear2", "out+mlp")],
-    "sd35": [(r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.qkv", "qkv"),
-             (r"joint_blocks\.\d+\.(x_block|context_block)\.attn2?\.proj", "to_out")],
-    "krea2": [(r".*\.attn\.wq", "to_q"), (r".*\.attn\.wk", "to_k"), (r".*\.attn\.wv", "to_v"), (r".*\.attn\.wo", "to_out")],
-    "zimage": [(r".*\.attention\.qkv", "qkv"), (r".*\.attention\.out", "to_out")],
-    "qwen_image": [(r"transformer_blocks\.\d+\.attn\.(to_q|add_q_proj)", "to_q"),
-                   (r"transformer_blocks\.\d+\.attn\.(to_k|add_k_proj)", "to_k"),
-                   (r"transformer_blocks\.\d+\.attn\.(to_v|add_v_proj)", "to_v"),
-                   (r"transformer_blocks\.\d+\.attn\.(to_out\.0|to_add_out)", "to_out")],
-    "unet": [(r".*\.attn[12]\.to_(q|k|v)", None), (r".*\.attn[12]\.to_out\.0", "to_out")],
-}
-ROLES["flux2"] = ROLES["flux"]
-for _wan in ("wan21", "wan22"):
-    ROLES[_wan] = [(rf"blocks\.\d+\.(self_attn|cross_attn)\.{name}", role)
-                   for name, role in (("q", "to_q"), ("k", "to_k"), ("v", "to_v"), ("o", "to_out"))]
+from devkit.synthetic_dit import ALL_FAMILIES
+
+ROLES = {name: list(family.roles) for name, family in ALL_FAMILIES.items()}
+ROLES["unet"] = [(r".*\.attn[12]\.to_(q|k|v)", None), (r".*\.attn[12]\.to_out\.0", "to_out")]
 FUSED_WITH_MLP = ("qkv+mlp", "out+mlp")
 
 

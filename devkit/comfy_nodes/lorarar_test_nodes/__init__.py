@@ -1,25 +1,25 @@
 """Test-only nodes for the pack's end-to-end tests (loaded from devkit/comfy_nodes, never installed for users).
 
 LoraRarTestConditioning: random CONDITIONING shaped for the connected model, in place of a text encoder
-(the real T5-XXL / CLIP-G / Qwen / umT5 encoders are gigabytes). Widths are read from the MODEL:
-
-    Flux, Flux.2  cross_attn (batch, tokens, context_in_dim), pooled_output (batch, vec_in_dim) when the model has
-                  vector_in, guidance 3.5 when guidance_embed (Flux dev)
-    SD3           cross_attn (batch, tokens, context_embedder_config.params.in_features),
-                  pooled_output (batch, adm_in_channels)
-    Krea 2        cross_attn (batch, tokens, txtlayers x txtdim): the text layers side by side, as it unpacks them
-    Lumina 2, Z-Image  cross_attn (batch, tokens, cap_feat_dim)
-    Qwen-Image, Wan    cross_attn (batch, tokens, in_features of the model's text input linear: txt_in,
-                  text_embedding.0), which their detection does not read (the model's defaults, 3584 and 4096)
+(the real T5-XXL / CLIP-G / Qwen / umT5 encoders are gigabytes). The widths are the synthetic DiT family's
+(devkit/synthetic_dit.py: ``context_dim``, ``pooled_dim``, ``guidance``), found by the supported-model class
+ComfyUI detected for the MODEL: cross_attn (batch, tokens, context_dim), pooled_output (batch, pooled_dim) or None,
+guidance 3.5 for Flux dev. tests/host/test_synthetic_dit.py samples every family on them, so a wrong width fails
+there in the model's own forward.
 
 None of them needs more keys: ComfyUI derives the rest (Lumina 2's num_tokens, Flux.2's padding to 512
 tokens) from cross_attn; pooled_output is None where the model takes no pooled vector. Only torch is imported
-at module level, so devkit code can use ``random_conditioning`` without ComfyUI.
+at module level (devkit inside the call), so devkit code can use ``random_conditioning`` without ComfyUI.
 """
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
+
+REPO = Path(__file__).resolve().parents[3]
 
 FLUX_GUIDANCE = 3.5  # comfy.model_base.Flux.extra_conds' default
 
@@ -40,22 +40,19 @@ def random_conditioning(context_dim: int, pooled_dim: int | None, guidance: bool
 
 
 def conditioning_widths(model) -> tuple[int, int | None, bool]:
-    """(context_dim, pooled_dim or None, guidance) of a loaded DiT (a comfy BaseModel); ValueError for others."""
-    unet_config = model.model_config.unet_config
-    if "context_in_dim" in unet_config:  # Flux family (Flux.2 included)
-        return unet_config["context_in_dim"], unet_config.get("vec_in_dim"), bool(unet_config.get("guidance_embed"))
-    embedder = unet_config.get("context_embedder_config")
-    if embedder is not None:  # SD3 / SD3.5 (MMDiT)
-        return embedder["params"]["in_features"], unet_config.get("adm_in_channels"), False
-    if "txtlayers" in unet_config:  # Krea 2
-        return unet_config["txtlayers"] * unet_config["txtdim"], None, False
-    if "cap_feat_dim" in unet_config:  # Lumina 2, Z-Image
-        return unet_config["cap_feat_dim"], None, False
-    text_input = {"qwen_image": "txt_in", "wan2.1": "text_embedding.0"}.get(unet_config.get("image_model"))
-    if text_input is not None:
-        return model.diffusion_model.get_submodule(text_input).in_features, None, False
-    raise ValueError("LoraRarTestConditioning: this model is none of Flux, SD3, Krea 2, Lumina 2 / Z-Image, "
-                     f"Qwen-Image, Wan (its config: {sorted(unet_config)})")
+    """(context_dim, pooled_dim or None, guidance) of a loaded synthetic DiT (a comfy BaseModel): its devkit family
+    entry's (devkit/synthetic_dit.py), found by the supported-model class ComfyUI detected, so a new family needs
+    nothing here; the synthetic-model tests run each family's forward on them. ValueError for other models."""
+    if str(REPO) not in sys.path:  # loaded by a ComfyUI server as a custom node: devkit must import
+        sys.path.insert(0, str(REPO))
+    from devkit.synthetic_dit import ALL_FAMILIES
+
+    detected = type(model.model_config).__name__
+    family = next((family for family in ALL_FAMILIES.values() if family.model_class == detected), None)
+    if family is None:
+        raise ValueError(f"LoraRarTestConditioning: this {detected} model is none of the synthetic DiT families "
+                         f"({', '.join(family.model_class for family in ALL_FAMILIES.values())}; devkit/synthetic_dit.py)")
+    return family.context_dim, family.pooled_dim, family.guidance
 
 
 class LoraRarTestConditioning:
