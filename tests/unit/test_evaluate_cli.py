@@ -278,7 +278,7 @@ def test_a_remote_judge_gets_no_key_unless_the_operator_listed_it(folders, monke
     _one_line_error(code, stderr, "judge https://judge.example.com/v1/chat/completions: refusing to send the API key")
     assert not windows(stdout + stderr)
     monkeypatch.setenv("LORARAR_JUDGE_URL", "https://judge.example.com/v1")  # listed: allowed (then unreachable)
-    from hypernet.evaluation import ChatCompletionsJudge
+    from hypernet.evaluation.judge import ChatCompletionsJudge
     ChatCompletionsJudge("https://judge.example.com/v1", "critic")
 
 
