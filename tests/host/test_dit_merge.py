@@ -70,6 +70,8 @@ def dit(comfy_host, dit_float32):
     the file's type (the patched weights are compared with float64 goldens to 1e-5), shared with test_klora_dit."""
     import comfyui_version
 
+    # the files first: lora_file reads a family's linears from its file before any test asks for its patcher
+    synthetic_dit.ensure_dit(families=list(FAMILIES), in_process=True)
     return comfyui_version.__version__, dit_float32
 
 

@@ -28,7 +28,9 @@ SUBJECT_RANK, STYLE_RANK = 4, 3
 
 @pytest.fixture(scope="module")
 def models(dit_float32):
-    # float32: every recorded output is compared with a float64 golden (the patchers test_dit_merge used)
+    # float32: every recorded output is compared with a float64 golden (the patchers test_dit_merge used); the files
+    # first, as the LoRAs are made from a family's file before its patcher is asked for
+    synthetic_dit.ensure_dit(families=list(FAMILIES), in_process=True)
     return dit_float32
 
 
