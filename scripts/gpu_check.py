@@ -17,7 +17,7 @@ Checks, each PASS / FAIL / SKIP with its numbers:
    peak device memory, beside one sampling step of the same model;
 6. training a hypernetwork (python -m hypernet train's loop): on a GPU the SDXL-architecture UNet at 1024 px,
    rank-64 LoRAs, fp16 autocast, with and without gradient checkpointing: seconds per step, peak memory, and the
-   same first-step gradient norm both ways (with the CPU standing in: the synthetic model at 128 px, rank 4).
+   same first-step gradient norm both ways (with the CPU standing in: the synthetic model at 64 px, rank 4).
 
 The GPU machines lent to this project reach no package registry: scripts/gpu_bundle.sh packs what the check
 needs (ComfyUI at the pinned commit, the published hypernets, missing wheels) into .gpu/ to carry along.
@@ -113,8 +113,13 @@ def run_worker(task: str, args: argparse.Namespace, extra: list[str], timeout: f
     return json.loads(lines[-1][len("RESULT "):])
 
 
+_NODES = []  # ComfyUI's nodes module once imported: the CPU's stand-in runs every worker in one process
+
+
 def comfy_in_process(comfy: str | None, work: Path, weights: Path, mode: str):
     """Import ComfyUI with the pack loaded; mode 'cpu', 'default' or 'lowvram'. Returns the nodes module."""
+    if _NODES:
+        return _NODES[0]
     from devkit.synthetic_models import comfy_root
 
     root = Path(comfy) if comfy else comfy_root()
@@ -138,6 +143,7 @@ def comfy_in_process(comfy: str | None, work: Path, weights: Path, mode: str):
     load_pack_in_process(nodes, folder_paths, comfy.cli_args.args, root, work / "custom_nodes")
     if "LoraRarMerge" not in nodes.NODE_CLASS_MAPPINGS:
         raise SystemExit("the pack did not load into ComfyUI")
+    _NODES.append(nodes)
     return nodes
 
 
@@ -225,7 +231,7 @@ def worker_sample(args) -> dict:
     generator = torch.Generator().manual_seed(0)
     cond = [[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
     uncond = [[torch.zeros(1, 77, 2048), {"pooled_output": torch.zeros(1, 1280)}]]
-    latent = {"samples": torch.zeros(1, 4, 64, 64)}
+    latent = {"samples": torch.zeros(1, 4, args.latent, args.latent)}
     (out,) = nodes.common_ksampler(patched, 0, 1, 5.0, "euler", "normal", cond, uncond, latent, denoise=1.0)
     path = args.work / f"sample_{args.mode}.pt"
     torch.save(out["samples"].float().cpu(), path)
@@ -289,7 +295,7 @@ def worker_ziplora(args) -> dict:
         str(checkpoint_path(ensure_models(in_process=True))), output_vae=True, output_clip=True)
     names = _write_loras(args.work, UNetLayout.from_unet_config("synthetic", UNET_CONFIG), 16)
     device = comfy.model_management.get_torch_device()
-    size = 256 if device.type == "cuda" else 128
+    size = 256 if device.type == "cuda" else 64  # the CPU stands in: the code path, at the smallest useful size
     images = [torch.rand(1, size, size, 3, generator=torch.Generator().manual_seed(seed)) for seed in (1, 2)]
     stamps: list[tuple[int, float]] = []
     comfy.utils.set_progress_bar_global_hook(lambda value, *_, **__: stamps.append((value, time.perf_counter())))
@@ -330,7 +336,7 @@ def worker_train(args) -> dict:
     """Training steps of a LoRA.rar hypernetwork (python -m hypernet train's loop and ComfyUI adapter): on a GPU the
     SDXL-architecture UNet (2.6 B parameters, random fp16 weights) at 1024 px with rank-64 LoRAs on all 560
     attention layers, fp16 autocast, with and without gradient checkpointing: seconds per step and peak memory;
-    the first step's gradient norm must agree between the two. The CPU stands in with the synthetic model at 128 px."""
+    the first step's gradient norm must agree between the two. The CPU stands in with the synthetic model at 64 px."""
     nodes = comfy_in_process(args.comfy, args.work, args.weights, args.mode)
 
     import importlib
@@ -354,7 +360,7 @@ def worker_train(args) -> dict:
     model.model.requires_grad_(False)
     layout = UNetLayout.from_unet_config("train-check", model.model.model_config.unet_config)
     dataset = training["dataset"].load_dataset(_training_dataset(args.work, layout, 64 if gpu else 4))
-    resolution, steps = (1024, 3) if gpu else (128, 1)
+    resolution, steps = (1024, 3) if gpu else (64, 1)
     size = resolution // 8
     encodings = {f"{kind}/{name}": {"latents": [torch.randn(4, size, size, generator=generator)], "caption": "",
                                     "conditioning": [torch.randn(1, 77, 2048, generator=generator),
@@ -396,20 +402,49 @@ def worker_train(args) -> dict:
     return result
 
 
+def worker_all(args) -> dict:
+    """Every task of ``--tasks`` in this one process (the CPU standing in: one memory mode, ComfyUI imported once)."""
+    results = {}
+    for task in args.tasks.split(","):
+        try:
+            results[task] = WORKERS[task](args)
+        except Exception as error:  # noqa: BLE001  (one check's failure is its row, the others still run)
+            results[task] = {"error": f"{task}: {type(error).__name__}: {error}"}
+    return results
+
+
 WORKERS = {"speed": worker_speed, "sample": worker_sample, "fp16": worker_fp16, "ziplora": worker_ziplora,
-           "train": worker_train}
+           "train": worker_train, "all": worker_all}
 
 
-def check_sampling(args, device_modes: list[str]) -> list[dict]:
+class Workers:
+    """The checks that need ComfyUI. On a GPU each runs in its own python, since ComfyUI's memory mode is fixed per
+    process; with the CPU standing in there is one mode, so one python runs them all (ComfyUI imported once)."""
+
+    def __init__(self, args, simulated: bool, tasks: list[str]):
+        self.args, self.together = args, None
+        if simulated and tasks:
+            self.together = run_worker("all", args, ["--mode", "cpu", "--latent", "16", "--tasks", ",".join(tasks)],
+                                       timeout=1200)
+
+    def run(self, task: str, mode: str, extra: tuple[str, ...] = ()) -> dict:
+        if self.together is not None:
+            return self.together.get(task, self.together)  # the shared process's own failure is every check's
+        return run_worker(task, self.args, ["--mode", mode, *extra], timeout=600)
+
+
+def check_sampling(workers: Workers, device_modes: list[str]) -> list[dict]:
     import torch
 
-    reference = run_worker("sample", args, ["--mode", "cpu"], timeout=600)
+    latent = ("--latent", "64")  # 512 px (the CPU's stand-in: 128 px)
+    reference = workers.run("sample", "cpu", latent)
     if "error" in reference or "skip" in reference:
         return [_row("one sampling step", reference)]
     expected = torch.load(reference["path"], weights_only=True)
     results = []
     for mode in device_modes:
-        result = run_worker("sample", args, ["--mode", mode], timeout=600)
+        # with the CPU standing in, the device's run is the reference run: the comparison's code runs, not the model twice
+        result = reference if mode == "cpu" else workers.run("sample", mode, latent)
         if "error" in result or "skip" in result:
             results.append(_row(f"one sampling step ({mode})", result))
             continue
@@ -446,6 +481,8 @@ def main(argv=None) -> int:
     parser.add_argument("--skip", action="append", default=[], choices=["golden", "speed", "sample", "fp16", "ziplora", "train"])
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="default", help=argparse.SUPPRESS)
+    parser.add_argument("--latent", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--tasks", default="", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.weights = weights_dir(args.weights)
     args.work = Path(args.work or tempfile.mkdtemp(prefix="lorarar-gpu-check-"))
@@ -467,20 +504,17 @@ def main(argv=None) -> int:
     if "golden" not in args.skip:
         results.append(check_golden(device, args.weights))
     device_mode = "default" if device == "cuda" else "cpu"
+    workers = Workers(args, device == "cpu", [task for task in WORKERS if task != "all" and task not in args.skip])
     if "speed" not in args.skip:
-        speed = run_worker("speed", args, ["--mode", device_mode], timeout=600)
-        results.append(_row("merge node vs two stock LoraLoaders", speed))
+        results.append(_row("merge node vs two stock LoraLoaders", workers.run("speed", device_mode)))
     if "sample" not in args.skip:
-        results += check_sampling(args, ["default", "lowvram"] if device == "cuda" else ["cpu"])
+        results += check_sampling(workers, ["default", "lowvram"] if device == "cuda" else ["cpu"])
     if "fp16" not in args.skip:
-        fp16 = run_worker("fp16", args, ["--mode", device_mode])
-        results.append(_row("float16 LoRA arithmetic", fp16))
+        results.append(_row("float16 LoRA arithmetic", workers.run("fp16", device_mode)))
     if "ziplora" not in args.skip:
-        ziplora = run_worker("ziplora", args, ["--mode", device_mode], timeout=600)
-        results.append(_row("ZipLoRA: optimisation steps on the device", ziplora))
+        results.append(_row("ZipLoRA: optimisation steps on the device", workers.run("ziplora", device_mode)))
     if "train" not in args.skip:
-        train = run_worker("train", args, ["--mode", device_mode], timeout=600)
-        results.append(_row("training steps (python -m hypernet train)", train))
+        results.append(_row("training steps (python -m hypernet train)", workers.run("train", device_mode)))
     print(f"\nLoRA.rar GPU check on {name} ({time.perf_counter() - start:.0f} s)\n\n{table(results)}")
     return 0 if all(result.get("ok") or "skip" in result for result in results) else 1
 
