@@ -34,9 +34,9 @@ from .ziplora import Settings, optimise_for_model
 def forget_results() -> None:
     """Empty every cache the adapter keeps between runs (benchmarks time cold runs; nothing else needs it)."""
     from ...hypernet.files import forget_hashes
-    from . import merging, model, ziplora
+    from . import merging, model, sampling, ziplora
 
-    for cache in (merging.MERGES, model.VERDICTS, ziplora.RESULTS, merging.ENCODINGS):
+    for cache in (merging.MERGES, model.VERDICTS, ziplora.RESULTS, sampling.ENCODINGS):
         cache.clear()
     forget_hashes()
 

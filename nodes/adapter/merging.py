@@ -31,7 +31,7 @@ from ...hypernet.result import MergedLora, Strengths
 from .inputs import merge_nodes_run, params_for
 from .model import ModelView, apply_merged, lora_path, model_class, model_layout, model_signature
 from .roles import attention_roles, unknown_attention_classes
-from .sampling import encode_text, sample_and_decode, throw_if_cancelled, to_image, to_pil
+from .sampling import encode_prompts, sample_and_decode, throw_if_cancelled, to_image, to_pil
 
 # The last merge, keyed by the inputs' content: re-running a graph where only the prompt or the sampler changed
 # reuses it. One entry, so ComfyUI's own cache settings still bound what stays in memory.
@@ -140,32 +140,6 @@ def _column_model(column: str, model, clip, hypernet, subject_lora, style_lora, 
     request = MergeRequest(subject_lora, style_lora, method, layer_policy, strengths, params_for(method, given))
     patched_model, patched_clip, _, report = merge_for_model(model, clip, hypernet, request)
     return patched_model, patched_clip, report
-
-
-def _same_weights(clip):
-    """An encoding entry's match for ``clip``: ComfyUI's own test (same model, same patches, hooks and wrappers)."""
-    return lambda key, objects: objects[0] is not None and objects[0].clone_has_same_weights(clip.patcher)
-
-
-# The prompts' conditioning per text encoder: a column whose CLIP has the same weights as one encoded before reuses
-# that encoding (the LoRAs without text-encoder layers, the baselines, the previous run while the same CLIP stays
-# connected); every other column encodes with its own patched CLIP. A few entries, holding the CLIPs weakly.
-ENCODINGS: BoundedCache = BoundedCache(4, "prompts, CLIP layer and tokenizer options; CLIP patcher by same weights")
-
-
-def encode_prompts(clip, positive: str, negative: str, connected=None) -> tuple:
-    """(positive, negative) conditioning of ``clip``; ``connected``: the node's CLIP input, which outlives the
-    columns' clones, so an encoding stored under it is found again by the next column and the next run."""
-    if connected is not None and connected.patcher.clone_has_same_weights(clip.patcher):
-        clip = connected
-    texts = (positive, negative, getattr(clip, "layer_idx", None), repr(getattr(clip, "tokenizer_options", None)))
-    same = _same_weights(clip)
-    found = ENCODINGS.find(lambda key, objects: key[0] == texts and same(key, objects))
-    if found is not None:
-        return found
-    encoded = encode_text(clip, positive)
-    conditioning = (encoded, encoded if negative == positive else encode_text(clip, negative))
-    return ENCODINGS.put((texts, id(clip.patcher)), conditioning, (clip.patcher,))
 
 
 def conditioning_source(clip, positive_conditioning, negative_conditioning) -> str:

@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ...hypernet.cache import BoundedCache
 from ...hypernet.errors import LoraRarError
 
 
@@ -123,6 +124,32 @@ def trainable(model):
 def encode_text(clip, text: str) -> list:
     """CONDITIONING of ``text``, as the stock CLIPTextEncode node makes it."""
     return comfy_nodes.CLIPTextEncode().encode(clip, text)[0]
+
+
+def _same_weights(clip):
+    """An encoding entry's match for ``clip``: ComfyUI's own test (same model, same patches, hooks and wrappers)."""
+    return lambda key, objects: objects[0] is not None and objects[0].clone_has_same_weights(clip.patcher)
+
+
+# The prompts' conditioning per text encoder: a column whose CLIP has the same weights as one encoded before reuses
+# that encoding (the LoRAs without text-encoder layers, the baselines, the previous run while the same CLIP stays
+# connected); every other column encodes with its own patched CLIP. A few entries, holding the CLIPs weakly.
+ENCODINGS: BoundedCache = BoundedCache(4, "prompts, CLIP layer and tokenizer options; CLIP patcher by same weights")
+
+
+def encode_prompts(clip, positive: str, negative: str, connected=None) -> tuple:
+    """(positive, negative) conditioning of ``clip``; ``connected``: the node's CLIP input, which outlives the
+    columns' clones, so an encoding stored under it is found again by the next column and the next run."""
+    if connected is not None and connected.patcher.clone_has_same_weights(clip.patcher):
+        clip = connected
+    texts = (positive, negative, getattr(clip, "layer_idx", None), repr(getattr(clip, "tokenizer_options", None)))
+    same = _same_weights(clip)
+    found = ENCODINGS.find(lambda key, objects: key[0] == texts and same(key, objects))
+    if found is not None:
+        return found
+    encoded = encode_text(clip, positive)
+    conditioning = (encoded, encoded if negative == positive else encode_text(clip, negative))
+    return ENCODINGS.put((texts, id(clip.patcher)), conditioning, (clip.patcher,))
 
 
 def encode_images(vae, images: torch.Tensor) -> torch.Tensor:

@@ -26,7 +26,7 @@ from ...hypernet.result import MergedLora
 from ...hypernet.ziplora import ZipLoraMerge, optimise, to_merged_lora
 from .calibration import ReferenceCalibration
 from .model import ModelView, apply_merged, diffusion_layers, lora_path, refuse_unsupported
-from .sampling import check_images, encode_images, encode_text, throw_if_cancelled, to_image, trainable
+from .sampling import check_images, encode_images, encode_prompts, throw_if_cancelled, to_image, trainable
 # The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
 # latent pixels; 64 px (8 x 8 latents) is the smallest this pack tests, and smaller references teach nothing anyway.
 MIN_IMAGE_PX = 64
@@ -114,7 +114,7 @@ def _leaves(tree) -> list:
 def _reference(vae, clip, images: torch.Tensor, prompt: str, what: str) -> tuple:
     """(latents (B, C, h, w), CONDITIONING) of one side's reference images and prompt."""
     check_images(images, f"ZipLoRA: {what}", MIN_IMAGE_PX)
-    return encode_images(vae, images), encode_text(clip, prompt)
+    return encode_images(vae, images), encode_prompts(clip, prompt, prompt)[0]  # the next run reuses the encoding
 
 
 class _Progress:

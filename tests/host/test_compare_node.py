@@ -36,7 +36,8 @@ def test_when_no_column_can_run_the_node_fails_naming_each_reason(comfy_host, sy
 
 def test_a_clip_with_text_encoder_patches_is_encoded_again_and_one_without_reuses(comfy_host, synthetic_model):
     _, clip = synthetic_model
-    comparing = _comparing(comfy_host)
+    nodes, _, _ = comfy_host
+    comparing = pack_module(nodes, "nodes.adapter.sampling")  # the encodings the compare and ZipLoRA nodes share
     comparing.ENCODINGS.clear()
     prompt = "a photo of sks dog"  # as positive and negative prompt: encoded once (each encoding costs seconds)
     base = comparing.encode_prompts(clip, prompt, prompt)

@@ -37,8 +37,8 @@ def pair(comfy_host, layout):
 
 
 def _images(seed: int, count: int) -> torch.Tensor:
-    """IMAGE (count, 128, 128, 3): 128 px are the smallest latents (16 x 16) the synthetic UNet takes."""
-    return torch.rand(count, 128, 128, 3, generator=torch.Generator().manual_seed(seed))
+    """IMAGE (count, 64, 64, 3): 8 x 8 latents, the smallest the synthetic UNet's two downsamplings take whole."""
+    return torch.rand(count, 64, 64, 3, generator=torch.Generator().manual_seed(seed))
 
 
 def _run(comfy_host, synthetic_model, vae, pair, **overrides):
