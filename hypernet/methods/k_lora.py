@@ -78,7 +78,8 @@ class SwitchedLayer:
     """A layer merged at sampling time: each step applies the subject's OR the style's update, never a sum.
 
     subject, style: the two sides with their strengths folded in (scale 1); subject_score, style_score: the
-    numbers the rule compares (sums of the top-k absolute entries of each update).
+    numbers the rule compares (the method's :meth:`KLoraMethod.side_scores`: K-LoRA's sums of the top-k absolute
+    entries of each update, EST-LoRA's squared Frobenius norms).
     """
 
     subject: LowRankLayer
@@ -93,7 +94,8 @@ class SwitchedLayer:
 class KLoraSwitch(RuntimePart):
     """The sampling-time part of a K-LoRA merge: the switched layers, gamma and the time scaling.
 
-    layers: layer name -> SwitchedLayer (each side's factors with its strength folded in, S_c and S_s).
+    layers: layer name -> SwitchedLayer (each side's factors with its strength folded in, S_c and S_s); method: the
+    name of the method whose scores these are, as its messages say it ("k-lora", "est-lora").
     """
 
     layers: dict[str, SwitchedLayer]
@@ -109,7 +111,7 @@ class KLoraSwitch(RuntimePart):
     def choose(self, p: float) -> dict[str, str]:
         """Layer -> "subject" or "style" at progress p (0: first step, 1: end)."""
         if not 0.0 <= p <= 1.0:  # also refuses NaN
-            raise LoraRarError(f"k-lora progress {p!r}: must be between 0 and 1")
+            raise LoraRarError(f"{self.method} progress {p!r}: must be between 0 and 1")
         scale = self.scale(p)
         # (S_c / gamma) / (S_s * S(p)) > 1, multiplied out (gamma > 0 or 0): S_s * S(p) = 0 picks the subject,
         # gamma = 0 (every subject update is zero, e.g. subject strength 0) the style, without dividing by 0
@@ -179,6 +181,13 @@ class KLoraMethod(MergeMethod):
     sampling_time = True
     unsavable = "chooses per step at sampling time"
     needs_roles = True
+    switch_reason = "K-LoRA: the subject or the style, chosen per sampling step"  # the report's line per switched layer
+    score_name = "top-k sums"  # what side_scores gives, as an error names it
+
+    def side_scores(self, layer: LowRankLayer, k: int, device) -> tuple[float, float]:
+        """(the score the rule compares, the L1 norm for gamma) of one side's update, strength folded in; k = r_c * r_s.
+        K-LoRA's score: the sum of the k largest |entries|."""
+        return top_k_and_l1(layer, k, device)
 
     def claim(self, name, subject, style, ctx: MergeContext) -> Claim | str | None:
         role = ctx.role(name)
@@ -186,17 +195,18 @@ class KLoraMethod(MergeMethod):
             return None
         if role in FUSED_WITH_MLP:  # one linear holds attention and MLP rows: a per-step choice would switch both
             return "attention fused with the MLP in one linear (single block): see docs/METHODS.md"
-        return Claim("switched", "K-LoRA: the subject or the style, chosen per sampling step")
+        return Claim("switched", self.switch_reason)
 
     def merge(self, job: LayerJob, ctx: MergeContext) -> MergedLayer:
         subject = weighted_sum([(job.subject, job.subject_weight)], ctx.device, job.dtype)
         style = weighted_sum([(job.style, job.style_weight)], ctx.device, job.dtype)
         k = job.subject.rank * job.style.rank
-        subject_score, subject_l1 = top_k_and_l1(subject, k, ctx.device)
-        style_score, style_l1 = top_k_and_l1(style, k, ctx.device)
+        subject_score, subject_l1 = self.side_scores(subject, k, ctx.device)
+        style_score, style_l1 = self.side_scores(style, k, ctx.device)
         if not all(map(math.isfinite, (subject_score, style_score, subject_l1, style_l1))):
-            raise LoraRarError(f"layer {job.name}: k-lora's top-k sums are not finite (subject {subject_score:.3g}, "
-                               f"style {style_score:.3g}); the files' values or the strengths are too large")
+            raise LoraRarError(f"layer {job.name}: {self.name}'s {self.score_name} are not finite (subject "
+                               f"{subject_score:.3g}, style {style_score:.3g}); the files' values or the strengths are "
+                               "too large")
         return MergedLayer(None, runtime=SwitchedLayer(subject, style, subject_score, style_score, subject_l1,
                                                        style_l1))
 
