@@ -1,5 +1,6 @@
 """K-LoRA against a dense implementation of its published rule (devkit/dense_rule.py): top-k sums, gamma with
-the 3x outlier drop, both time-scaling patterns, the choices; and what a sampling-time merge refuses."""
+the 3x outlier drop, both time-scaling patterns, the choices; and what a sampling-time merge refuses, for K-LoRA
+and EST-LoRA alike (EST-LoRA's own golden: test_est_lora_golden.py)."""
 
 import subprocess
 import sys
@@ -23,6 +24,7 @@ MODULES = [m for m, _, _ in SDXL.attention_linears()
            if m.startswith(("input_blocks.4.1.transformer_blocks.0.", "middle_block.1.transformer_blocks.3."))]
 PROGRESS = [0.0, 0.1, 0.149, 0.151, 0.3, 0.5, 0.75, 0.99, 1.0]
 PATTERNS = {"k-lora": "s*", "k-lora-linear": "linear"}
+SWITCHING = ["k-lora", "k-lora-linear", "est-lora"]  # the sampling-time methods on K-LoRA's switch
 
 
 def relative(actual, expected):
@@ -130,11 +132,12 @@ def test_parameters_out_of_range_are_one_line(pair, params, message):
     assert "\n" not in str(error.value)
 
 
-def test_progress_outside_zero_to_one_is_refused(pair):
+@pytest.mark.parametrize("method", ["k-lora", "est-lora"])
+def test_progress_outside_zero_to_one_is_refused(pair, method):
     subject, style = pair
     merged = merge_loras(lora_from_tensors(subject, "s.safetensors"), lora_from_tensors(style, "t.safetensors"), None,
-                         method="k-lora")
-    with pytest.raises(LoraRarError, match="k-lora progress 1.5: must be between 0 and 1"):
+                         method=method)
+    with pytest.raises(LoraRarError, match=f"^{method} progress 1.5: must be between 0 and 1"):
         merged.runtime.choose(1.5)
 
 
@@ -143,15 +146,16 @@ def test_k_lora_is_listed_after_np_lora_current_pattern_first():
     assert methods.names()[:6] == ("lorarar", "direct", "np-lora", "b-lora", "k-lora", "k-lora-linear")
 
 
-def test_a_sampling_time_merge_cannot_become_a_file(pair):
+@pytest.mark.parametrize("method", ["k-lora", "est-lora"])
+def test_a_sampling_time_merge_cannot_become_a_file(pair, method):
     subject, style = pair
     merged = merge_loras(lora_from_tensors(subject, "s.safetensors"), lora_from_tensors(style, "t.safetensors"), None,
-                         method="k-lora")
-    with pytest.raises(LoraRarError, match="k-lora chooses per step at sampling time; it cannot be saved as one LoRA file"):
+                         method=method)
+    with pytest.raises(LoraRarError, match=f"{method} chooses per step at sampling time; it cannot be saved as one LoRA file"):
         merged.kohya_state_dict()
 
 
-@pytest.mark.parametrize("method", ["k-lora", "k-lora-linear"])
+@pytest.mark.parametrize("method", SWITCHING)
 def test_the_cli_refuses_k_lora_in_one_line(pair, tmp_path, method):
     subject = write_lora(tmp_path / "dog.safetensors", pair[0])
     style = write_lora(tmp_path / "ink.safetensors", pair[1])
@@ -164,7 +168,7 @@ def test_the_cli_refuses_k_lora_in_one_line(pair, tmp_path, method):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
-@pytest.mark.parametrize("method", ["k-lora", "k-lora-linear"])
+@pytest.mark.parametrize("method", SWITCHING)
 def test_a_zero_subject_leaves_every_layer_to_the_style(pair, method):
     """Subject strength 0 (inside the node's range): every L1 ratio and gamma are 0; the rule must not divide by
     them, and the side with an update, the style, is chosen everywhere (style strength 0: the subject)."""
@@ -180,28 +184,30 @@ def _as_dit(tensors: dict) -> dict:
     return {key.replace("lora_unet_", "lora_unet_blocks_0_"): value for key, value in tensors.items()}
 
 
-def test_roles_from_the_model_decide_what_is_switched(pair):
+@pytest.mark.parametrize("method", ["k-lora", "est-lora"])
+def test_roles_from_the_model_decide_what_is_switched(pair, method):
     """With the model's roles, K-LoRA switches exactly the layers they call attention, whatever their names;
     a linear fusing attention with the MLP is summed with its reason, and the report counts the rule's layers."""
     subject_sd, style_sd = (_as_dit(sd) for sd in pair)
     subject, style = lora_from_tensors(subject_sd, "s"), lora_from_tensors(style_sd, "t")
     names = sorted(subject.layers)
     roles = {names[0]: "to_q", names[1]: "qkv", names[2]: "qkv+mlp"}
-    merged = merge_loras(subject, style, None, "k-lora", roles=roles, family="WAN21_T2V")
+    merged = merge_loras(subject, style, None, method, roles=roles, family="WAN21_T2V")
     assert sorted(merged.runtime.layers) == names[:2]
     assert merged.report.actions[names[2]] == "summed"
     assert "attention fused with the MLP" in merged.report.reasons[names[2]]
     assert merged.report.own_rule_layers == 2
-    assert "k-lora's own rule: 2 of" in merged.report.to_text()
+    assert f"{method}'s own rule: 2 of" in merged.report.to_text()
 
 
-def test_no_known_attention_refuses_naming_the_family(pair):
+@pytest.mark.parametrize("method", ["k-lora", "est-lora"])
+def test_no_known_attention_refuses_naming_the_family(pair, method):
     """A model whose attention modules the pack does not know (roles {}) or only fused-with-MLP linears: K-LoRA
     refuses in one line naming the family, never becomes a plain sum under its name."""
     subject, style = (lora_from_tensors(_as_dit(sd), n) for sd, n in zip(pair, "st"))
     for roles in ({}, {name: "qkv+mlp" for name in subject.layers}):
-        with pytest.raises(LoraRarError, match=r"^k-lora: no attention projection is known in this Krea2 model") as info:
-            merge_loras(subject, style, None, "k-lora", roles=roles, family="Krea2")
+        with pytest.raises(LoraRarError, match=rf"^{method}: no attention projection is known in this Krea2 model") as info:
+            merge_loras(subject, style, None, method, roles=roles, family="Krea2")
         assert "\n" not in str(info.value)
 
 

@@ -9,6 +9,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from hypernet import methods
 from hypernet.base_models import SDXL
 from hypernet.lora_io import read_lora
 from hypernet.merge import merge_loras, merge_many
@@ -63,6 +64,27 @@ def test_full_sdxl_merge_never_forms_a_dense_update(sdxl_hypernet, tmp_path, met
     assert len(merged.layers) == len(SDXL.attention_linears())
     numel, op = watch.largest
     assert 0 < numel <= allowed, f"{op} returned {numel} elements: a dense update ({smallest_dense}+) was formed"
+
+
+# one transformer block in each of the two SDXL widths and the two B-LoRA blocks: every method has layers to work on
+SOME_MODULES = [m for m, _, _ in SDXL.attention_linears()
+                if m.startswith(("input_blocks.4.1.transformer_blocks.0.", "output_blocks.0.1.transformer_blocks.0.",
+                                 "output_blocks.1.1.transformer_blocks.0.", "middle_block.1.transformer_blocks.0."))]
+
+
+@pytest.mark.parametrize("name", [m.name for m in methods.all_methods() if not m.needs_model])
+def test_no_registered_method_forms_a_dense_update(sdxl_hypernet, tmp_path, name):
+    """Every method a merge runs from the files alone (a new one included, whatever it computes: K-LoRA's top-k and
+    L1 in slabs of columns, EST-LoRA's Gram matrices): no op returns a d_out x d_in tensor."""
+    method = methods.get(name)
+    subject = read_lora(write_lora(tmp_path / "s.safetensors", random_lora(rank=8, seed=7, modules=SOME_MODULES, alpha=4)))
+    style = read_lora(write_lora(tmp_path / "t.safetensors", random_lora(rank=6, seed=8, modules=SOME_MODULES)))
+    smallest_dense = min(d_out * d_in for m, d_out, d_in in SDXL.attention_linears() if m in SOME_MODULES)
+    with LargestOutputs() as watch:
+        merged = merge_loras(subject, style, sdxl_hypernet if method.needs_hypernet else None, method=name, layout=SDXL)
+    assert merged.layers or merged.runtime is not None
+    numel, op = watch.largest
+    assert 0 < numel < smallest_dense, f"{name}: {op} returned {numel} elements: a dense update ({smallest_dense}+) was formed"
 
 
 def test_guard_catches_a_dense_update(sdxl_hypernet, tmp_path):
