@@ -204,9 +204,9 @@ class KLoraMethod(MergeMethod):
         subject_score, subject_l1 = self.side_scores(subject, k, ctx.device)
         style_score, style_l1 = self.side_scores(style, k, ctx.device)
         if not all(map(math.isfinite, (subject_score, style_score, subject_l1, style_l1))):
-            raise LoraRarError(f"layer {job.name}: {self.name}'s {self.score_name} are not finite (subject "
-                               f"{subject_score:.3g}, style {style_score:.3g}); the files' values or the strengths are "
-                               "too large")
+            raise LoraRarError(f"layer {job.name}: {self.name}'s {self.score_name} or L1 norms are not finite "
+                               f"(subject {subject_score:.3g}, L1 {subject_l1:.3g}; style {style_score:.3g}, L1 "
+                               f"{style_l1:.3g}); the files' values or the strengths are too large")
         return MergedLayer(None, runtime=SwitchedLayer(subject, style, subject_score, style_score, subject_l1,
                                                        style_l1))
 
