@@ -1,6 +1,7 @@
-"""K-LoRA through the merge node's MODEL output, sampled by ComfyUI's own samplers: at every recorded model
-call, each switched attention linear computes x @ (W + dW_choice)^T + b with dW_choice the subject's or the
-style's update as the dense rule picks it at that call's place in the sampler's schedule."""
+"""K-LoRA and EST-LoRA through the merge node's MODEL output, sampled by ComfyUI's own samplers: at every recorded
+model call, each switched attention linear computes x @ (W + dW_choice)^T + b with dW_choice the subject's or the
+style's update as the dense rule picks it at that call's place in the sampler's schedule (K-LoRA scores each update
+by its top-k entries, EST-LoRA by its squared Frobenius norm; the choice rule is the same)."""
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ pytestmark = pytest.mark.host
 
 RECORDED = ("input_blocks.3.1.transformer_blocks.0.attn1.to_q", "input_blocks.3.1.transformer_blocks.1.attn2.to_k",
             "input_blocks.5.1.transformer_blocks.2.attn1.to_out.0", "input_blocks.5.1.transformer_blocks.4.attn2.to_v")
-PATTERNS = {"k-lora": ("s*", 1.5, 1.275), "k-lora-linear": ("linear", 1.5, 0.5)}
+PATTERNS = {"k-lora": ("s*", 1.5, 1.275), "k-lora-linear": ("linear", 1.5, 0.5), "est-lora": ("s*", 1.5, 1.275)}
 SUBJECT_RANK, STYLE_RANK = 4, 6
 
 
@@ -34,6 +35,14 @@ def pair(comfy_host, layout):
     return subject, style
 
 
+def dense_scores(method: str, dw_c: torch.Tensor, dw_s: torch.Tensor, k: int) -> tuple[float, float]:
+    """What the method's rule compares, from the dense updates: EST-LoRA the squared Frobenius norms, K-LoRA the
+    sums of the k largest |entries|."""
+    if method == "est-lora":
+        return float((dw_c * dw_c).sum()), float((dw_s * dw_s).sum())
+    return dense_k_lora_scores(dw_c, dw_s, k)
+
+
 class DenseKLora:
     """The published rule on dense updates of every attention linear (the test's own reference)."""
 
@@ -44,7 +53,7 @@ class DenseKLora:
             stem = _kohya(module)
             dw_c, dw_s = dense_update(subject, stem), dense_update(style, stem)
             self.updates[module] = {"subject": dw_c, "style": dw_s}
-            self.scores[module] = dense_k_lora_scores(dw_c, dw_s, SUBJECT_RANK * STYLE_RANK)
+            self.scores[module] = dense_scores(method, dw_c, dw_s, SUBJECT_RANK * STYLE_RANK)
         self.gamma = dense_k_lora_gamma([(u["subject"], u["style"]) for u in self.updates.values()])
 
     def choice(self, module: str, p: float) -> str:
@@ -101,7 +110,9 @@ def _weights(model) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             for module, linear in linears.items()}
 
 
-def test_k_lora_follows_the_samplers_progress_with_euler_at_two_step_counts(comfy_host, synthetic_model, layout, pair):
+@pytest.mark.parametrize("method", ["k-lora", "est-lora"])
+def test_k_lora_follows_the_samplers_progress_with_euler_at_two_step_counts(comfy_host, synthetic_model, layout, pair,
+                                                                             method):
     import comfy.model_management
 
     from tests.host.test_nodes_inprocess import _merge
@@ -112,10 +123,10 @@ def test_k_lora_follows_the_samplers_progress_with_euler_at_two_step_counts(comf
     before = _weights(model)
     _, _, plain_before = _sample(nodes, model, 2, "euler", "normal")
     model_out, _, merged, report = _merge(comfy_host, model, None, "ks_subject.safetensors", "ks_style.safetensors",
-                                          method="k-lora")
+                                          method=method)
     switched = len(layout.attention_linears())
     assert f"switched per sampling step: {switched} layers" in report and merged.runtime is not None
-    rule = DenseKLora(layout, *pair, "k-lora")
+    rule = DenseKLora(layout, *pair, method)
     seen = {}
     for steps in (4, 5):  # a call counter would drift between step counts; the sampler's progress does not
         calls, records, _ = _sample(nodes, model_out, steps, "euler", "normal")
@@ -155,12 +166,13 @@ def test_k_lora_linear_with_heun_karras_under_a_stock_lora_on_the_same_layers(co
     comfy.model_management.unload_all_models()
 
 
-def test_the_save_node_refuses_a_k_lora_merge_in_one_line(comfy_host, synthetic_model, pair):
+@pytest.mark.parametrize("method", ["k-lora", "est-lora"])
+def test_the_save_node_refuses_a_k_lora_merge_in_one_line(comfy_host, synthetic_model, pair, method):
     from tests.host.test_nodes_inprocess import _merge
 
     nodes, folder_paths, loras = comfy_host
     model, _ = synthetic_model
-    _, _, merged, _ = _merge(comfy_host, model, None, "ks_subject.safetensors", "ks_style.safetensors", method="k-lora")
-    with pytest.raises(ValueError, match="k-lora chooses per step at sampling time; it cannot be saved as one LoRA file") as error:
-        nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]().save(merged, "merged/k_lora", "fp16", "error")
-    assert "\n" not in str(error.value) and not (loras / "merged" / "k_lora.safetensors").exists()
+    _, _, merged, _ = _merge(comfy_host, model, None, "ks_subject.safetensors", "ks_style.safetensors", method=method)
+    with pytest.raises(ValueError, match=f"{method} chooses per step at sampling time; it cannot be saved as one LoRA file") as error:
+        nodes.NODE_CLASS_MAPPINGS["LoraRarSaveMergedLora"]().save(merged, "merged/switched", "fp16", "error")
+    assert "\n" not in str(error.value) and not (loras / "merged" / "switched.safetensors").exists()
