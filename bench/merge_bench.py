@@ -363,12 +363,15 @@ def row_node(spec: dict) -> dict:
         loras.rmdir()
 
 
+SAMPLING_METHODS = ("k-lora", "est-lora")  # the sampling-time methods whose per-step cost row_sampling measures
+
+
 def row_sampling(spec: dict) -> dict:
-    """K-LoRA's per-step sampling cost: the merge node's MODEL with method k-lora (the chosen factors applied in
-    each attention linear's forward) vs with method direct (a plain LoRA patched into the weights), the same
-    synthetic model, sampler, steps and latent. A step's time is taken between the sampler's per-step callbacks,
-    so loading the model and patching its weights (what direct pays once per load) are left out; the two paths
-    alternate run by run, so a change in the machine's load falls on both."""
+    """The per-step sampling cost of each method in SAMPLING_METHODS: the merge node's MODEL with that method (the
+    chosen factors applied in each attention linear's forward) vs with method direct (a plain LoRA patched into the
+    weights), the same synthetic model, sampler, steps and latent. A step's time is taken between the sampler's
+    per-step callbacks, so loading the model and patching its weights (what direct pays once per load) are left out;
+    the paths alternate run by run, so a change in the machine's load falls on all of them."""
     import torch
 
     from hypernet.base_models import UNetLayout
@@ -387,7 +390,7 @@ def row_sampling(spec: dict) -> dict:
         (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto")
         merge = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]()
         patched = {method: merge.merge(model, hypernet, files[0], files[1], 1.0, 1.0, 1.0, 1.0, method, "sum")[0]
-                   for method in ("direct", "k-lora")}
+                   for method in ("direct", *SAMPLING_METHODS)}
         generator = torch.Generator().manual_seed(0)
         cond = [[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
         latent = torch.zeros(1, 4, spec["latent"] // 8, spec["latent"] // 8)
@@ -399,7 +402,7 @@ def row_sampling(spec: dict) -> dict:
                                 disable_pbar=True)
             return (stamps[-1] - stamps[0]) / (len(stamps) - 1)
 
-        times = {"direct": [], "k-lora": []}
+        times = {method: [] for method in ("direct", *SAMPLING_METHODS)}
         for _ in range(spec["runs"]):
             for method in times:
                 times[method].append(step_seconds(method))
@@ -712,19 +715,23 @@ def _sampling_section(rows: list[tuple[dict, dict]]) -> list[str]:
     sampling = [(s, r) for s, r in rows if s["kind"] == "sampling" and "error" not in r]
     if not sampling:
         return []
-    out = ["## K-LoRA sampling overhead per step vs a plain LoRA", "",
+    out = ["## Sampling-time methods (K-LoRA, EST-LoRA): overhead per step vs a plain LoRA", "",
            "The merge node's MODEL sampled by the stock KSampler path (`comfy.sample.sample`, which the KSampler "
            "node calls; euler, cfg 2, so cond and uncond in one batch) on the synthetic KOALA-700M-class checkpoint, CPU. *plain LoRA*: method "
-           "direct, the sum patched into the weights once; *K-LoRA*: method k-lora, every attention linear adds "
-           "the chosen side's up(down(x)) in its forward, the choice made from the current sigma. Per step: "
+           "direct, the sum patched into the weights once; *k-lora*, *est-lora*: every attention linear adds "
+           "the chosen side's up(down(x)) in its forward, the choice made from the current sigma (the two differ "
+           "only in the scores computed at merge time, so their per-step cost should agree). Per step: "
            "the median over runs of the time between the sampler's per-step callbacks (loading and weight patching "
-           "excluded), the two paths alternating run by run.", "",
-           "| model | LoRAs | latent | steps | plain LoRA per step | K-LoRA per step | ratio |",
-           "|---|---|---:|---:|---:|---:|---:|"]
+           "excluded), the plain LoRA and each method measured in the same run, alternating run by run.", "",
+           "| model | LoRAs | latent | steps | method | plain LoRA per step | method per step | ratio |",
+           "|---|---|---:|---:|---|---:|---:|---:|"]
     for s, r in sampling:
-        out.append(f"| synthetic KOALA-700M-class | {r['layers']} layers, rank {s['rank']} | {s['latent']} px | "
-                   f"{r['steps']} | {_ms(r['direct_step_s'])} | {_ms(r['k-lora_step_s'])} | "
-                   f"**{r['k-lora_step_s'] / r['direct_step_s']:.2f}x** |")
+        for method in SAMPLING_METHODS:
+            if f"{method}_step_s" not in r:  # a result recorded before the method existed
+                continue
+            out.append(f"| synthetic KOALA-700M-class | {r['layers']} layers, rank {s['rank']} | {s['latent']} px | "
+                       f"{r['steps']} | {method} | {_ms(r['direct_step_s'])} | {_ms(r[f'{method}_step_s'])} | "
+                       f"**{r[f'{method}_step_s'] / r['direct_step_s']:.2f}x** |")
     return out + [""]
 
 
