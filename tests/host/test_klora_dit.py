@@ -1,7 +1,8 @@
-"""K-LoRA on every DiT family the host loads (synthetic Flux, Flux.2, SD3.5, Krea 2, Z-Image, Qwen-Image, Wan 2.1
+"""K-LoRA and EST-LoRA on every DiT family the host loads (synthetic Flux, Flux.2, SD3.5, Krea 2, Z-Image, Qwen-Image, Wan 2.1
 and 2.2): a kohya subject and a style in another trainer's form, sampled by ComfyUI's own sampler; every recorded
 call of a switched linear (a query or fused q/k/v, and an output projection of the text stream or the
-cross-attention) computes x @ (W + dW_choice)^T + b, with the choice the dense rule makes at that step."""
+cross-attention) computes x @ (W + dW_choice)^T + b, with the choice the dense rule makes at that step (K-LoRA's
+score: the top-k entries of each update; EST-LoRA's: its squared Frobenius norm)."""
 
 
 import pytest
@@ -24,6 +25,9 @@ FAMILIES = {name: family for name, family in ALL_FAMILIES.items()
 # two switched linears per family whose inputs and outputs are recorded: each family entry's ``recorded``, a query
 # (or fused q/k/v) and an output projection, from the text stream or the cross-attention where the family has one
 SUBJECT_RANK, STYLE_RANK = 4, 3
+# the style's strength per method: EST-LoRA compares squared norms, and at strength 1 this pair's subject (rank 4, std
+# 0.1, alpha/rank 0.5) out-weighs the style (rank 3, std 0.06) at every s(p) <= 1.5, so the test would see one side
+STYLE_STRENGTH = {"k-lora": 1.0, "est-lora": 1.5}
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +60,9 @@ def _progress(sigma: float, schedule: list[float]) -> float:
     return index / (len(schedule) - 1)
 
 
+@pytest.mark.parametrize("method", ["k-lora", "est-lora"])
 @pytest.mark.parametrize("name", list(FAMILIES))
-def test_k_lora_switches_fused_dit_attention_linears_per_step(comfy_host, models, name):
+def test_k_lora_switches_fused_dit_attention_linears_per_step(comfy_host, models, name, method):
     import comfy.model_management
 
     nodes, _, loras = comfy_host
@@ -72,10 +77,10 @@ def test_k_lora_switches_fused_dit_attention_linears_per_step(comfy_host, models
     originals = {m: (linear.weight.detach().clone(), None if linear.bias is None else linear.bias.detach().clone())
                  for m, linear in linears.items()}
     model_out, _, merged, report = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"]().merge(
-        model, None, f"kd-{name}-subject.safetensors", f"kd-{name}-style.safetensors", 1.0, 1.0, 1.0, 1.0,
-        "k-lora", "sum")
+        model, None, f"kd-{name}-subject.safetensors", f"kd-{name}-style.safetensors", 1.0, STYLE_STRENGTH[method],
+        1.0, 1.0, method, "sum")
     dense_c = {k: v for k, v in dense_updates(family, "kohya", subject, dtype=torch.float64).items() if is_switched(name, k)}
-    dense_s = dense_updates(family, style_fmt, style, dtype=torch.float64)
+    dense_s = {k: STYLE_STRENGTH[method] * v for k, v in dense_updates(family, style_fmt, style, dtype=torch.float64).items()}
     assert set(merged.runtime.layers) == {canonical(k) for k in dense_c}
     assert f"switched per sampling step: {len(dense_c)} layers" in report
     gamma = dense_k_lora_gamma([(dense_c[k], dense_s[k]) for k in dense_c])
@@ -85,8 +90,10 @@ def test_k_lora_switches_fused_dit_attention_linears_per_step(comfy_host, models
     scores, weights = {}, {}  # per recorded linear: the dense rule's S_c, S_s and both effective weights, once
     for module in family.recorded:
         key, layer = f"{module}.weight", merged.runtime.layers[canonical(f"{module}.weight")]
-        # k = r_c * r_s of the layer as merged: a split style's q/k/v pieces make one layer of their summed rank
-        scores[module] = dense_k_lora_scores(dense_c[key], dense_s[key], layer.subject.rank * layer.style.rank)
+        if method == "est-lora":  # the squared Frobenius norms of the dense updates
+            scores[module] = float((dense_c[key] ** 2).sum()), float((dense_s[key] ** 2).sum())
+        else:  # k = r_c * r_s of the layer as merged: a split style's q/k/v pieces make one layer of their summed rank
+            scores[module] = dense_k_lora_scores(dense_c[key], dense_s[key], layer.subject.rank * layer.style.rank)
         weight = originals[module][0].double()
         weights[module] = {"subject": weight + dense_c[key], "style": weight + dense_s[key]}
     for call, module, x, y in records:
