@@ -214,6 +214,7 @@ def test_est_lora_comes_after_every_existing_method_with_the_flux_defaults():
     assert methods.names()[:7] == ("lorarar", "direct", "np-lora", "b-lora", "k-lora", "k-lora-linear", "zip-lora")
     assert methods.names()[7] == "est-lora"
     method = methods.get("est-lora")
+    assert (method.since, method.position) == ("0.2.0", 6)  # its place, as test_methods.py pins the published ones'
     assert method.sampling_time and method.needs_roles
     assert {p.name: p.default for p in method.params} == {"alpha": 1.5, "beta": 1.275}
     assert "DINO" in method.help and "DINO" in next(p.help for p in method.params if p.name == "beta")
