@@ -54,9 +54,10 @@ def cases(family: str) -> list[tuple[str, tuple[str, str], str]]:
 
 
 CASES = [case for family in FAMILIES for case in cases(family)]
-# K-LoRA-linear differs from K-LoRA in its time scale only: on the wide families (seconds a merge) K-LoRA alone
+# K-LoRA-linear differs from K-LoRA in its time scale only, EST-LoRA in its score only: on the wide families (seconds
+# a merge) K-LoRA alone
 K_LORA_CASES = [(family, method) for family in FAMILIES
-                for method in (("k-lora",) if family in WIDE_MODULES else ("k-lora", "k-lora-linear"))]
+                for method in (("k-lora",) if family in WIDE_MODULES else ("k-lora", "k-lora-linear", "est-lora"))]
 
 
 def trained(family: str) -> int:
@@ -272,7 +273,7 @@ def test_a_saved_dit_merge_loads_with_the_stock_loader_and_patches_what_the_node
 @pytest.mark.parametrize("family,method", K_LORA_CASES,
                          ids=lambda v: v)
 def test_k_lora_switches_exactly_the_attention_linears_with_the_dense_rule(comfy_host, dit, family, method):
-    """K-LoRA on each family: the switched layers are the architecture's attention projections (roles from the
+    """K-LoRA (and EST-LoRA, scored by energy) on each family: the switched layers are the architecture's attention projections (roles from the
     model, checked against tests/support/families.py), S_c, S_s and gamma equal the dense rule's, and so does the
     choice at every progress; the report counts the rule's layers. (The choice inside real sampling:
     tests/host/test_klora_dit.py.)"""
@@ -284,10 +285,13 @@ def test_k_lora_switches_exactly_the_attention_linears_with_the_dense_rule(comfy
     updates = {key: (0.8 * dense_s[key], 1.3 * dense_t[key]) for key in switched}
     gamma = dense_k_lora_gamma(list(updates.values()))
     assert abs(merged.runtime.gamma - gamma) <= 1e-6 * gamma
-    params = {"k-lora": ("s*", 1.5, 1.275), "k-lora-linear": ("linear", 1.5, 0.5)}[method]
+    params = {"k-lora": ("s*", 1.5, 1.275), "k-lora-linear": ("linear", 1.5, 0.5), "est-lora": ("s*", 1.5, 1.275)}[method]
     for key, (c, s) in updates.items():
         layer = merged.runtime.layers[canonical(key)]
-        scores = dense_k_lora_scores(c, s, layer.subject.rank * layer.style.rank)
+        if method == "est-lora":  # EST-LoRA's score: the squared Frobenius norm of the dense update; the rule is K-LoRA's
+            scores = float((c * c).sum()), float((s * s).sum())
+        else:
+            scores = dense_k_lora_scores(c, s, layer.subject.rank * layer.style.rank)
         assert relative_error(torch.tensor([layer.subject_score, layer.style_score], dtype=torch.float64),
                               torch.tensor(scores, dtype=torch.float64)) <= 1e-5, key
         for p in (0.0, 0.2, 0.5, 0.8, 1.0):
