@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from ..lora_io import LowRankLayer
+from ..layers import LowRankLayer
 from . import register
 from .base import Param
 from .k_lora import KLoraMethod, top_k_and_l1
