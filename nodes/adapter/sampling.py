@@ -40,9 +40,13 @@ class NoisedBatch:
 def model_conditioning(model, conditioning: list, latent: torch.Tensor) -> dict:
     """ComfyUI CONDITIONING (its first entry: [cross_attn (1, tokens, width), {"pooled_output": ..., ...}]) as
     ``apply_model`` keyword tensors for ``latent`` (B, C, H, W), built as the samplers build them
-    (``BaseModel.extra_conds``: SDXL's y from the pooled output and the image size), repeated to batch B."""
+    (``BaseModel.extra_conds``: SDXL's y from the pooled output and the image size), repeated to batch B. The
+    keywords are those of the samplers' ``encode_model_conds``: the image size from the latent (8 pixels per latent
+    pixel, as the sampler assumes) unless the conditioning says it, the noise's shape, the positive prompt type."""
     cross_attn, extras = conditioning[0]
-    conds = model.model.extra_conds(input_x=latent, device=latent.device, cross_attn=cross_attn, **extras)
+    size = {"width": latent.shape[-1] * 8, "height": latent.shape[-2] * 8, "prompt_type": "positive"}
+    conds = model.model.extra_conds(input_x=latent, noise=latent, device=latent.device, cross_attn=cross_attn,
+                                    **{**size, **extras})
     return {name: cond.process_cond(batch_size=latent.shape[0], device=latent.device).cond for name, cond in conds.items()}
 
 

@@ -11,7 +11,6 @@ parameters (hypernet/methods/zip_lora.py).
 
 from __future__ import annotations
 
-import hashlib
 import time
 from dataclasses import dataclass, field
 
@@ -25,7 +24,8 @@ from ...hypernet.loss_curve import loss_curve
 from ...hypernet.result import MergedLora
 from ...hypernet.ziplora import ZipLoraMerge, optimise, to_merged_lora
 from .calibration import ReferenceCalibration
-from .model import ModelView, apply_merged, diffusion_layers, lora_path, refuse_unsupported
+from .model import (ModelView, apply_merged, conditioning_tensors, diffusion_layers, hash_tensors, lora_path,
+                    model_fingerprint, refuse_unsupported)
 from .sampling import check_images, encode_images, encode_prompts, throw_if_cancelled, to_image, trainable
 # The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
 # latent pixels; 64 px (8 x 8 latents) is the smallest this pack tests, and smaller references teach nothing anyway.
@@ -33,7 +33,7 @@ MIN_IMAGE_PX = 64
 
 # The last result: a re-run where only the sampling changed reuses it. One entry: ComfyUI's cache bounds memory.
 RESULTS: BoundedCache = BoundedCache(
-    1, "files' sha256, settings, the model's sampled weights and patches, latents' and conditionings' hashes")
+    1, "files' sha256, settings, the loaded model (by identity), its patches and forward changes, latents' and conditionings' hashes")
 
 
 @dataclass(frozen=True)
@@ -58,57 +58,6 @@ class _Result:
     early_stop: bool
     layers: int
     lines: list[str] = field(default_factory=list)
-
-
-def _hash_tensors(*tensors: torch.Tensor) -> str:
-    digest = hashlib.sha256()
-    for tensor in tensors:
-        digest.update(f"{tuple(tensor.shape)}|{tensor.dtype}|".encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _conditioning_tensors(conditioning: list) -> list[torch.Tensor]:
-    """The tensors of a ComfyUI CONDITIONING (cross attention and the extras, e.g. the pooled output)."""
-    return [t for cross_attn, extras in conditioning
-            for t in (cross_attn, *(v for _, v in sorted(extras.items()) if isinstance(v, torch.Tensor)))]
-
-
-def _model_fingerprint(model) -> str:
-    """The model's weights, sampled (16 values spread over each tensor, every shape and dtype), and the patches
-    already on it: telling two checkpoints apart without reading gigabytes on every run."""
-    digest = hashlib.sha256(type(model.model.model_config).__name__.encode())
-    for name, weight in model.model.state_dict().items():
-        flat = weight.detach().reshape(-1)
-        count = min(16, flat.numel())
-        sample = flat[torch.arange(count) * (flat.numel() - 1) // max(count - 1, 1)]  # integer: exact for any size
-        digest.update(f"{name}|{tuple(weight.shape)}|{weight.dtype}|".encode())
-        digest.update(sample.to("cpu", torch.float32).numpy().tobytes())
-    if model.patches:  # a LoRA loaded upstream changes what the merge is optimised on
-        digest.update(f"{sorted(model.patches)}|{model.patches_uuid}".encode())
-    digest.update(_forward_changes(model).encode())
-    return digest.hexdigest()
-
-
-def _forward_changes(model) -> str:
-    """What changes the model's forward without touching its weights: object patches (a K-LoRA merge upstream,
-    another pack's replaced forward), wrappers and transformer_options patches, by name and object (the same
-    upstream node output on a re-run is the same object)."""
-    options = model.model_options.get("transformer_options", {})
-    parts = [(name, type(value).__qualname__, id(value)) for name, value in sorted(model.object_patches.items())]
-    parts += [(kind, key, tuple(map(id, wrappers))) for kind, by_key in sorted(getattr(model, "wrappers", {}).items())
-              for key, wrappers in sorted(by_key.items()) if wrappers]
-    parts += [(group, _leaves(options[group])) for group in ("patches", "patches_replace") if options.get(group)]
-    return repr(parts)
-
-
-def _leaves(tree) -> list:
-    """(path, type, id) of each callable in a transformer_options patch dict (clones copy the dicts, not these)."""
-    if isinstance(tree, dict):
-        return [(repr(key), _leaves(value)) for key, value in sorted(tree.items(), key=lambda item: repr(item[0]))]
-    if isinstance(tree, (list, tuple)):
-        return [_leaves(value) for value in tree]
-    return [(type(tree).__qualname__, id(tree))]
 
 
 def _reference(vae, clip, images: torch.Tensor, prompt: str, what: str) -> tuple:
@@ -203,10 +152,10 @@ def optimise_for_model(model, clip, vae, subject_lora: str, style_lora: str, sub
     subject_path, style_path = lora_path(subject_lora), lora_path(style_lora)
     subject_data = _reference(vae, clip, *subject_reference, "subject_images")
     style_data = _reference(vae, clip, *style_reference, "style_images")
-    key = (file_sha256(subject_path), file_sha256(style_path), settings, _model_fingerprint(model),
-           *(_hash_tensors(latents, *_conditioning_tensors(cond)) for latents, cond in (subject_data, style_data)))
+    key = (file_sha256(subject_path), file_sha256(style_path), settings, model_fingerprint(model),
+           *(hash_tensors(latents, *conditioning_tensors(cond)) for latents, cond in (subject_data, style_data)))
     result, reused = RESULTS.get_or_make(key, lambda: _optimise(model, subject_path, style_path, subject_data,
-                                                                 style_data, settings, node_id))
+                                                                 style_data, settings, node_id), (model.model,))
     merged = result.merged.named(subject_lora, style_lora, subject_path, style_path)
     model_out, clip_out, applied, applied_text = apply_merged(model, clip, merged)
     curve = to_image(loss_curve(result.history, f"ZipLoRA: {subject_lora} + {style_lora}"))
