@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ..hypernet import methods
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP, Strengths
-from .adapter import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, MergeRequest, lora_names, loras_changed, merge_for_model,
-                      method_param_inputs, params_for, strength_input)
+from .adapter import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, MergeRequest, calibration_inputs, lora_names, loras_changed,
+                      merge_for_model, method_param_inputs, params_for, strength_input)
 
 
 class LoraRarMerge:
@@ -46,6 +46,7 @@ class LoraRarMerge:
             "optional": {
                 "clip": ("CLIP", {"tooltip": "The text encoders, for LoRAs that also train them. Leave empty to patch the model only."}),
                 **method_param_inputs(),
+                **calibration_inputs(),
             },
         }
 
@@ -54,7 +55,9 @@ class LoraRarMerge:
         return loras_changed(subject_lora, style_lora)  # the files' content, not only their names
 
     def merge(self, model, hypernet, subject_lora, style_lora, subject_strength, style_strength,
-              subject_clip_strength, style_clip_strength, method, layer_policy, clip=None, **method_params):
+              subject_clip_strength, style_clip_strength, method, layer_policy, clip=None, subject_conditioning=None,
+              style_conditioning=None, **method_params):
         strengths = Strengths(subject_strength, style_strength, subject_clip_strength, style_clip_strength)
         request = MergeRequest(subject_lora, style_lora, method, layer_policy, strengths, params_for(method, method_params))
-        return merge_for_model(model, clip, hypernet, request)
+        conditioning = {"subject": subject_conditioning, "style": style_conditioning}
+        return merge_for_model(model, clip, hypernet, request, conditioning)

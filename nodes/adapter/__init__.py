@@ -19,8 +19,8 @@ from .branch import inject, sampling_progress
 from .fit import layer_misfit
 from .hypernets import (LoadedHypernets, hypernet_changed, hypernet_choices, license_line, load_hypernets,
                         register_folder)
-from .inputs import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, lora_names, loras_changed, method_param_inputs,
-                     param_input, params_for, sampler_input, scheduler_input, strength_input)
+from .inputs import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, calibration_inputs, lora_names, loras_changed,
+                     method_param_inputs, param_input, params_for, sampler_input, scheduler_input, strength_input)
 from .judging import JudgeSettings, evaluate_images
 from .merging import MergeRequest, Sampling, compare, merge_for_model
 from .model import ModelView, apply_merged, diffusion_layers, lora_path, model_class, model_layout, refuse_unsupported
@@ -34,16 +34,17 @@ from .ziplora import Settings, optimise_for_model
 def forget_results() -> None:
     """Empty every cache the adapter keeps between runs (benchmarks time cold runs; nothing else needs it)."""
     from ...hypernet.files import forget_hashes
-    from . import merging, model, sampling, ziplora
+    from . import calibration, merging, model, sampling, ziplora
 
-    for cache in (merging.MERGES, model.VERDICTS, ziplora.RESULTS, sampling.ENCODINGS):
+    for cache in (merging.MERGES, model.VERDICTS, ziplora.RESULTS, sampling.ENCODINGS, calibration.CALIBRATIONS):
         cache.clear()
     forget_hashes()
 
 __all__ = [
     "CATEGORY", "HYPERNET_TYPE", "IF_EXISTS", "JudgeSettings",
     "LoadedHypernets", "MERGED_TYPE", "MergeRequest", "ModelView", "NoisedBatch", "SAVE_DTYPES", "Sampling",
-    "Settings", "apply_merged", "attention_classes", "attention_roles", "coefficient_outputs", "compare",
+    "Settings", "apply_merged", "attention_classes", "attention_roles", "calibration_inputs", "coefficient_outputs",
+    "compare",
     "diffusion_layers", "encode_images", "forget_results", "encode_text", "evaluate_images", "hypernet_changed", "hypernet_choices",
     "inject", "layer_misfit", "license_line", "load_hypernets", "loaded", "lora_names", "lora_path", "loras_changed",
     "merge_for_model", "method_param_inputs", "model_class", "model_conditioning", "model_layout", "noised_batch",

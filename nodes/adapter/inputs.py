@@ -51,6 +51,16 @@ def method_param_inputs() -> dict:
             for method in methods.all_methods() if merge_nodes_run(method) for param in method.params}
 
 
+def calibration_inputs() -> dict:
+    """Each LoRA's own conditioning, for the methods that calibrate on it (SSR-Merge); after every widget, so saved
+    workflows' widget values keep their places."""
+    names = ", ".join(method.name for method in methods.all_methods() if method.needs_model and merge_nodes_run(method))
+    return {f"{side}_conditioning": ("CONDITIONING", {"tooltip": f"{names} only: the {side} LoRA's own prompt, encoded "
+                                                                 f"(e.g. '{example}'); its calibration runs one sampling "
+                                                                 "step per LoRA on it"})
+            for side, example in (("subject", "a photo of sks dog"), ("style", "a watercolor painting"))}
+
+
 def params_for(method: str, given: dict) -> dict[str, float]:
     """The node inputs of ``method``'s own parameters, by parameter name (the others' are ignored)."""
     rule = methods.get(method)

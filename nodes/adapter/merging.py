@@ -27,7 +27,9 @@ from ...hypernet.comparison import Column
 from ...hypernet.errors import LoraRarError, unforeseen_as_error
 from ...hypernet.files import file_sha256
 from ...hypernet.merge import merge_loras
+from ...hypernet.layers import SIDES
 from ...hypernet.result import MergedLora, Strengths
+from .calibration import PromptCalibration
 from .inputs import merge_nodes_run, params_for
 from .model import ModelView, apply_merged, lora_path, model_class, model_layout, model_signature
 from .roles import attention_roles, unknown_attention_classes
@@ -68,7 +70,8 @@ def _unknown_attention_note(method: str, model) -> str:
             "their linears follow the layer policy" if unknown else "")
 
 
-def _merge_files(request: MergeRequest, paths: tuple[str, str], net, model, clip, roles: dict) -> MergedLora:
+def _merge_files(request: MergeRequest, paths: tuple[str, str], net, model, clip, roles: dict,
+                 calibration: PromptCalibration | None) -> MergedLora:
     view = ModelView(model, clip)
     subject, style = view.read_pair(*paths)
     bar = comfy.utils.ProgressBar(1)
@@ -77,11 +80,35 @@ def _merge_files(request: MergeRequest, paths: tuple[str, str], net, model, clip
         return merge_loras(subject, style, net, request.method, request.layer_policy, request.strengths,
                            layout=view.layout, device=comfy.model_management.get_torch_device(), params=request.params,
                            progress=lambda done, total: bar.update_absolute(done, total), family=view.family,
-                           roles=roles)
+                           roles=roles, calibration=calibration)
 
 
-def merge_for_model(model, clip, hypernet, request: MergeRequest) -> tuple:
-    """(MODEL, CLIP, merged LoRA as applied, report text) of ``request`` on this model."""
+def _calibration(request: MergeRequest, paths: tuple[str, str], model, clip,
+                 conditioning: dict | None) -> PromptCalibration | None:
+    """The calibration a method that runs the model on each LoRA's own conditioning needs (SSR-Merge), or None."""
+    rule = methods.get(request.method)
+    if not rule.needs_model or rule.needs_references:
+        return None
+    missing = [f"{side}_conditioning" for side in SIDES if (conditioning or {}).get(side) is None]
+    if missing:
+        raise LoraRarError(f"{rule.name}: connect {' and '.join(missing)} (a CLIP Text Encode of each LoRA's own "
+                           "prompt, e.g. 'a photo of sks dog' and 'a watercolor painting'): its calibration runs one "
+                           "sampling step per LoRA on them")
+    return PromptCalibration(model, conditioning, ModelView(model, clip).module_paths(), paths,
+                             tuple(map(file_sha256, paths)))
+
+
+def _calibration_line(calibration: PromptCalibration | None) -> str:
+    if calibration is None:
+        return ""
+    if calibration.seconds is None:
+        return f"calibration: reused ({calibration.describe}; same files, conditioning and model)"
+    return f"calibration: {calibration.describe}: {calibration.seconds:.1f} s"
+
+
+def merge_for_model(model, clip, hypernet, request: MergeRequest, conditioning: dict | None = None) -> tuple:
+    """(MODEL, CLIP, merged LoRA as applied, report text) of ``request`` on this model; ``conditioning``: side ->
+    CONDITIONING, each LoRA's own prompt, for a method that calibrates on them (SSR-Merge)."""
     paths = (lora_path(request.subject_lora), lora_path(request.style_lora))
     net, name = None, None
     if methods.get(request.method).needs_hypernet:
@@ -93,11 +120,14 @@ def merge_for_model(model, clip, hypernet, request: MergeRequest) -> tuple:
     key = (*map(file_sha256, paths), net.sha256 if net else None, request.method,
            tuple(sorted(request.params.items())), request.layer_policy, request.strengths,
            model_signature(model, clip), tuple(sorted(roles.items())))
-    merged, _ = MERGES.get_or_make(key, lambda: _merge_files(request, paths, net, model, clip, roles))
+    calibration = _calibration(request, paths, model, clip, conditioning)
+    key += (calibration.key,) if calibration is not None else ()
+    merged, _ = MERGES.get_or_make(key, lambda: _merge_files(request, paths, net, model, clip, roles, calibration),
+                                   (model.model,) if calibration is not None else ())  # the model it ran
     # the names (and paths) given now, also when the merge itself was reused for files of the same content
     merged = merged.named(request.subject_lora, request.style_lora, *paths)
     model_out, clip_out, applied, applied_text = apply_merged(model, clip, merged)
-    notes = [_base_model_note(name, model), _unknown_attention_note(request.method, model)]
+    notes = [_calibration_line(calibration), _base_model_note(name, model), _unknown_attention_note(request.method, model)]
     trained = f"hypernet {net.describe(name)}" if net is not None and net.training_metadata else ""
     return (model_out, clip_out, applied,
             "\n".join(filter(None, [applied.report.to_text(), applied_text, *notes, trained])))
