@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from ..hypernet import comparison
 from ..hypernet.merge import LAYER_POLICIES, LAYER_POLICY_HELP
-from .adapter import (CATEGORY, HYPERNET_TYPE, Sampling, compare, lora_names, loras_changed, method_param_inputs,
-                      sampler_input, scheduler_input)
+from .adapter import (CATEGORY, GRID_PROMPT_FALLBACK, HYPERNET_TYPE, Sampling, calibration_inputs, compare, lora_names,
+                      loras_changed, method_param_inputs, sampler_input, scheduler_input)
 
 
 class LoraRarCompare:
@@ -67,6 +67,7 @@ class LoraRarCompare:
                                           "cannot change it."}),
                 "negative_conditioning": ("CONDITIONING", {"tooltip": "Used for every column instead of encoding "
                                           "the negative prompt (connect both or neither)."}),
+                **calibration_inputs(GRID_PROMPT_FALLBACK),
             },
         }
 
@@ -76,9 +77,11 @@ class LoraRarCompare:
 
     def compare(self, model, vae, subject_lora, style_lora, positive, negative, latent_image, seed, steps, cfg,
                 sampler_name, scheduler, denoise, methods, layer_policy, clip=None, hypernet=None,
-                positive_conditioning=None, negative_conditioning=None, **method_params):
+                positive_conditioning=None, negative_conditioning=None, subject_conditioning=None,
+                style_conditioning=None, **method_params):
         given = None if positive_conditioning is None and negative_conditioning is None else (
             positive_conditioning, negative_conditioning)
         sampling = Sampling(latent_image, seed, steps, cfg, sampler_name, scheduler, denoise)
+        own = {"subject": subject_conditioning, "style": style_conditioning}
         return compare(model, vae, clip, hypernet, subject_lora, style_lora, (positive, negative), given, sampling,
-                       methods, layer_policy, method_params)
+                       methods, layer_policy, method_params, own)

@@ -11,6 +11,7 @@ door; node classes (nodes/*.py) and the training command use nothing else of Com
 - hypernets.py: hypernet files in ComfyUI's folders, loaded once, the one for a model;
 - inputs.py: the category, custom types and inputs several nodes declare;
 - calibration.py: the model a data-driven method runs through while merging (hypernet/calibration.py's host side);
+- fingerprints.py: the content keys of a cached result that ran the model (tensor hashes, what is on the model);
 - merging.py (the merge and compare nodes), ziplora.py, judging.py, outputs.py: what each node runs, one function
   each (a Compare column is the merge node's own merge, so the two share a module).
 """
@@ -19,7 +20,7 @@ from .branch import inject, sampling_progress
 from .fit import layer_misfit
 from .hypernets import (LoadedHypernets, hypernet_changed, hypernet_choices, license_line, load_hypernets,
                         register_folder)
-from .inputs import (CATEGORY, HYPERNET_TYPE, MERGED_TYPE, calibration_inputs, lora_names, loras_changed,
+from .inputs import (CATEGORY, GRID_PROMPT_FALLBACK, HYPERNET_TYPE, MERGED_TYPE, calibration_inputs, lora_names, loras_changed,
                      method_param_inputs, param_input, params_for, sampler_input, scheduler_input, strength_input)
 from .judging import JudgeSettings, evaluate_images
 from .merging import MergeRequest, Sampling, compare, merge_for_model
@@ -41,7 +42,7 @@ def forget_results() -> None:
     forget_hashes()
 
 __all__ = [
-    "CATEGORY", "HYPERNET_TYPE", "IF_EXISTS", "JudgeSettings",
+    "CATEGORY", "GRID_PROMPT_FALLBACK", "HYPERNET_TYPE", "IF_EXISTS", "JudgeSettings",
     "LoadedHypernets", "MERGED_TYPE", "MergeRequest", "ModelView", "NoisedBatch", "SAVE_DTYPES", "Sampling",
     "Settings", "apply_merged", "attention_classes", "attention_roles", "calibration_inputs", "coefficient_outputs",
     "compare",

@@ -24,7 +24,7 @@ from ...hypernet.errors import LoraRarError
 from ...hypernet.layers import SIDES
 from ...hypernet.runtime import RuntimeBranch
 from .branch import inject
-from .model import conditioning_tensors, hash_tensors, model_fingerprint
+from .fingerprints import conditioning_tensors, hash_tensors, model_fingerprint
 from .sampling import (NoisedBatch, loaded, model_conditioning, noised_batch, prediction, throw_if_cancelled,
                        timestep_count)
 
@@ -142,7 +142,7 @@ class PromptCalibration:
                  file_hashes: tuple[str, str], seed: int = CALIBRATION_SEED):
         self.model, self.conditioning, self.seed, self.paths = model, conditioning, seed, paths
         self.files = " + ".join(files)
-        self.describe = f"one sampling step per LoRA on its own conditioning, seed {seed}"
+        self.describe = f"one sampling step per LoRA on its conditioning, seed {seed}"
         self.key = (*file_hashes, seed, model_fingerprint(model),
                     *(hash_tensors(*conditioning_tensors(conditioning[side])) for side in SIDES))
         self.seconds: float | None = None  # the run's time, when this calibration ran the model (None: reused)

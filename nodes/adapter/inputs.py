@@ -51,13 +51,17 @@ def method_param_inputs() -> dict:
             for method in methods.all_methods() if merge_nodes_run(method) for param in method.params}
 
 
-def calibration_inputs() -> dict:
-    """Each LoRA's own conditioning, for the methods that calibrate on it (SSR-Merge); after every widget, so saved
-    workflows' widget values keep their places."""
+# the compare node's calibration without each LoRA's own conditioning (nodes/adapter/merging.py does it)
+GRID_PROMPT_FALLBACK = "; unconnected: the grid's positive prompt for both LoRAs"
+
+
+def calibration_inputs(fallback: str = "") -> dict:
+    """Each LoRA's own conditioning, for the methods that calibrate on it (SSR-Merge); links, not widgets, at the end
+    so saved workflows' widget values keep their places. ``fallback``: what the node does when one is unconnected."""
     names = ", ".join(method.name for method in methods.all_methods() if method.needs_model and merge_nodes_run(method))
     return {f"{side}_conditioning": ("CONDITIONING", {"tooltip": f"{names} only: the {side} LoRA's own prompt, encoded "
                                                                  f"(e.g. '{example}'); its calibration runs one sampling "
-                                                                 "step per LoRA on it"})
+                                                                 f"step per LoRA on it{fallback}"})
             for side, example in (("subject", "a photo of sks dog"), ("style", "a watercolor painting"))}
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import comfy.model_management
 import comfy.utils
@@ -153,7 +154,8 @@ class Sampling:
     denoise: float
 
 
-def _column_model(column: str, model, clip, hypernet, subject_lora, style_lora, layer_policy, given) -> tuple:
+def _column_model(column: str, model, clip, hypernet, subject_lora, style_lora, layer_policy, given,
+                  calibration_conditioning) -> tuple:
     """(model, clip, merge report) of one column; LoraRarError when this column cannot run on these inputs."""
     if column == comparison.NO_LORA:
         return model, clip, ""
@@ -168,8 +170,10 @@ def _column_model(column: str, model, clip, hypernet, subject_lora, style_lora, 
                                "README: 'Other model families')")
         raise LoraRarError(f"{column} needs a hypernet: connect the LoRA.rar Hypernet Loader")
     request = MergeRequest(subject_lora, style_lora, method, layer_policy, strengths, params_for(method, given))
-    patched_model, patched_clip, _, report = merge_for_model(model, clip, hypernet, request)
-    return patched_model, patched_clip, report
+    rule = methods.get(method)
+    conditioning, note = calibration_conditioning() if rule.needs_model and not rule.needs_references else (None, "")
+    patched_model, patched_clip, _, report = merge_for_model(model, clip, hypernet, request, conditioning)
+    return patched_model, patched_clip, "\n".join(filter(None, [report, note]))
 
 
 def conditioning_source(clip, positive_conditioning, negative_conditioning) -> str:
@@ -194,12 +198,27 @@ def _params_of(column: str, given: dict) -> dict[str, float]:
     return methods.resolve_params(methods.get(column), params_for(column, given))
 
 
+def _calibration_conditioning(clip, prompts, given_conditioning, own: dict) -> Callable[[], tuple[dict, str]]:
+    """Each side's conditioning for a column that calibrates on it (SSR-Merge), made when such a column runs: the
+    connected subject/style conditioning, else the grid's positive prompt as the base CLIP encodes it (or the
+    connected positive conditioning), which names both the subject and the style in a grid's usual prompt."""
+    def make() -> tuple[dict, str]:
+        grid = given_conditioning[0] if given_conditioning else encode_prompts(clip, *prompts)[0]
+        missing = [side for side in SIDES if own.get(side) is None]
+        note = (f"calibration conditioning of the {' and '.join(missing)} LoRA: the grid's positive prompt (connect "
+                f"{' and '.join(f'{side}_conditioning' for side in missing)} for each LoRA's own)") if missing else ""
+        return {side: own[side] if own.get(side) is not None else grid for side in SIDES}, note
+    return make
+
+
 def compare(model, vae, clip, hypernet, subject_lora: str, style_lora: str, prompts: tuple[str, str],
             given_conditioning: tuple | None, sampling: Sampling, selection: str, layer_policy: str,
-            method_params: dict) -> tuple:
+            method_params: dict, own_conditioning: dict | None = None) -> tuple:
     """(grid IMAGE, images IMAGE, labels, report) of every selected column; ``given_conditioning``:
-    (positive, negative) CONDITIONING used for every column instead of encoding ``prompts``."""
+    (positive, negative) CONDITIONING used for every column instead of encoding ``prompts``; ``own_conditioning``:
+    side -> each LoRA's own CONDITIONING, for a column that calibrates on it (else the grid's positive prompt)."""
     source = conditioning_source(clip, *(given_conditioning or (None, None)))
+    calibration = _calibration_conditioning(clip, prompts, given_conditioning, own_conditioning or {})
     columns = [Column(name, _params_of(name, method_params)) for name in comparison.select_columns(selection)]
     bar = comfy.utils.ProgressBar(len(columns))
     reports, images = [], []
@@ -208,7 +227,7 @@ def compare(model, vae, clip, hypernet, subject_lora: str, style_lora: str, prom
         started = time.perf_counter()
         try:
             column_model, column_clip, report = _column_model(column.name, model, clip, hypernet, subject_lora,
-                                                              style_lora, layer_policy, method_params)
+                                                              style_lora, layer_policy, method_params, calibration)
         except LoraRarError as error:
             column.failure = str(error)
             reports.append(f"{column.label}: did not run: {error}")

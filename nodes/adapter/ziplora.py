@@ -24,8 +24,8 @@ from ...hypernet.loss_curve import loss_curve
 from ...hypernet.result import MergedLora
 from ...hypernet.ziplora import ZipLoraMerge, optimise, to_merged_lora
 from .calibration import ReferenceCalibration
-from .model import (ModelView, apply_merged, conditioning_tensors, diffusion_layers, hash_tensors, lora_path,
-                    model_fingerprint, refuse_unsupported)
+from .fingerprints import conditioning_tensors, hash_tensors, model_fingerprint
+from .model import ModelView, apply_merged, diffusion_layers, lora_path, refuse_unsupported
 from .sampling import check_images, encode_images, encode_prompts, throw_if_cancelled, to_image, trainable
 # The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
 # latent pixels; 64 px (8 x 8 latents) is the smallest this pack tests, and smaller references teach nothing anyway.

@@ -149,7 +149,7 @@ def test_the_calibration_is_the_ksamplers_first_step_and_the_merge_its_published
     model, _ = synthetic_model
     _forget(comfy_host)
     patched, _, merged, report = _merge(comfy_host, model, *pair, prompts)
-    assert "calibration: one sampling step per LoRA on its own conditioning, seed 42" in report, report
+    assert "calibration: one sampling step per LoRA on its conditioning, seed 42" in report, report
     assert f"routed" in report and "kept (subject)" in report, report
     statistics = _calibrations(comfy_host).find(lambda key, objects: True)
     assert sorted(statistics) == sorted(map(_stem, BOTH))
