@@ -33,8 +33,8 @@ from .base import Claim, LayerJob, MergeContext, MergedLayer, MergeMethod, Param
 
 RIDGE = Param("ridge", 1e-4, 0.0, 1.0, "lambda: the ridge added to G / N before the router R = Q G^-1 is solved "
               "(SSR-Merge: 1e-4); it keeps a LoRA no token excites (all zeros) from making G singular.", step=0.00001)
-CALIBRATION_PX = Param("calibration_px", 1024.0, 64.0, 4096.0, "Image size of the calibration step (one sampling "
-                       "step per LoRA from an empty latent of this many pixels a side; SSR-Merge: 1024).", step=64.0)
+CALIBRATION_PX = Param("calibration_px", 1024.0, 16.0, 4096.0, "Image size of the calibration step (one sampling "
+                       "step per LoRA from an empty latent of this many pixels a side; SSR-Merge: 1024).", step=16.0)
 
 
 class RouterStatistics:

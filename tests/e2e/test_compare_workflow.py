@@ -21,18 +21,22 @@ WORKFLOW = REPO / "example_workflows" / "lorarar_compare_methods.json"
 REFERENCES = {"lorarar_subject_1.png": (200, 60, 60), "lorarar_style_1.png": (60, 60, 200)}
 # b-lora has no published block split for the synthetic (KOALA-700M) layout: it must come back as a tile
 # k-lora, est-lora: sampling time (their MODEL switches layers per step), so the grid also checks that path end to end
-METHODS = "subject only, style only, direct, k-lora, est-lora, np-lora, b-lora, lorarar"
+# ssr-merge: calibrated through the server's model on the example's two CLIP Text Encode nodes (each LoRA's own prompt)
+METHODS = "subject only, style only, direct, k-lora, est-lora, np-lora, b-lora, lorarar, ssr-merge"
 # est-lora at beta 1.45: at its default 1.275 this pair's subject (rank 8, twice the style's energy) wins every layer
 # at both steps (p = 0 and 0.5), so its image would be "subject only"'s; at 1.45, 52 of 56 layers take the style at p = 0
 EST_BETA = 1.45
+PIXELS = 32  # the grid's latent size: ssr-merge's calibration step at the same size
 COLUMNS = ["subject only", "style only", "direct", "k-lora alpha=1.5 beta=1.275", f"est-lora alpha=1.5 beta={EST_BETA}",
-           "np-lora mu=0.5", "b-lora", "lorarar"]  # labels, in order
+           "np-lora mu=0.5", "b-lora", "lorarar", f"ssr-merge ridge=0.0001 calibration_px={PIXELS}"]  # labels, in order
 RAN = [label for label in COLUMNS if label != "b-lora"]
 # per image in RAN's order: (subject answer, style answer); one reference of each, so one answer decides each test
-ANSWERS = [("yes", "no"), ("no", "yes"), ("no", "no"), ("no", "no"), ("no", "no"), ("no", "no"), ("yes", "yes")]
-RANKING = [(1, "lorarar", 100, 100, 100), (2, "subject only", 100, 0, 0), (3, "style only", 0, 100, 0),
-           (4, "direct", 0, 0, 0), (4, "k-lora alpha=1.5 beta=1.275", 0, 0, 0),
-           (4, f"est-lora alpha=1.5 beta={EST_BETA}", 0, 0, 0), (4, "np-lora mu=0.5", 0, 0, 0)]  # equal scores share a rank, in column order
+ANSWERS = [("yes", "no"), ("no", "yes"), ("no", "no"), ("no", "no"), ("no", "no"), ("no", "no"), ("yes", "yes"),
+           ("yes", "no")]
+RANKING = [(1, "lorarar", 100, 100, 100), (2, "subject only", 100, 0, 0),
+           (2, f"ssr-merge ridge=0.0001 calibration_px={PIXELS}", 100, 0, 0), (4, "style only", 0, 100, 0),
+           (5, "direct", 0, 0, 0), (5, "k-lora alpha=1.5 beta=1.275", 0, 0, 0),
+           (5, f"est-lora alpha=1.5 beta={EST_BETA}", 0, 0, 0), (5, "np-lora mu=0.5", 0, 0, 0)]  # equal scores share a rank, in column order
 SAVED, TABLE = "90", "91"  # nodes the test adds: a SaveImage of the compare node's images, a PreviewAny of the table
 
 
@@ -52,7 +56,8 @@ def for_this_machine(prompt: dict, methods: str, judge_url: str = "") -> dict:
             inputs.update(width=32, height=32)
         elif kind == "LoraRarCompare":
             inputs.update(subject_lora=SUBJECT, style_lora=STYLE, steps=2, cfg=1.0, sampler_name="euler",
-                          scheduler="normal", methods=methods, est_lora_beta=EST_BETA)
+                          scheduler="normal", methods=methods, est_lora_beta=EST_BETA,
+                          ssr_merge_calibration_px=float(PIXELS))
         elif kind == "LoraRarEvaluate":
             inputs["judge_url"] = judge_url
     prompt[SAVED] = {"class_type": "SaveImage",
@@ -121,7 +126,7 @@ def test_every_method_and_baseline_is_a_column_and_a_failing_one_a_labelled_tile
     grid_node = next(key for key, node in prompt.items() if node["class_type"] == "PreviewImage"
                      and node["inputs"]["images"][0] == node_of(prompt, "LoraRarCompare"))
     (grid,) = images_of(server, entry, grid_node)
-    # seven columns of one image each: a 3 x 3 grid of 256 px tiles, the failed column's tile grey
+    # eight columns of one image each and the failed one: a 3 x 3 grid of 256 px tiles, the failed column's tile grey
     assert grid.shape[1] >= 3 * 256 and grid.shape[0] >= 2 * 256
     assert (np.abs(grid.astype(int) - 230).max(axis=-1) <= 2).sum() > 0.5 * 256 * 256
 
