@@ -475,8 +475,63 @@ def row_ziplora(spec: dict) -> dict:
         loras.rmdir()
 
 
+def row_ssr(spec: dict) -> dict:
+    """SSR-Merge's cost: the merge node with method ssr-merge (its calibration, one first sampling step per LoRA on
+    that LoRA's own conditioning, then the merge), cold each run (every cache emptied), against the merge node with
+    method direct (the files alone, cold too) and against one sampling step of the same model (euler, cfg 1: one model
+    call, as each calibration step), on the synthetic KOALA-700M-class checkpoint, the latent at ``latent`` px."""
+    import torch
+
+    from hypernet.base_models import UNetLayout
+    from devkit.loras import random_lora, write_lora
+
+    loras = Path(tempfile.mkdtemp(prefix="lorarar-bench-", dir=REPO / ".cache"))
+    try:
+        nodes = _comfy(loras)
+        import comfy.model_management
+        import comfy.sample
+
+        model, _ = _node_model("koala-synthetic")
+        layout = UNetLayout.from_unet_config("bench", model.model.model_config.unet_config)
+        files = [write_lora(loras / f"{name}.safetensors", random_lora(layout, rank=spec["rank"], seed=seed)).name
+                 for name, seed in (("subject", 1), ("style", 2))]
+        (hypernet,) = nodes.NODE_CLASS_MAPPINGS["LoraRarHypernetLoader"]().load("auto")
+        merge, forget = nodes.NODE_CLASS_MAPPINGS["LoraRarMerge"](), pack_module(nodes, "nodes.adapter").forget_results
+        generator = torch.Generator().manual_seed(0)
+        own = [[[torch.randn(1, 77, 2048, generator=generator), {"pooled_output": torch.randn(1, 1280, generator=generator)}]]
+               for _ in range(2)]
+        latent = torch.zeros(1, 4, spec["latent"] // 8, spec["latent"] // 8)
+
+        def ssr():
+            forget()
+            merge.merge(model, hypernet, *files, 1.0, 1.0, 1.0, 1.0, "ssr-merge", "sum", subject_conditioning=own[0],
+                        style_conditioning=own[1], ssr_merge_calibration_px=float(spec["latent"]))
+
+        def direct():
+            forget()
+            merge.merge(model, hypernet, *files, 1.0, 1.0, 1.0, 1.0, "direct", "sum")
+
+        def step():
+            comfy.sample.sample(model, torch.randn(latent.shape, generator=generator), 1, 1.0, "euler", "normal",
+                                own[0], own[0], latent, disable_pbar=True)
+
+        times = {"ssr_s": [], "direct_s": [], "step_s": []}
+        for run in range(spec["runs"] + 1):  # the first of each is a warm-up (imports, kernels, model load)
+            for key, function in (("ssr_s", ssr), ("direct_s", direct), ("step_s", step)):
+                started = time.perf_counter()
+                function()
+                if run:
+                    times[key].append(time.perf_counter() - started)
+        comfy.model_management.unload_all_models()
+        return {"layers": len(layout.attention_linears()), **{k: statistics.median(v) for k, v in times.items()}}
+    finally:
+        for file in loras.iterdir():
+            file.unlink()
+        loras.rmdir()
+
+
 ROWS = {"math": row_math, "many": row_many, "save": row_save, "node": row_node, "methods": row_methods,
-        "sampling": row_sampling, "ziplora": row_ziplora}
+        "sampling": row_sampling, "ziplora": row_ziplora, "ssr": row_ssr}
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -508,6 +563,7 @@ def plan(quick: bool) -> list[dict]:
             {"kind": "methods", "layout": "sdxl", "rank": 16, "dtype": "float32", "runs": 1, "every": 20},
             {"kind": "sampling", "rank": 16, "latent": 32, "steps": 2, "runs": 1},
             {"kind": "ziplora", "rank": 8, "latent": 64, "steps": 2, "runs": 1},
+            {"kind": "ssr", "rank": 8, "latent": 64, "runs": 1},
         ]
     rows = []
     for layout in ("sdxl", "koala-700m"):
@@ -527,6 +583,8 @@ def plan(quick: bool) -> list[dict]:
     rows.append({"kind": "sampling", "rank": 64, "latent": 128, "steps": 8, "runs": 3})
     rows.append({"kind": "sampling", "rank": 64, "latent": 256, "steps": 8, "runs": 3})
     rows.append({"kind": "ziplora", "rank": 64, "latent": 128, "steps": 5, "runs": 2})
+    rows.append({"kind": "ssr", "rank": 64, "latent": 128, "runs": 3})
+    rows.append({"kind": "ssr", "rank": 64, "latent": 256, "runs": 3})
     return rows
 
 
@@ -703,6 +761,7 @@ def report(rows: list[tuple[dict, dict]], info: dict, loads: tuple[str, str], co
     out += _methods_section(rows)
     out += _sampling_section(rows)
     out += _ziplora_section(rows)
+    out += _ssr_section(rows)
     out += ["## Targets", "", "| target | measured | | note |", "|---|---:|---|---|"]
     out += [f"| {name} | {value} | {verdict} | {note} |" for name, value, verdict, note in targets]
     failed = [(s, r) for s, r in rows if "error" in r]
@@ -732,6 +791,25 @@ def _sampling_section(rows: list[tuple[dict, dict]]) -> list[str]:
             out.append(f"| synthetic KOALA-700M-class | {r['layers']} layers, rank {s['rank']} | {s['latent']} px | "
                        f"{r['steps']} | {method} | {_ms(r['direct_step_s'])} | {_ms(r[f'{method}_step_s'])} | "
                        f"**{r[f'{method}_step_s'] / r['direct_step_s']:.2f}x** |")
+    return out + [""]
+
+
+def _ssr_section(rows: list[tuple[dict, dict]]) -> list[str]:
+    ssr = [(s, r) for s, r in rows if s["kind"] == "ssr" and "error" not in r]
+    if not ssr:
+        return []
+    out = ["## SSR-Merge: calibration and merge vs direct and vs one sampling step", "",
+           "The merge node (`LoraRarMerge`) on the synthetic KOALA-700M-class checkpoint, CPU, a random LoRA pair on "
+           "every attention layer, each run cold (every cache emptied). *ssr-merge*: one first sampling step per LoRA "
+           "on its own conditioning (the calibration), then the routed merge; *direct*: the files' sum, the same node; "
+           "*one sampling step*: `comfy.sample.sample`, euler, cfg 1 (one model call, as a calibration step), the same "
+           "latent. Medians after a warm-up run, the three alternating run by run.", "",
+           "| model | LoRAs | latent | ssr-merge | direct | one sampling step | vs direct | vs one sampling step |",
+           "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s, r in ssr:
+        out.append(f"| synthetic KOALA-700M-class | {r['layers']} layers, rank {s['rank']} | {s['latent']} px | "
+                   f"{_ms(r['ssr_s'])} | {_ms(r['direct_s'])} | {_ms(r['step_s'])} | "
+                   f"**{r['ssr_s'] / r['direct_s']:.1f}x** | **{r['ssr_s'] / r['step_s']:.1f}x** |")
     return out + [""]
 
 
