@@ -89,11 +89,17 @@ class ReferenceCalibration:
         return make()  # the ZipLoRA node keeps its whole result (ziplora.RESULTS)
 
 
+# Pixels a latent pixel of the formats whose stock empty-latent node does not divide by 8 (EmptyFlux2LatentImage,
+# Wan22ImageToVideoLatent: 16), for hosts whose latent formats do not say it (0.3.75 has no spacial_downscale_ratio)
+_DOWNSCALE = {"Flux2": 16, "Wan22": 16}
+
+
 def latent_shape(model, pixels: int) -> tuple[int, ...]:
     """An empty latent of ``pixels`` a side in the model's latent format (one frame for video models), as the stock
     empty-latent nodes make it."""
     latent_format = model.model.latent_format
-    side = max(1, pixels // getattr(latent_format, "spacial_downscale_ratio", 8))
+    ratio = getattr(latent_format, "spacial_downscale_ratio", None) or _DOWNSCALE.get(type(latent_format).__name__, 8)
+    side = max(1, pixels // ratio)
     frames = (1,) * (getattr(latent_format, "latent_dimensions", 2) - 2)
     return (1, latent_format.latent_channels, *frames, side, side)
 
