@@ -17,6 +17,7 @@ from hypernet.methods.lorarar import lorarar_coefficients, lorarar_coefficients_
 from hypernet.model import LoraRarHypernet
 from devkit.loras import random_lora, write_lora
 from devkit.weights import hypernet_file
+from tests.support.calibration import TokenCalibration
 
 HIDDEN = 128
 
@@ -83,6 +84,23 @@ def test_no_registered_method_forms_a_dense_update(sdxl_hypernet, tmp_path, name
     with LargestOutputs() as watch:
         merged = merge_loras(subject, style, sdxl_hypernet if method.needs_hypernet else None, method=name, layout=SDXL)
     assert merged.layers or merged.runtime is not None
+    numel, op = watch.largest
+    assert 0 < numel < smallest_dense, f"{name}: {op} returned {numel} elements: a dense update ({smallest_dense}+) was formed"
+
+
+@pytest.mark.parametrize("name", [m.name for m in methods.all_methods() if m.needs_model and not m.needs_references])
+def test_no_calibrated_method_forms_a_dense_update(tmp_path, name):
+    """A method that calibrates on the model (SSR-Merge): its statistics, router and merge from the factors alone. The
+    tokens stand in for a model's (tests/support/calibration.py), 16 per layer and LoRA, at SDXL's real widths."""
+    subject = read_lora(write_lora(tmp_path / "s.safetensors", random_lora(rank=8, seed=7, modules=SOME_MODULES, alpha=4)))
+    style = read_lora(write_lora(tmp_path / "t.safetensors", random_lora(rank=6, seed=8, modules=SOME_MODULES)))
+    generator = torch.Generator().manual_seed(9)
+    tokens = {side: {layer: torch.randn(1, 16, subject.layers[layer].d_in, generator=generator) for layer in subject.layers}
+              for side in ("subject", "style")}
+    smallest_dense = min(d_out * d_in for m, d_out, d_in in SDXL.attention_linears() if m in SOME_MODULES)
+    with LargestOutputs() as watch:
+        merged = merge_loras(subject, style, None, method=name, layout=SDXL, calibration=TokenCalibration(tokens))
+    assert len(merged.layers) == len(subject.layers)
     numel, op = watch.largest
     assert 0 < numel < smallest_dense, f"{name}: {op} returned {numel} elements: a dense update ({smallest_dense}+) was formed"
 

@@ -4,47 +4,16 @@ an explicit inverse in float64, dW' = B R A formed densely; and the rule's own s
 their own LoRA give R -> I). The tokens reach the method through its own calibration branch, as a host's model
 would hand them over (the host test, tests/host/test_ssr_merge.py, records them from ComfyUI's KSampler)."""
 
-import contextlib
-
 import pytest
 import torch
 
 from hypernet.errors import LoraRarError
 from hypernet.layers import LoraFile, LowRankLayer
 from hypernet.merge import Strengths, merge_loras
+from tests.support.calibration import TokenCalibration
 
 D_IN, D_OUT = 12, 7
 NAMES = ("lora_unet_q", "lora_unet_out")
-
-
-class TokenRun:
-    """A host's model reduced to what SSR-Merge reads: each layer's calibration tokens per side."""
-
-    def __init__(self, tokens: dict, branch):
-        self.tokens, self.branch = tokens, branch
-
-    def draw(self, side, generator, pixels=None):
-        return side
-
-    def predict(self, side):
-        for name in self.branch.layer_names():
-            if name in self.tokens[side]:
-                self.branch.extra(name, self.tokens[side][name])
-
-
-class TokenCalibration:
-    references, seed, describe = False, 42, "fixed tokens"
-
-    def __init__(self, tokens: dict):
-        self.tokens, self.runs = tokens, 0
-
-    @contextlib.contextmanager
-    def running(self, branch):
-        self.runs += 1
-        yield TokenRun(self.tokens, branch)
-
-    def reuse(self, what, make):
-        return make()
 
 
 def _layer(rank: int, seed: int, scale: float = 1.0, mask: slice | None = None) -> LowRankLayer:
