@@ -31,7 +31,9 @@ class CalibrationRun(Protocol):
         """One model input from ``side``'s data ("subject" or "style"): a latent noised at a timestep, with its
         conditioning, in the host's own type; every random choice from ``generator`` (on the CPU, so a seed gives
         the same draws on every device). ``pixels``: the image side where the host makes the latent itself (a
-        calibration pass from an empty latent); draws from reference images have their size and ignore it."""
+        calibration pass from an empty latent; None: the host's default, 1024); draws from reference images have
+        their size and ignore it. A calibration pass draws and predicts once per side: the host's progress counts
+        that, and it checks Cancel before each ``predict``."""
 
     def predict(self, batch: object) -> torch.Tensor:
         """The model's prediction for a drawn input, through the injected branch as it routes now (with autograd
@@ -46,7 +48,9 @@ class Calibration(Protocol):
     # True when each side has its own reference images and prompts (ZipLoRA's data); False when the draws come from
     # the model and prompts alone (a calibration pass)
     references: bool
-    seed: int  # seeds every draw (a node's seed input), so a calibration repeats exactly on the CPU
+    # seeds every draw (the ZipLoRA node's seed input; the host's fixed calibration seed, 42, for a calibration pass),
+    # so a calibration repeats exactly on the CPU
+    seed: int
 
     def running(self, branch: RuntimeBranch) -> AbstractContextManager[CalibrationRun]:
         """Inject ``branch`` into the model's layers and load the model for the block; refuses (LoraRarError, one

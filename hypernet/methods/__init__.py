@@ -3,7 +3,9 @@
 This package holds the registry (here), what a method is built from (``base``: ``MergeMethod``, ``Claim``,
 ``LayerJob``, ``MergeContext``, ``Param``), and one module per method, of every kind: ``lorarar`` (the LoRA.rar
 hypernetwork), ``direct`` (the sum), ``np_lora`` (NP-LoRA), ``b_lora`` (B-LoRA's block split), ``k_lora``
-(``k-lora`` and ``k-lora-linear``: chosen per sampling step), ``zip_lora`` (ZipLoRA: optimised through the model).
+(``k-lora`` and ``k-lora-linear``: chosen per sampling step), ``zip_lora`` (ZipLoRA: optimised through the model),
+``est_lora`` (EST-LoRA: K-LoRA's choice by update energy), ``ssr_merge`` (SSR-Merge: a router per layer from one
+calibration step per LoRA).
 
 A new method is one module here with one :class:`~hypernet.methods.base.MergeMethod` subclass, passed to
 :func:`register` at import; every module of this package is imported below, so adding one touches no other file.

@@ -94,8 +94,9 @@ class MergeContext:
     # canonical layer name -> attention role (hypernet.keys.ATTENTION_ROLES), read from the loaded model's own
     # modules; None when no model is at hand (the CLI): then the UNet layout's names say it (keys.attention_role)
     roles: dict[str, str] | None = None
-    # the model and data a data-driven method runs through (hypernet.calibration.Calibration), from the host; None:
-    # only the LoRA files are at hand (the CLI, the merge node today)
+    # the model and data a data-driven method runs through (hypernet.calibration.Calibration), from the host (the
+    # merge and compare nodes: each LoRA's conditioning; the ZipLoRA node: reference images); None: only the LoRA
+    # files are at hand (the CLI)
     calibration: Calibration | None = None
 
     def role(self, name: str) -> str | None:
