@@ -16,6 +16,7 @@ import contextlib
 import time
 from typing import Callable, Iterator, TypeVar
 
+import comfy.model_management
 import comfy.utils
 import torch
 
@@ -110,28 +111,45 @@ class _FirstStep:
     def __init__(self, patched, calibration: "PromptCalibration"):
         self.patched, self.calibration = patched, calibration
         self.bar = comfy.utils.ProgressBar(len(SIDES))
-        self.done = 0
+        self.done, self.pixels, self.side = 0, 1024, ""
 
     def draw(self, side: str, generator: torch.Generator, pixels: int | None = None) -> NoisedBatch:
         """KSampler's first model call on an empty latent of ``pixels`` a side (denoise 1): noise from ``generator``
         scaled at the model's sigma_max the way the sampler scales it, ``side``'s conditioning as the sampler
         converts it."""
         model, device = self.patched, self.patched.load_device
-        latent = torch.zeros(latent_shape(model, pixels or 1024))
+        self.pixels, self.side = pixels or 1024, side
+        latent = torch.zeros(latent_shape(model, self.pixels))
         noise = torch.randn(latent.shape, generator=generator)  # comfy.sample.prepare_noise's draw for this seed
         sampling = model.get_model_object("model_sampling")
         sigma = torch.tensor([float(sampling.sigma_max)])
         clean = model.model.latent_format.process_in(latent)
         x = sampling.noise_scaling(sigma, noise, clean, max_denoise=True)
-        conditioning = model_conditioning(model, self.calibration.conditioning[side], clean.to(device))
+        with self._model_step():
+            conditioning = model_conditioning(model, self.calibration.conditioning[side], clean.to(device))
         return NoisedBatch(x, sigma, conditioning, clean)
 
     def predict(self, batch: NoisedBatch) -> torch.Tensor:
         throw_if_cancelled()
-        out = prediction(self.patched, batch)
+        with self._model_step():
+            out = prediction(self.patched, batch)
         self.done += 1
         self.bar.update_absolute(self.done, len(SIDES))
         return out
+
+
+    @contextlib.contextmanager
+    def _model_step(self) -> Iterator[None]:
+        """The model's own checks (a conditioning's width or extras, a size it has no table for) in one line."""
+        try:
+            yield
+        except (LoraRarError, comfy.model_management.InterruptProcessingException):
+            raise
+        except Exception as error:  # noqa: BLE001  (whatever the model raises: one line naming the side and the size)
+            reason = (str(error).strip().splitlines() or [""])[0][:200]
+            raise LoraRarError(f"calibration: the model's step on the {self.side} LoRA's conditioning at {self.pixels} px "
+                               f"failed ({type(error).__name__}: {reason}): a conditioning from another model's text "
+                               "encoder, or a size this model does not sample (calibration_px)") from error
 
 
 class PromptCalibration:

@@ -167,7 +167,8 @@ def compare_graph(family: str, methods: str = "all") -> dict:
     graph = dit_graph(family, {"class_type": "LoraRarCompare", "inputs": {
         "vae": ["5", 0], "subject_lora": subject, "style_lora": style, "positive": "", "negative": "",
         "methods": methods, "layer_policy": "sum", "positive_conditioning": ["2", 0],
-        "negative_conditioning": ["3", 0], "hypernet": ["7", 0]}})  # connected as a user would: no DiT hypernet
+        "negative_conditioning": ["3", 0], "hypernet": ["7", 0],  # connected as a user would: no DiT hypernet
+        "ssr_merge_calibration_px": float(SIZES.get(family, DEFAULT_SIZE))}})  # ssr-merge at the grid's size
     graph["8"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 1], "filename_prefix": f"dit_{family}_columns"}}
     graph["9"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"dit_{family}_grid"}}
     graph["10"] = {"class_type": "PreviewAny", "inputs": {"source": ["6", 3]}}

@@ -228,3 +228,11 @@ def test_activations_that_are_not_finite_are_one_line_and_nothing_is_kept(comfy_
         _merge(comfy_host, model, *pair, {"subject": prompts["subject"], "style": poisoned})
     assert "\n" not in str(error.value) and "style LoRA's calibration step" in str(error.value)
     assert _calibrations(comfy_host).find(lambda key, objects: True) is None
+
+    # a conditioning from another model's text encoder (SD 1.5's 768 wide): the model's own error, in one line
+    foreign = [[torch.zeros(1, 77, 768), {"pooled_output": torch.zeros(1, 768)}]]
+    with pytest.raises(ValueError, match=r"^calibration: the model's step on the subject LoRA's conditioning at "
+                                         rf"{PIXELS} px failed \(RuntimeError: ") as error:
+        _merge(comfy_host, model, *pair, {"subject": foreign, "style": prompts["style"]})
+    assert "\n" not in str(error.value) and "another model's text encoder" in str(error.value)
+    assert _calibrations(comfy_host).find(lambda key, objects: True) is None
