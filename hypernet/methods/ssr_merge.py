@@ -144,7 +144,13 @@ class SsrMerge(MergeMethod):
         statistics = calibration.reuse(what, lambda: self._statistics(jobs, ctx))
         for job in jobs:
             if job.name in statistics:
-                job.calibrated = statistics[job.name].router(ctx.params["ridge"])
+                try:
+                    job.calibrated = statistics[job.name].router(ctx.params["ridge"])
+                except torch.linalg.LinAlgError:  # ridge 0 and a rank-deficient G: the rule has no router here
+                    files = getattr(calibration, "files", "the LoRAs")
+                    raise LoraRarError(f"ssr-merge: layer {job.name} of {files}: G is singular with ridge "
+                                       f"{ctx.params['ridge']:g} (a LoRA no token excites, e.g. all zeros, or the "
+                                       "same LoRA as subject and style): set ssr_merge_ridge above 0") from None
 
     @staticmethod
     def _statistics(jobs: list[LayerJob], ctx: MergeContext) -> dict[str, RouterStatistics]:

@@ -25,7 +25,7 @@ from ...hypernet.errors import LoraRarError
 from ...hypernet.layers import SIDES
 from ...hypernet.runtime import RuntimeBranch
 from .branch import inject
-from .fingerprints import conditioning_tensors, hash_tensors, model_fingerprint
+from .fingerprints import conditioning_settings, conditioning_tensors, hash_tensors, model_fingerprint
 from .sampling import (NoisedBatch, loaded, model_conditioning, noised_batch, prediction, throw_if_cancelled,
                        timestep_count)
 
@@ -168,7 +168,8 @@ class PromptCalibration:
         self.files = " + ".join(files)
         self.describe = f"one sampling step per LoRA on its conditioning, seed {seed}"
         self.key = (*file_hashes, seed, model_fingerprint(model),
-                    *(hash_tensors(*conditioning_tensors(conditioning[side])) for side in SIDES))
+                    *(hash_tensors(*conditioning_tensors(conditioning[side])) for side in SIDES),
+                    *(conditioning_settings(conditioning[side]) for side in SIDES))
         self.seconds: float | None = None  # the run's time, when this calibration ran the model (None: reused)
 
     @contextlib.contextmanager

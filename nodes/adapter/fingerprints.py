@@ -23,6 +23,18 @@ def conditioning_tensors(conditioning: list) -> list[torch.Tensor]:
             for t in (cross_attn, *(v for _, v in sorted(extras.items()) if isinstance(v, torch.Tensor)))]
 
 
+def conditioning_settings(conditioning: list) -> str:
+    """What a ComfyUI CONDITIONING carries beside its tensors, which the model's extra_conds read as well (SDXL's
+    width / height / crops from CLIPTextEncodeSDXL, Flux's guidance from FluxGuidance, a list of reference latents):
+    two conditionings with equal tensors but other settings condition the model differently."""
+    def setting(value) -> str:
+        if isinstance(value, (list, tuple)) and value and all(isinstance(v, torch.Tensor) for v in value):
+            return hash_tensors(*value)
+        return repr(value)
+    return repr([[(key, setting(value)) for key, value in sorted(extras.items()) if not isinstance(value, torch.Tensor)]
+                 for _, extras in conditioning])
+
+
 def model_fingerprint(model) -> str:
     """What a result that ran ``model`` depends on beside the loaded diffusion model itself, which the caches hold
     as an object (``objects=(model.model,)``: compared by identity, held weakly): the weight patches on this patcher

@@ -95,6 +95,13 @@ def _calibration(request: MergeRequest, paths: tuple[str, str], model, clip,
         raise LoraRarError(f"{rule.name}: connect {' and '.join(missing)} (a CLIP Text Encode of each LoRA's own "
                            "prompt, e.g. 'a photo of sks dog' and 'a watercolor painting'): its calibration runs one "
                            "sampling step per LoRA on them")
+    for side in SIDES:  # a CONDITIONING is a non-empty list of [tensor (batch, tokens, width), dict]
+        given = conditioning[side]
+        if not (isinstance(given, list) and given and all(
+                isinstance(entry, (list, tuple)) and len(entry) == 2 and isinstance(entry[0], torch.Tensor)
+                and entry[0].dim() == 3 and isinstance(entry[1], dict) for entry in given)):
+            raise LoraRarError(f"{rule.name}: {side}_conditioning is empty or not a CONDITIONING (a list of [tensor "
+                               "(batch, tokens, width), dict]): connect a CLIP Text Encode of the LoRA's own prompt")
     return PromptCalibration(model, conditioning, ModelView(model, clip).module_paths(), paths,
                              tuple(map(file_sha256, paths)))
 

@@ -24,7 +24,7 @@ from ...hypernet.loss_curve import loss_curve
 from ...hypernet.result import MergedLora
 from ...hypernet.ziplora import ZipLoraMerge, optimise, to_merged_lora
 from .calibration import ReferenceCalibration
-from .fingerprints import conditioning_tensors, hash_tensors, model_fingerprint
+from .fingerprints import conditioning_settings, conditioning_tensors, hash_tensors, model_fingerprint
 from .model import ModelView, apply_merged, diffusion_layers, lora_path, refuse_unsupported
 from .sampling import check_images, encode_images, encode_prompts, throw_if_cancelled, to_image, trainable
 # The smallest reference image side: the VAE needs whole 8 px blocks and the diffusion model's downsampling a few
@@ -153,7 +153,8 @@ def optimise_for_model(model, clip, vae, subject_lora: str, style_lora: str, sub
     subject_data = _reference(vae, clip, *subject_reference, "subject_images")
     style_data = _reference(vae, clip, *style_reference, "style_images")
     key = (file_sha256(subject_path), file_sha256(style_path), settings, model_fingerprint(model),
-           *(hash_tensors(latents, *conditioning_tensors(cond)) for latents, cond in (subject_data, style_data)))
+           *(hash_tensors(latents, *conditioning_tensors(cond)) for latents, cond in (subject_data, style_data)),
+           *(conditioning_settings(cond) for _, cond in (subject_data, style_data)))
     result, reused = RESULTS.get_or_make(key, lambda: _optimise(model, subject_path, style_path, subject_data,
                                                                  style_data, settings, node_id), (model.model,))
     merged = result.merged.named(subject_lora, style_lora, subject_path, style_path)

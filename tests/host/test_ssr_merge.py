@@ -236,3 +236,28 @@ def test_activations_that_are_not_finite_are_one_line_and_nothing_is_kept(comfy_
         _merge(comfy_host, model, *pair, {"subject": foreign, "style": prompts["style"]})
     assert "\n" not in str(error.value) and "another model's text encoder" in str(error.value)
     assert _calibrations(comfy_host).find(lambda key, objects: True) is None
+
+def test_conditioning_settings_key_the_calibration_and_hostile_inputs_are_one_line(comfy_host, synthetic_model, pair,
+                                                                                     prompts):
+    model, _ = synthetic_model
+    _forget(comfy_host)
+    cross_attn, extras = prompts["style"][0]
+
+    def sized(pixels: int) -> list:  # CLIPTextEncodeSDXL's ints: the same tensors, another SDXL size embedding
+        return [[cross_attn, {**extras, "width": pixels, "height": pixels, "crop_w": 0, "crop_h": 0,
+                              "target_width": pixels, "target_height": pixels}]]
+
+    _merge(comfy_host, model, *pair, {"subject": prompts["subject"], "style": sized(1024)})
+    _, _, _, report = _merge(comfy_host, model, *pair, {"subject": prompts["subject"], "style": sized(64)})
+    assert "calibration: one sampling step per LoRA" in report and "reused" not in report, report
+
+    for given in ([], [[cross_attn]]):
+        with pytest.raises(ValueError, match=r"^ssr-merge: style_conditioning is empty or not a CONDITIONING") as error:
+            _merge(comfy_host, model, *pair, {"subject": prompts["subject"], "style": given})
+        assert "\n" not in str(error.value)
+
+    # ridge 0 (the widget's minimum) with an all-zero LoRA: G is singular, a one-line refusal naming layer and files
+    with pytest.raises(ValueError, match=r"^ssr-merge: layer lora_unet_\w+ of .*ssr_zero\.safetensors: G is singular "
+                                         r"with ridge 0 .*set ssr_merge_ridge above 0$") as error:
+        _merge(comfy_host, model, SUBJECT, ZERO, prompts, ssr_merge_ridge=0.0)
+    assert "\n" not in str(error.value) and "please report" not in str(error.value)
