@@ -159,7 +159,7 @@ def test_ssr_merge_is_the_ksamplers_first_step_and_the_published_rule(comfy_host
         model, None, files["subject"], files["style"], 1.0, 1.0, 1.0, 1.0, "ssr-merge", "sum",
         subject_conditioning=prompts["subject"], style_conditioning=prompts["style"],
         ssr_merge_calibration_px=float(PIXELS), ssr_merge_ridge=RIDGE)
-    assert "calibration: one sampling step per LoRA on its own conditioning, seed 42" in report, report
+    assert "calibration: one sampling step per LoRA on its conditioning, seed 42" in report, report
     statistics = pack_module(nodes, "nodes.adapter.calibration").CALIBRATIONS.find(lambda key, objects: True)
     assert sorted(statistics) == sorted(map(canonical, linears)), report
 
