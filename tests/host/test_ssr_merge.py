@@ -261,3 +261,17 @@ def test_conditioning_settings_key_the_calibration_and_hostile_inputs_are_one_li
                                          r"with ridge 0 .*set ssr_merge_ridge above 0$") as error:
         _merge(comfy_host, model, SUBJECT, ZERO, prompts, ssr_merge_ridge=0.0)
     assert "\n" not in str(error.value) and "please report" not in str(error.value)
+
+
+def test_an_empty_prompt_and_a_long_one_calibrate(comfy_host, synthetic_model, pair, prompts):
+    """An empty prompt encodes (stock CLIPTextEncode) to a valid conditioning; a long prompt's conditioning (4,000
+    tokens here: the stock encoder needs minutes per 10k characters on a CPU, so the tensor stands in for it) only
+    lengthens the cross-attention: both calibrate and merge to finite factors."""
+    nodes, _, _ = comfy_host
+    model, clip = synthetic_model
+    empty = nodes.CLIPTextEncode().encode(clip, "")[0]
+    cross_attn, extras = prompts["style"][0]
+    long = [[cross_attn.repeat(1, 52, 1), extras]]  # 52 chunks of 77 tokens, as the encoder concatenates them
+    _, _, merged, report = _merge(comfy_host, model, *pair, {"subject": empty, "style": long})
+    assert "calibration: one sampling step per LoRA" in report, report
+    assert all(torch.isfinite(layer.up).all() and torch.isfinite(layer.down).all() for layer in merged.layers.values())
