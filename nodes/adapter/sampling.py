@@ -60,9 +60,12 @@ def timestep_count(model) -> int:
 def noised_batch(model, latent: torch.Tensor, noise: torch.Tensor, timestep: torch.Tensor, conditioning: dict) -> NoisedBatch:
     """latent (B, C, H, W) as the VAE gives it, noised at integer ``timestep`` (B,) the way ComfyUI's own model
     sampling does (its noise_scaling: DDPM's add_noise for eps models, the interpolation for flow models); the same
-    batch then serves a branch and its target."""
+    batch then serves a branch and its target. The timestep indexes the model's own schedule (``sigmas``, what
+    :func:`timestep_count` counts): its ``sigma(t)`` takes t in the sampling's own units, which are not indices for
+    every model (Flux's takes t in [0, 1], so index 5000 of its 10000 gave sigma 1, pure noise, at every draw)."""
     sampling = model.get_model_object("model_sampling")
-    sigma = sampling.sigma(timestep.float())
+    sigmas = getattr(sampling, "sigmas", None)
+    sigma = sigmas[timestep.long().to(sigmas.device)].float() if sigmas is not None else sampling.sigma(timestep.float())
     latent = model.model.latent_format.process_in(latent)
     return NoisedBatch(sampling.noise_scaling(sigma, noise, latent), sigma, conditioning, latent)
 

@@ -192,3 +192,21 @@ def test_converted_merged_lora_patched_by_comfyui_computes_what_the_branch_did(s
     for name in inputs:
         error = float((patched[name] - injected[name]).norm() / injected[name].norm())
         assert error <= 1e-5, (name, error)
+
+
+def test_draws_index_each_models_own_schedule(synthetic_model, pack, dit_float32):
+    """A drawn timestep is an index into the model's own sigmas: on an eps model the sigma its sampling gives for that
+    t; on Flux (whose sigma(t) takes t in [0, 1]) the draws span the schedule instead of all landing at sigma 1."""
+    adapter, _, _ = pack
+    model, _ = synthetic_model
+    latent = torch.zeros(1, 4, 8, 8)
+    sampling = model.get_model_object("model_sampling")
+    for t in (0, 499, 999):
+        batch = adapter.noised_batch(model, latent, torch.zeros_like(latent), torch.tensor([t]), {})
+        torch.testing.assert_close(batch.sigma.float(), sampling.sigma(torch.tensor([float(t)])).float(), rtol=1e-5, atol=0)
+    flux = dit_float32["flux"]
+    count = adapter.timestep_count(flux)
+    flux_latent = torch.zeros(1, 16, 8, 8)
+    sigmas = [float(adapter.noised_batch(flux, flux_latent, torch.zeros_like(flux_latent), torch.tensor([t]), {}).sigma)
+              for t in (0, count // 2, count - 1)]
+    assert sigmas[0] < 0.01 and 0.2 < sigmas[1] < 0.95 and sigmas[2] > 0.99, sigmas
