@@ -39,6 +39,16 @@ CALIBRATIONS: BoundedCache = BoundedCache(
     2, "files' sha256, conditionings' hashes, seed, size, the loaded model (by identity), its patches and forward changes")
 
 
+def _injected(model, branch: RuntimeBranch, paths: dict[str, str], what: str):
+    """``model`` with ``branch`` injected (branch.py); a layer it cannot run refused in one line, ``what`` formatted
+    with how many (e.g. "ZipLoRA: {} layers of a + b")."""
+    patched, _, skipped = inject(model, branch, paths)
+    if skipped:
+        name, why = next(iter(skipped.items()))
+        raise LoraRarError(f"{what.format(len(skipped))} cannot run in this model's forward (e.g. {name}: {why})")
+    return patched
+
+
 class _Run:
     """The patched, loaded model of one ``running`` block (hypernet.calibration.CalibrationRun)."""
 
@@ -78,11 +88,7 @@ class ReferenceCalibration:
 
     @contextlib.contextmanager
     def running(self, branch: RuntimeBranch) -> Iterator[_Run]:
-        patched, _, skipped = inject(self.model, branch, self.paths)
-        if skipped:
-            name, why = next(iter(skipped.items()))
-            raise LoraRarError(f"ZipLoRA: {len(skipped)} layers of {self.files} cannot run in this model's forward "
-                               f"(e.g. {name}: {why})")
+        patched = _injected(self.model, branch, self.paths, f"ZipLoRA: {{}} layers of {self.files}")
         with loaded(patched):  # the draws too: the model's noise schedule is on its device once loaded
             yield _Run(patched, self.data)
 
@@ -174,11 +180,7 @@ class PromptCalibration:
 
     @contextlib.contextmanager
     def running(self, branch: RuntimeBranch) -> Iterator[_FirstStep]:
-        patched, _, skipped = inject(self.model, branch, self.paths)
-        if skipped:
-            name, why = next(iter(skipped.items()))
-            raise LoraRarError(f"calibration: {len(skipped)} layers of {self.files} cannot run in this model's forward "
-                               f"(e.g. {name}: {why})")
+        patched = _injected(self.model, branch, self.paths, f"calibration: {{}} layers of {self.files}")
         started = time.perf_counter()
         with loaded(patched):
             yield _FirstStep(patched, self)
