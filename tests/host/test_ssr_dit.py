@@ -16,6 +16,7 @@ import torch
 from devkit import synthetic_dit
 from devkit.dit_loras import FORMATS_BY_HOST, KEY_FORMS, diffusers_pieces, native_linears, random_dit_lora, write_lora
 from devkit.loaded_pack import pack_module
+from tests.support.calibration import dense_router
 from devkit.synthetic_dit import ALL_FAMILIES
 
 from tests.conftest import host_version
@@ -105,23 +106,6 @@ def _first_step_inputs(comfy_host, family: str, model, lora: str, conditioning, 
     return {name: torch.cat(chunks) for name, chunks in recorded.items()}
 
 
-def _dense_rule(tokens: dict[str, torch.Tensor], downs: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The published rule written out: z = A x over every token, G = sum z z^T / N + lambda I, Q's rows of LoRA k
-    from LoRA k's own tokens, R = Q G^-1 (an explicit inverse here, where the pack solves)."""
-    down = torch.cat([downs[side] for side in ("subject", "style")])
-    ranks = [downs[side].shape[0] for side in ("subject", "style")]
-    gram = torch.zeros(sum(ranks), sum(ranks), dtype=torch.float64)
-    cross = torch.zeros_like(gram)
-    count, row = 0, 0
-    for side, rank in zip(("subject", "style"), ranks):
-        z = tokens[side] @ down.T
-        gram += z.T @ z
-        cross[row:row + rank] += z[:, row:row + rank].T @ z
-        count, row = count + z.shape[0], row + rank
-    gram = gram / count + RIDGE * torch.eye(sum(ranks), dtype=torch.float64)
-    return (cross / count) @ torch.linalg.inv(gram)
-
-
 def _stacking(merged_down: torch.Tensor, down: torch.Tensor, subject_rank: int) -> torch.Tensor:
     """The order in which the pack stacked the rows of A (a split file's pieces come in the key map's order, not the
     rows'): for each row of the merged A' (= A at strength 1) the row of ``down`` it is, each exactly once, the
@@ -176,7 +160,7 @@ def test_ssr_merge_is_the_ksamplers_first_step_and_the_published_rule(comfy_host
         gram = sum(v.T @ v for v in z.values())[order][:, order]
         assert _relative(ours.gram, gram) < 1e-4, f"{native}: G {_relative(ours.gram, gram):.2e}"
 
-        router = _dense_rule({side: tokens[side][native] for side in tokens}, {s: factors[s][0] for s in factors})
+        router = dense_router({side: tokens[side][native] for side in tokens}, {s: factors[s][0] for s in factors}, RIDGE)
         mine = layer.up.double().flatten(1) @ layer.down.double().flatten(1) * layer.scale
         expected = up @ router @ down
         assert _relative(mine, expected) < 1e-4, f"{native}: merged {_relative(mine, expected):.2e}"

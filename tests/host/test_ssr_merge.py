@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from devkit.loaded_pack import pack_module
+from tests.support.calibration import dense_router
 from devkit.loras import random_lora, write_lora
 
 pytestmark = pytest.mark.host
@@ -122,23 +123,6 @@ def _first_step_inputs(comfy_host, model, lora: str, conditioning) -> dict[str, 
     return {name: torch.cat(chunks) for name, chunks in recorded.items()}
 
 
-def _dense_rule(tokens: dict[str, torch.Tensor], factors: dict[str, tuple]) -> torch.Tensor:
-    """The published rule written out: z = A x over every token, G = sum z z^T / N + lambda I, Q's rows of LoRA k
-    from LoRA k's own tokens, R = Q G^-1 (an explicit inverse here, where the pack solves)."""
-    down = torch.cat([factors[side][0] for side in ("subject", "style")])
-    ranks = [factors[side][0].shape[0] for side in ("subject", "style")]
-    gram = torch.zeros(sum(ranks), sum(ranks), dtype=torch.float64)
-    cross = torch.zeros_like(gram)
-    count, row = 0, 0
-    for side, rank in zip(("subject", "style"), ranks):
-        z = tokens[side] @ down.T
-        gram += z.T @ z
-        cross[row:row + rank] += z[:, row:row + rank].T @ z
-        count, row = count + z.shape[0], row + rank
-    gram = gram / count + RIDGE * torch.eye(sum(ranks), dtype=torch.float64)
-    return (cross / count) @ torch.linalg.inv(gram)
-
-
 def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm().clamp_min(1e-300))
 
@@ -163,7 +147,7 @@ def test_the_calibration_is_the_ksamplers_first_step_and_the_merge_its_published
         assert statistics[_stem(name)].tokens == sum(v.shape[0] for v in z.values())
         assert _relative(statistics[_stem(name)].gram, gram) < 1e-4, name  # float32 model vs float64 here
 
-        router = _dense_rule({side: tokens[side][name] for side in tokens}, {s: factors[s][name] for s in factors})
+        router = dense_router({side: tokens[side][name] for side in tokens}, {s: factors[s][name][0] for s in factors}, RIDGE)
         up = torch.cat([factors[side][name][1] for side in ("subject", "style")], dim=1)
         layer = merged.layers[_stem(name)]
         ours = layer.up.double().flatten(1) @ layer.down.double().flatten(1) * layer.scale

@@ -3,6 +3,8 @@ and side, fed to the method's own runtime branch as a model's forward would, wit
 
 import contextlib
 
+import torch
+
 
 class TokenRun:
     """A host's model reduced to what SSR-Merge reads: each layer's calibration tokens per side."""
@@ -32,3 +34,21 @@ class TokenCalibration:
 
     def reuse(self, what, make):
         return make()
+
+
+def dense_router(tokens: dict[str, torch.Tensor], downs: dict[str, torch.Tensor], ridge: float) -> torch.Tensor:
+    """SSR-Merge's published router written out, float64: z = A x over every token (tokens: side -> (N, d_in)),
+    G = sum z z^T / N + ridge I, Q's rows of LoRA k from LoRA k's own tokens, R = Q G^-1 by an explicit inverse (the
+    pack solves). downs: side -> A_k (r_k, d_in)."""
+    down = torch.cat([downs[side].double() for side in ("subject", "style")])
+    ranks = [downs[side].shape[0] for side in ("subject", "style")]
+    gram = torch.zeros(sum(ranks), sum(ranks), dtype=torch.float64)
+    cross = torch.zeros_like(gram)
+    count, row = 0, 0
+    for side, rank in zip(("subject", "style"), ranks):
+        z = tokens[side].double() @ down.T
+        gram += z.T @ z
+        cross[row:row + rank] += z[:, row:row + rank].T @ z
+        count, row = count + z.shape[0], row + rank
+    gram = gram / count + ridge * torch.eye(sum(ranks), dtype=torch.float64)
+    return (cross / count) @ torch.linalg.inv(gram)
