@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from devkit.synthetic_models import _save_atomic
+from devkit.synthetic_models import save_atomic
 
 FP8 = torch.float8_e4m3fn
 FORMATS = ("scaled_fp8", "bf16")
@@ -47,6 +47,6 @@ def write(source: Path, fmt: str, folder: Path) -> Path:
         raise ValueError(f"unknown storage {fmt!r}; known: {', '.join(FORMATS)}")
     path = Path(folder) / f"{Path(source).stem}-{fmt}.safetensors"
     if not path.is_file():
-        _save_atomic((scaled_fp8 if fmt == "scaled_fp8" else bf16)(load_file(str(source))), path,
+        save_atomic((scaled_fp8 if fmt == "scaled_fp8" else bf16)(load_file(str(source))), path,
                      {"lorarar_stored_from": Path(source).name})
     return path

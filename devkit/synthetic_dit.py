@@ -84,7 +84,7 @@ if str(REPO) not in sys.path:  # run as a script (ensure_dit builds in a subproc
     sys.path.insert(0, str(REPO))
 
 from devkit.synthetic_models import (  # noqa: E402
-    _import_comfy, _locked, _randomize, _save_atomic, comfy_version, default_dir, host_python,
+    import_comfy, locked, randomize, save_atomic, comfy_version, default_dir, host_python,
 )
 
 SEED = 20261126
@@ -448,9 +448,9 @@ def build_state_dict(family: DitFamily, seed: int = SEED) -> dict:
     model = model_config.get_model({}, device="meta")
     shapes = {_disk_name(family, k): v for k, v in model.diffusion_model.state_dict().items()}
     ordered = {k: shapes[k] for k in sorted(shapes)}  # the same tensors whichever host builds
-    state = _randomize(ordered, torch.Generator().manual_seed(seed), torch.float16)
+    state = randomize(ordered, torch.Generator().manual_seed(seed), torch.float16)
     for key in state:
-        if key.endswith("_norm.scale"):  # RMS gains: ones, like _randomize gives 1-dim ``*.weight``
+        if key.endswith("_norm.scale"):  # RMS gains: ones, like randomize gives 1-dim ``*.weight``
             state[key] = torch.ones_like(state[key])
     return state
 
@@ -481,12 +481,12 @@ def build_vae(vae: SyntheticVae, root: Path, seed: int = SEED) -> list[str]:
     """
     import torch
 
-    state = _randomize(_vae_model(vae).state_dict(), torch.Generator().manual_seed(seed), torch.float16)
+    state = randomize(_vae_model(vae).state_dict(), torch.Generator().manual_seed(seed), torch.float16)
     for key in state:
         if key.endswith(".gamma"):  # Wan's RMS norm gains are (C, 1, 1[, 1]): ones, not a random conv-like init
             state[key] = torch.ones_like(state[key])
     for rel, prefix in vae.files.items():
-        _save_atomic({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, root / rel,
+        save_atomic({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}, root / rel,
                      {_METADATA: str(vae.recipe)})
     return list(vae.files)
 
@@ -497,21 +497,21 @@ def build(root: str | os.PathLike | None = None, force: bool = False, families=N
     Returns {"root", "built": [paths], "seconds": {name: build seconds}}.
     """
     root = Path(root or default_dir()).resolve()
-    with _locked(root):
+    with locked(root):
         todo = _wanted(families) if force else missing(root, families)
         report = {"root": str(root), "built": [], "seconds": {}}
         if not (root / ".gitignore").exists():
             (root / ".gitignore").write_text("*\n")
         if not todo:
             return report
-        _import_comfy()
+        import_comfy()
         for name in todo:
             started = time.perf_counter()
             if name in VAES:
                 report["built"] += build_vae(VAES[name], root)
             else:
                 family = ALL_FAMILIES[name]
-                _save_atomic(build_state_dict(family), family.path(root), {_METADATA: str(family.recipe),
+                save_atomic(build_state_dict(family), family.path(root), {_METADATA: str(family.recipe),
                                                                            "lorarar_model_class": family.model_class})
                 report["built"].append(family.file)
             report["seconds"][name] = round(time.perf_counter() - started, 2)
@@ -604,7 +604,7 @@ def host_families() -> list[str]:
 
 def verify(root: str | os.PathLike | None = None, families=None) -> dict:
     """Per family (default: the host's): detected class, config, file MiB, load and one-step seconds."""
-    _import_comfy()
+    import_comfy()
     root = Path(root or default_dir())
     out = {}
     for name in families or host_families():
@@ -634,7 +634,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     root = Path(args.dir or default_dir()).resolve()
     if not args.family:
-        _import_comfy()
+        import_comfy()
     families = args.family or host_families()
     report = build(root, force=args.force, families=families)
     print(f"built {report['built']} in {report['seconds']} s" if report["built"] else f"all cached under {root}")

@@ -269,7 +269,7 @@ def _build_in_subprocess(root: Path, flags: list[str], timeout: float, still_mis
 # Build (needs torch + comfy)
 # --------------------------------------------------------------------------------------------
 
-def _import_comfy():
+def import_comfy():
     """Import ComfyUI's comfy package from the host checkout, forced onto the CPU."""
     root = str(comfy_root())
     if root not in sys.path:
@@ -285,7 +285,7 @@ def _import_comfy():
 
 
 @contextlib.contextmanager
-def _locked(root: Path):
+def locked(root: Path):
     import fcntl
 
     root.mkdir(parents=True, exist_ok=True)
@@ -297,7 +297,7 @@ def _locked(root: Path):
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def _randomize(meta_sd: dict, gen, dtype=None) -> dict:
+def randomize(meta_sd: dict, gen, dtype=None) -> dict:
     """Fresh random tensors shaped like ``meta_sd`` (which may live on the meta device).
 
     Weights with >=2 dims: uniform with std 1/sqrt(fan_in) (activations keep their scale);
@@ -320,7 +320,7 @@ def _randomize(meta_sd: dict, gen, dtype=None) -> dict:
     return out
 
 
-def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
+def save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> None:
     from safetensors.torch import save_file
 
     from hypernet.files import atomic_file
@@ -332,7 +332,7 @@ def _save_atomic(tensors: dict, path: Path, metadata: dict | None = None) -> Non
 def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
     """Build the missing files (all of them with force=True). Returns a report dict."""
     root = Path(root or default_dir()).resolve()
-    with _locked(root):
+    with locked(root):
         todo = list(FILES) if force else missing(root)
         report = {"root": str(root), "built": [], "seconds": {}}
         # Keep the folder out of git wherever it lives.
@@ -343,7 +343,7 @@ def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
             return report
 
         t0 = time.perf_counter()
-        comfy = _import_comfy()
+        comfy = import_comfy()
         import torch
 
         report["seconds"]["import_comfy"] = round(time.perf_counter() - t0, 2)
@@ -351,14 +351,14 @@ def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
         fp16 = torch.float16
 
         # TAESD first (tiny) so the checkpoint's embedded VAE and the taesdxl files match.
-        taesd_sd = _randomize(comfy.taesd.taesd.TAESD(latent_channels=4).state_dict(), gen, fp16)
+        taesd_sd = randomize(comfy.taesd.taesd.TAESD(latent_channels=4).state_dict(), gen, fp16)
         taesd_sd["vae_scale"] = torch.tensor(TAESDXL_SCALE, dtype=torch.float32)
         taesd_sd["vae_shift"] = torch.tensor(0.0, dtype=torch.float32)
         meta = {"lorarar_synthetic": str(RECIPE_VERSION)}
         for rel, part in ((TAESDXL_ENCODER, "taesd_encoder."), (TAESDXL_DECODER, "taesd_decoder.")):
             if rel in todo:
                 t = time.perf_counter()
-                _save_atomic({k[len(part):]: v for k, v in taesd_sd.items() if k.startswith(part)},
+                save_atomic({k[len(part):]: v for k, v in taesd_sd.items() if k.startswith(part)},
                              root / rel, meta)
                 report["built"].append(rel)
                 report["seconds"][rel] = round(time.perf_counter() - t, 2)
@@ -372,11 +372,11 @@ def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
                 raise RuntimeError(f"unet config matched {model_class}, expected {EXPECTED_MODEL_CLASS}")
             model_config.set_inference_dtype(fp16, None)
             model = model_config.get_model({}, device="meta")
-            unet_sd = _randomize(model.diffusion_model.state_dict(), gen, fp16)
+            unet_sd = randomize(model.diffusion_model.state_dict(), gen, fp16)
             del model
 
             clip = comfy.sdxl_clip.SDXLClipModel(device="meta", dtype=fp16)
-            clip_sd = _randomize(clip.state_dict(), gen, fp16)
+            clip_sd = randomize(clip.state_dict(), gen, fp16)
             del clip
             for k in list(clip_sd):
                 if k.endswith("logit_scale"):
@@ -388,7 +388,7 @@ def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
             sd.update(model_config.process_vae_state_dict_for_saving(taesd_sd))
             report["seconds"]["randomize"] = round(time.perf_counter() - t, 2)
             t = time.perf_counter()
-            _save_atomic(sd, root / CHECKPOINT, {
+            save_atomic(sd, root / CHECKPOINT, {
                 **meta,
                 "lorarar_model_class": model_class,
                 "lorarar_unet_config": json.dumps(UNET_CONFIG),
@@ -413,12 +413,12 @@ def build(root: str | os.PathLike | None = None, force: bool = False) -> dict:
 def build_sd15(root: str | os.PathLike | None = None, force: bool = False) -> dict:
     """Build the synthetic SD 1.5 checkpoint when missing (always with force=True). Returns a report dict."""
     root = Path(root or default_dir()).resolve()
-    with _locked(root):
+    with locked(root):
         report = {"root": str(root), "built": [], "seconds": {}}
         if not (force or missing_sd15(root)):
             return report
         t0 = time.perf_counter()
-        comfy = _import_comfy()
+        comfy = import_comfy()
         import torch
 
         import comfy.sd1_clip
@@ -432,12 +432,12 @@ def build_sd15(root: str | os.PathLike | None = None, force: bool = False) -> di
             raise RuntimeError(f"unet config matched {model_class}, expected {SD15_MODEL_CLASS}")
         model_config.set_inference_dtype(fp16, None)
         model = model_config.get_model({}, device="meta")
-        unet_sd = _randomize(model.diffusion_model.state_dict(), gen, fp16)
+        unet_sd = randomize(model.diffusion_model.state_dict(), gen, fp16)
         del model
         clip = comfy.sd1_clip.SD1ClipModel(device="meta", dtype=fp16)
-        clip_sd = _randomize(clip.state_dict(), gen, fp16)
+        clip_sd = randomize(clip.state_dict(), gen, fp16)
         del clip
-        taesd_sd = _randomize(comfy.taesd.taesd.TAESD(latent_channels=4).state_dict(), gen, fp16)
+        taesd_sd = randomize(comfy.taesd.taesd.TAESD(latent_channels=4).state_dict(), gen, fp16)
         taesd_sd["vae_scale"] = torch.tensor(TAESD_SCALE, dtype=torch.float32)
         taesd_sd["vae_shift"] = torch.tensor(0.0, dtype=torch.float32)
         sd = model_config.process_unet_state_dict_for_saving(unet_sd)
@@ -445,7 +445,7 @@ def build_sd15(root: str | os.PathLike | None = None, force: bool = False) -> di
         sd.update(model_config.process_vae_state_dict_for_saving(taesd_sd))
         report["seconds"]["randomize"] = round(time.perf_counter() - t0, 2)
         t = time.perf_counter()
-        _save_atomic(sd, root / SD15_CHECKPOINT, {
+        save_atomic(sd, root / SD15_CHECKPOINT, {
             "lorarar_synthetic": str(SD15_RECIPE_VERSION),
             "lorarar_model_class": model_class,
             "lorarar_unet_config": json.dumps(SD15_UNET_CONFIG),
@@ -497,7 +497,7 @@ def verify(root: str | os.PathLike | None = None, checkpoint: str = CHECKPOINT) 
     import torch
 
     root = Path(root or default_dir()).resolve()
-    comfy = _import_comfy()
+    comfy = import_comfy()
     import comfy.lora
     import comfy.sd
     import comfy.utils

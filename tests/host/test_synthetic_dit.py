@@ -45,7 +45,7 @@ class _Loaded(dict):
 @pytest.fixture(scope="module")
 def dit_host():
     """(ComfyUI version, models root) with comfy imported on the CPU and the host's DiT files and VAEs built."""
-    synthetic_models._import_comfy()
+    synthetic_models.import_comfy()
     root = str(synthetic_models.comfy_root())
     if root not in sys.path:
         sys.path.insert(0, root)

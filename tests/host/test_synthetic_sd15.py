@@ -20,7 +20,7 @@ pytestmark = pytest.mark.host
 @pytest.fixture(scope="module")
 def sd15(tmp_path_factory):
     """(MODEL, CLIP, detected model class) of the synthetic SD 1.5 checkpoint, loaded by ComfyUI's own loader."""
-    synthetic_models._import_comfy()
+    synthetic_models.import_comfy()
     import comfy.model_detection
     import comfy.sd
     import comfy.utils
