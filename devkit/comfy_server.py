@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 import urllib.error
@@ -80,6 +81,33 @@ def load_pack_in_process(nodes, folder_paths, args, comfy: Path, folder: Path) -
         args.disable_all_custom_nodes = True
         args.whitelist_custom_nodes = [PACK_UNDER_TEST]
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
+
+
+def in_process_host(loras: Path, weights: Path, work: Path, cpu: bool = True, lowvram: bool = False):
+    """ComfyUI imported in this process with this checkout's pack loaded (as the server loads it) and ``loras`` /
+    ``weights`` registered as its LoRA and hypernet folders; returns ComfyUI's ``nodes`` module. ``work``: where a
+    custom_nodes folder for this checkout's pack goes when the host links another checkout."""
+
+    root = comfy_root()
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    import comfy.options
+
+    comfy.options.enable_args_parsing(False)
+    import comfy.cli_args
+
+    comfy.cli_args.args.cpu = cpu
+    comfy.cli_args.args.lowvram = lowvram
+    import utils.extra_config  # noqa: F401  (before nodes, as main.py does)
+    import folder_paths
+    import nodes
+
+    folder_paths.add_model_folder_path("loras", str(loras), is_default=True)
+    folder_paths.add_model_folder_path("lorarar", str(weights))
+    load_pack_in_process(nodes, folder_paths, comfy.cli_args.args, root, Path(work) / "custom_nodes")
+    if "LoraRarMerge" not in nodes.NODE_CLASS_MAPPINGS:
+        raise RuntimeError("the pack did not load into ComfyUI (no LoraRarMerge node); see the log above")
+    return nodes
 
 
 def free_port(host: str = "127.0.0.1") -> int:
