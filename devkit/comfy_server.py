@@ -83,8 +83,8 @@ def load_pack_in_process(nodes, folder_paths, args, comfy: Path, folder: Path) -
     asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
 
 
-def in_process_host(loras: Path, weights: Path, work: Path, cpu: bool = True, lowvram: bool = False):
-    """ComfyUI imported in this process with this checkout's pack loaded (as the server loads it) and ``loras`` /
+def in_process_host(loras: Path, weights: Path, work: Path):
+    """ComfyUI imported in this process, on the CPU, with this checkout's pack loaded (as the server loads it) and ``loras`` /
     ``weights`` registered as its LoRA and hypernet folders; returns ComfyUI's ``nodes`` module. ``work``: where a
     custom_nodes folder for this checkout's pack goes when the host links another checkout."""
 
@@ -96,8 +96,7 @@ def in_process_host(loras: Path, weights: Path, work: Path, cpu: bool = True, lo
     comfy.options.enable_args_parsing(False)
     import comfy.cli_args
 
-    comfy.cli_args.args.cpu = cpu
-    comfy.cli_args.args.lowvram = lowvram
+    comfy.cli_args.args.cpu = True
     import utils.extra_config  # noqa: F401  (before nodes, as main.py does)
     import folder_paths
     import nodes

@@ -201,7 +201,7 @@ def load_checkpoint(path: Path, family: Family = SD15):
 def parts_of(model, clip, vae) -> tuple[dict, dict, dict]:
     """(UNet, CLIP, VAE) state dicts of loaded objects, in the form save_checkpoint takes."""
     unet = {k: v.detach().float().clone() for k, v in model.model.diffusion_model.state_dict().items()}
-    clip_sd = {k: v for k, v in clip.get_sd().items()}
+    clip_sd = dict(clip.get_sd())
     return unet, clip_sd, vae.get_sd()
 
 
@@ -260,7 +260,7 @@ def diffusion_loss(sampling, model, data: Encoded, rows: torch.Tensor, generator
 
 def train_base(sampling, model, data: Encoded, schedule: Schedule, log: Log) -> dict:
     """Train the UNet of ``model`` from its current weights; returns the EMA weights (the ones sampled)."""
-    unet = model.model.diffusion_model
+    unet = sampling.trainable(model).model.diffusion_model
     unet.train()
     for parameter in unet.parameters():
         parameter.requires_grad_(True)
@@ -343,7 +343,7 @@ def kohya_names(model) -> dict[str, str]:
 
 def train_lora(sampling, model, data: Encoded, rank: int, schedule: Schedule, log: Log, label: str) -> dict:
     """A LoRA of ``rank`` on every attention linear of the UNet, trained on ``data``; its kohya state dict."""
-    unet = model.model.diffusion_model
+    unet = sampling.trainable(model).model.diffusion_model  # weights a sampler made inference tensors are copied
     generator = torch.Generator().manual_seed(schedule.seed)
     branches = LoraBranches(unet, rank, generator)
     optimiser = torch.optim.AdamW(branches.parameters(), lr=schedule.learning_rate, weight_decay=0.0)

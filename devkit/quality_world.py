@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -551,7 +552,9 @@ class Judges:
                     "style_classes": json.dumps(self.style.classes), "shape_width": str(_width(self.shape.net)),
                     "style_width": str(_width(self.style.net)), "extra": json.dumps(extra or {})}
         Path(path).parent.mkdir(parents=True, exist_ok=True)
-        save_file(tensors, str(path), metadata=metadata)
+        temporary = Path(path).with_name(f".{Path(path).name}.partial")  # a crash never leaves a half file at ``path``
+        save_file(tensors, str(temporary), metadata=metadata)
+        os.replace(temporary, path)
 
 
 def _width(net: JudgeNet) -> int:
@@ -601,15 +604,23 @@ def train_judges(world: World, seed: int = 0, out_path: str | Path | None = None
     return report
 
 
+def positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
+
+
 def main(argv: Sequence[str] | None = None) -> dict:
     """The CLI: contact sheet, judges and their accuracies under ``--out``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, type=Path, help="folder for contact_sheet.png, judges, world.json")
-    parser.add_argument("--seed", type=int, default=0, help="the world's seed (splits)")
+    parser.add_argument("--seed", type=int, choices=range(0, 2**32), metavar="0..2**32-1", default=0,
+                        help="the world's seed (splits)")
     parser.add_argument("--judge-seed", type=int, default=0, help="renders, initialisation and batches")
-    parser.add_argument("--steps", type=int, default=600, help="training steps per judge (batches of 64)")
-    parser.add_argument("--per-pair", type=int, default=12, help="training renders per (shape, style) pair")
-    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    parser.add_argument("--steps", type=positive, default=600, help="training steps per judge (batches of 64)")
+    parser.add_argument("--per-pair", type=positive, default=12, help="training renders per (shape, style) pair")
+    parser.add_argument("--threads", type=positive, default=1, help="torch CPU threads")
     parser.add_argument("--no-judges", action="store_true", help="only the contact sheet and world.json")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -7,7 +7,9 @@ import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
-from quality_lab import column_scores, gate_rows  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from quality_lab import FULL, column_scores, gate_rows, seed_value  # noqa: E402
 
 
 def test_column_scores_pool_the_pairs_per_seed_then_average_the_seeds():
@@ -32,3 +34,23 @@ def test_a_gate_below_its_threshold_is_a_failure_naming_it():
     rows, failures = gate_rows(judge, {"base shape": 0.95, "base style": 0.9, "samples": 216}, {"shape ell (pxv)": 0.5})
     assert rows["style judge on held-out renders"] == ("97.0%", ">= 98%")
     assert failures == ["style judge on held-out renders: 97.0% < 98%", "LoRA alone: shape ell (pxv): 50.0% < 80%"]
+
+
+def test_a_change_upstream_changes_every_key_built_from_it():
+    """A retrained base must not be paired with the old LoRAs, dataset or hypernet (the keys chain)."""
+    stages = ("autoencoder_key", "base_key", "lora_key", "dataset_key", "hypernet_key")
+    keys = {stage: getattr(FULL, stage)() for stage in stages}
+    for change, first_changed in ((dict(base_lr=5e-4), "base_key"), (dict(autoencoder_batch=8), "autoencoder_key"),
+                                  (dict(lora_steps=60), "lora_key"), (dict(held_out=1), "dataset_key"),
+                                  (dict(family="other"), "autoencoder_key")):
+        changed = replace(FULL, **change)
+        index = stages.index(first_changed)
+        assert all(getattr(changed, stage)() == keys[stage] for stage in stages[:index]), change
+        assert all(getattr(changed, stage)() != keys[stage] for stage in stages[index:]), change
+
+
+def test_a_seed_outside_what_numpy_and_torch_take_is_refused():
+    assert seed_value("4294967295") == 2**32 - 1
+    for text in ("-1", "4294967296"):
+        with pytest.raises(Exception, match="2\\*\\*32"):
+            seed_value(text)
