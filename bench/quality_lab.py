@@ -113,8 +113,8 @@ def say(line: str) -> None:
 class Lab:
     """The stages in order, each cached under ``cache`` by its recipe key (a file that exists is reused)."""
 
-    def __init__(self, recipe: Recipe, cache: Path, quick: bool):
-        self.recipe, self.cache, self.quick = recipe, cache, quick
+    def __init__(self, recipe: Recipe, cache: Path):
+        self.recipe, self.cache = recipe, cache
         self.family = quality_models.FAMILIES[recipe.family]
         self.world = quality_world.World(seed=recipe.seed, size=IMAGE_PX)
         self.judged = quality_world.World(seed=recipe.seed)  # the judges' world: the same concepts at their 32 px
@@ -555,7 +555,7 @@ def run(recipe: Recipe, quick: bool, cache: Path, out: Path, command: str) -> di
 
     started = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
-    lab = Lab(recipe, cache, quick)
+    lab = Lab(recipe, cache)
     summary = {"command": command, "mode": "quick" if quick else "full", "seed": recipe.seed, "recipe": asdict(recipe),
                "world": lab.world.describe(), "machine": f"{platform.machine()}, {os.cpu_count()} CPUs"}
 
